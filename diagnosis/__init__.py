@@ -1,0 +1,4 @@
+"""The diagnosis ensemble (CLIP embedding -> loss), scoring words, and naming failure modes.
+
+May import ``indexer``; never ``search_ui``.
+"""

@@ -1,0 +1,227 @@
+"""Loading an open_clip model and turning images and text into L2-normalised embeddings.
+
+A model is named the way open_clip names it (``ViT-B-32`` + ``laion2b_s34b_b79k``), or by the path
+of a JSON architecture config (the offline world's tiny CLIP uses this), with weights from a
+pretrained tag, a local checkpoint, or none at all (random weights, for plumbing tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from indexer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: The default model for real data (the README's non-demo examples use it).
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"`` -> ``cuda`` when torch sees a GPU, else ``cpu``; refuses an absent GPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu.")
+    return device
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which CLIP to load: ``model`` is an open_clip name or a JSON config path.
+
+    ``pretrained`` is an open_clip pretrained tag, ``checkpoint`` a local weights file; at most one
+    of them. Neither means random weights.
+    """
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    def __post_init__(self):
+        if self.pretrained and self.checkpoint:
+            raise UserError("give either --pretrained or --clip-checkpoint, not both.")
+        if self.pretrained and self.pretrained.lower() == "none":
+            object.__setattr__(self, "pretrained", None)
+
+    @property
+    def config_path(self) -> Path | None:
+        return Path(self.model) if self.model.endswith(".json") else None
+
+    @property
+    def name(self) -> str:
+        """The open_clip model name (a config file's stem for a custom architecture)."""
+        return self.config_path.stem if self.config_path else self.model
+
+    def identity(self) -> dict:
+        """What is recorded in the database: equal identities give identical embeddings."""
+        ident = {"model": self.name, "pretrained": self.pretrained, "checkpoint": None, "config": None}
+        if self.config_path:
+            if not self.config_path.is_file():
+                raise UserError(f"CLIP config {self.config_path} does not exist; pass an existing JSON file.")
+            ident["config"] = hashlib.sha256(self.config_path.read_bytes()).hexdigest()[:16]
+        if self.checkpoint:
+            ckpt = Path(self.checkpoint)
+            if not ckpt.is_file():
+                raise UserError(f"--clip-checkpoint {ckpt} does not exist; pass a local weights file.")
+            ident["checkpoint"] = _sha256(ckpt)[:16]
+        return ident
+
+    @classmethod
+    def from_identity(cls, ident: dict, checkpoint: str | None = None, config: str | None = None) -> ClipSpec:
+        return cls(model=config or ident["model"], pretrained=ident.get("pretrained"), checkpoint=checkpoint)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ClipModel:
+    """A loaded open_clip model in eval mode.
+
+    ``encode_images`` takes a preprocessed batch, ``encode_text`` a list of strings; both return
+    (n, d) float32 numpy arrays, L2-normalised. On CUDA the forward pass runs under autocast.
+    """
+
+    def __init__(self, spec: ClipSpec, device: str | None = None):
+        import open_clip
+
+        self.spec = spec
+        self.device = resolve_device(device)
+        if spec.config_path is not None:
+            if not spec.config_path.is_file():
+                raise UserError(f"CLIP config {spec.config_path} does not exist; pass an existing JSON file.")
+            open_clip.add_model_config(str(spec.config_path))
+        elif spec.model not in open_clip.list_models():
+            raise UserError(
+                f"'{spec.model}' is not an open_clip model; pick one of open_clip.list_models() "
+                "or pass the path of a JSON model config."
+            )
+        weights = spec.checkpoint or spec.pretrained
+        if spec.pretrained:
+            self._check_pretrained_available(spec)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=weights, device=self.device
+            )
+        except UserError:
+            raise
+        except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for missing weights
+            raise UserError(_weights_message(spec, e)) from e
+        model.eval()
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(spec.name)
+
+    @staticmethod
+    def _check_pretrained_available(spec: ClipSpec) -> None:
+        """Fail at once (no network retries) when the tag's weights are neither cached nor reachable."""
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        if spec.pretrained not in tags:
+            raise UserError(
+                f"'{spec.pretrained}' is not a pretrained tag of {spec.name}; known tags: "
+                f"{', '.join(tags) or 'none'} (or pass --clip-checkpoint PATH)."
+            )
+        cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+        hub = cfg.get("hf_hub", "")
+        if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes") and hub:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = hub.rstrip("/")
+            cached = any(
+                isinstance(try_to_load_from_cache(repo, fn), str)
+                for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+            )
+            if not cached:
+                raise UserError(_weights_message(spec, None))
+
+    @cached_property
+    def embed_dim(self) -> int:
+        return int(self.encode_text(["a photo"]).shape[1])
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    def _autocast(self):
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """(n, 3, H, W) preprocessed float batch -> (n, d) float32, L2-normalised."""
+        with self._autocast():
+            z = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return _normalise(z)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """Strings -> (n, d) float32, L2-normalised."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+            with self._autocast():
+                out.append(_normalise(self.model.encode_text(tokens)))
+        if not out:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return np.concatenate(out)
+
+
+def _normalise(z: torch.Tensor) -> np.ndarray:
+    z = z.float()
+    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return z.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _weights_message(spec: ClipSpec, err: Exception | None) -> str:
+    why = f" ({type(err).__name__}: {str(err).splitlines()[0][:160]})" if err else ""
+    return (
+        f"could not load weights '{spec.checkpoint or spec.pretrained}' for CLIP model {spec.name}{why}: "
+        "no local copy and no network; download them on a connected machine into the Hugging Face "
+        "cache (HF_HOME) or pass a local file with --clip-checkpoint PATH "
+        "(the offline demo needs neither: `llm2loss demo`)."
+    )
+
+
+def load_clip(spec: ClipSpec, device: str | None = None) -> ClipModel:
+    """Load ``spec`` on ``device`` (auto-detected when None)."""
+    return ClipModel(spec, device)
+
+
+def clip_for_database(meta: dict, device: str | None = None) -> ClipModel:
+    """Reload the exact model recorded in a database's meta.json (``meta["clip_spec"]``)."""
+    spec_d = meta.get("clip_spec")
+    if not spec_d:
+        raise UserError("the database records no CLIP model; re-run `llm2loss index` into it.")
+    spec = ClipSpec(**spec_d)
+    if spec.identity() != meta.get("clip"):
+        raise UserError(
+            f"the CLIP weights or config recorded for this database ({spec.checkpoint or spec.model}) "
+            "changed on disk since indexing; restore them or re-index into a new --db folder."
+        )
+    return ClipModel(spec, device)
+
+
+def dump_spec(spec: ClipSpec) -> str:
+    return json.dumps(spec.to_dict(), sort_keys=True)

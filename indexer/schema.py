@@ -1,0 +1,46 @@
+"""The sample table's column names and Arrow schema, declared once.
+
+Every module refers to columns through these constants, never by retyping the strings.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TABLE_NAME = "samples"
+
+ID = "id"
+IMAGE = "image"
+LABEL = "label"
+SPLIT = "split"
+LOSS = "loss"
+EMBEDDING = "embedding"
+PREDICTED_LOSS = "predicted_loss"
+PREDICTED_LOSS_STD = "predicted_loss_std"
+
+#: Columns the product owns; every other manifest column is kept as metadata.
+CORE_COLUMNS = (ID, IMAGE, LABEL, SPLIT, LOSS, EMBEDDING, PREDICTED_LOSS, PREDICTED_LOSS_STD)
+#: Columns a search result may return (everything but the vector).
+RESULT_COLUMNS = (ID, IMAGE, LABEL, SPLIT, LOSS, PREDICTED_LOSS, PREDICTED_LOSS_STD)
+
+
+def table_schema(embed_dim: int, metadata: pa.Schema | None = None) -> pa.Schema:
+    """Arrow schema of the sample table.
+
+    ``embedding`` is a fixed-size list of ``embed_dim`` float32 (L2-normalised); ``loss`` and the
+    predicted columns are float32 (the predicted ones are null until ``llm2loss diagnose``);
+    ``image`` is an absolute path. ``metadata`` fields are appended in their given order.
+    """
+    fields = [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(IMAGE, pa.string(), nullable=False),
+        pa.field(LABEL, pa.string()),
+        pa.field(SPLIT, pa.string()),
+        pa.field(LOSS, pa.float32()),
+        pa.field(EMBEDDING, pa.list_(pa.float32(), embed_dim)),
+        pa.field(PREDICTED_LOSS, pa.float32()),
+        pa.field(PREDICTED_LOSS_STD, pa.float32()),
+    ]
+    if metadata is not None:
+        fields.extend(f for f in metadata if f.name not in CORE_COLUMNS)
+    return pa.schema(fields)

@@ -1,0 +1,215 @@
+"""The database folder: one LanceDB table of samples plus the files that describe it.
+
+Layout of a database folder ``DIR``::
+
+    DIR/samples.lance/      the LanceDB table (schema in :mod:`indexer.schema`)
+    DIR/meta.json           which CLIP model made the embeddings, image roots, data version
+    DIR/rejects.csv         rows refused by the last ``llm2loss index`` run, with reasons
+    DIR/faiss/              the FAISS index, stamped with the data version it covers
+    DIR/diagnosis/          the fitted diagnosis ensemble, stamped likewise
+    DIR/selections.json     named selections (curated retraining sets)
+
+``data_version`` is the table version after the last commit that added or removed rows (and so
+embeddings). Writing ``predicted_loss`` bumps the Lance version but not the data version, so the
+FAISS index stays valid across ``diagnose`` runs while any change of rows makes it stale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from indexer import schema as S
+from indexer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+REJECTS_FILE = "rejects.csv"
+FAISS_DIR = "faiss"
+DIAGNOSIS_DIR = "diagnosis"
+SELECTIONS_FILE = "selections.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader (or a crash) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Database:
+    """A database folder. Cheap to open; the table is opened lazily.
+
+    ``Database(path)`` opens an existing database and refuses a folder without one;
+    ``Database(path, create=True)`` also accepts a new or empty folder.
+    """
+
+    def __init__(self, path: str | os.PathLike, create: bool = False):
+        import lancedb  # heavy import, deferred
+
+        self.path = Path(path).expanduser().resolve()
+        if not create and not (self.path / META_FILE).exists():
+            raise UserError(
+                f"{self.path} is not an llm2loss database (no {META_FILE}); "
+                "create it with `llm2loss index MANIFEST --db DIR` first."
+            )
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._conn = lancedb.connect(str(self.path))
+        self._table = None
+
+    # ---- files -------------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.path / META_FILE
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.path / REJECTS_FILE
+
+    @property
+    def faiss_dir(self) -> Path:
+        return self.path / FAISS_DIR
+
+    @property
+    def diagnosis_dir(self) -> Path:
+        return self.path / DIAGNOSIS_DIR
+
+    @property
+    def selections_path(self) -> Path:
+        return self.path / SELECTIONS_FILE
+
+    def read_meta(self) -> dict:
+        if not self.meta_path.exists():
+            return {}
+        return json.loads(self.meta_path.read_text())
+
+    def update_meta(self, **fields: Any) -> dict:
+        meta = self.read_meta()
+        meta.update(fields)
+        write_json_atomic(self.meta_path, meta)
+        return meta
+
+    # ---- the CLIP model that made the embeddings ---------------------------------------------
+    @property
+    def clip_identity(self) -> dict | None:
+        return self.read_meta().get("clip")
+
+    def check_clip(self, identity: dict) -> None:
+        """Refuse ``identity`` unless it is the model the stored embeddings came from."""
+        stored = self.clip_identity
+        if stored is not None and stored != identity:
+            raise UserError(
+                f"the database {self.path} holds embeddings from CLIP model {describe_clip(stored)}, "
+                f"not {describe_clip(identity)}; use the same --clip/--pretrained/--clip-checkpoint "
+                "as when it was indexed, or index into a new --db folder."
+            )
+
+    # ---- the table ---------------------------------------------------------------------------
+    def has_table(self) -> bool:
+        return S.TABLE_NAME in self._conn.list_tables().tables
+
+    @property
+    def table(self):
+        """The LanceDB table; refuses politely when nothing was indexed yet."""
+        if self._table is None:
+            if not self.has_table():
+                raise UserError(
+                    f"the database {self.path} has no sample table yet; run `llm2loss index` first."
+                )
+            self._table = self._conn.open_table(S.TABLE_NAME)
+        return self._table
+
+    def create_table(self, table_schema: pa.Schema):
+        self._table = self._conn.create_table(S.TABLE_NAME, schema=table_schema, exist_ok=True)
+        return self._table
+
+    @property
+    def version(self) -> int:
+        """Current Lance version of the table (bumps on every commit)."""
+        self.table.checkout_latest()
+        return int(self.table.version)
+
+    @property
+    def data_version(self) -> int:
+        """Version of the last commit that changed the set of rows (see module doc)."""
+        return int(self.read_meta().get("data_version", 0))
+
+    def count_rows(self, where: str | None = None) -> int:
+        return int(self.table.count_rows(where))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.table.schema.field(S.EMBEDDING).type.list_size)
+
+    def ids(self) -> np.ndarray:
+        """All sample ids, (n,) object array of str, in table order."""
+        return self._scan([S.ID]).column(S.ID).to_numpy(zero_copy_only=False)
+
+    def _scan(self, columns: list[str], where: str | None = None) -> pa.Table:
+        q = self.table.search().select(columns).limit(None)
+        if where:
+            q = q.where(where)
+        return q.to_arrow()
+
+    def read(self, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+        """Rows (all, or those matching the SQL ``where``) with the given columns."""
+        cols = columns or [f.name for f in self.table.schema]
+        return self._scan(cols, where)
+
+    def iter_batches(self, columns: list[str], batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Stream the table in record batches so memory does not grow with its size."""
+        ds = self.table.to_lance()
+        yield from ds.to_batches(columns=columns, batch_size=batch_rows)
+
+    def embeddings(self, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,) object, embeddings (n, d) float32 L2-normalised), read in batches."""
+        n, d = self.count_rows(), self.embed_dim
+        out = np.empty((n, d), dtype=np.float32)
+        ids = np.empty(n, dtype=object)
+        i = 0
+        for b in self.iter_batches([S.ID, S.EMBEDDING], batch_rows):
+            m = b.num_rows
+            ids[i : i + m] = b.column(S.ID).to_numpy(zero_copy_only=False)
+            out[i : i + m] = np.asarray(b.column(S.EMBEDDING).values.to_numpy()).reshape(m, d)
+            i += m
+        return ids[:i], out[:i]
+
+    def rows_by_id(self, ids: list[str], columns: list[str] | None = None) -> pa.Table:
+        """The rows with these ids (any order; missing ids are absent)."""
+        if not ids:
+            return self.read(columns, where="false")
+        quoted = ",".join("'" + str(i).replace("'", "''") + "'" for i in ids)
+        return self.read(columns, where=f"{S.ID} IN ({quoted})")
+
+    def update_columns(self, data: pa.Table) -> int:
+        """Write columns of existing rows, matched on ``id``; returns the new table version.
+
+        Rows are matched, never inserted, so the set of rows (and ``data_version``) is unchanged.
+        """
+        self.table.merge_insert(S.ID).when_matched_update_all().execute(data)
+        return self.version
+
+    def cleanup(self, older_than: timedelta = timedelta(seconds=0)) -> None:
+        """Compact and drop old table versions so repeated updates do not grow the folder."""
+        self.table.optimize(cleanup_older_than=older_than)
+
+
+def describe_clip(identity: dict) -> str:
+    name = identity.get("model", "?")
+    weights = identity.get("pretrained") or identity.get("checkpoint") or "random weights"
+    return f"'{name}' ({weights})"

@@ -1,0 +1,1 @@
+"""Query engine, curation, CLI and the Gradio app. Uses ``indexer`` and ``diagnosis`` as libraries."""

@@ -1,0 +1,302 @@
+"""The ``llm2loss`` console script: one subcommand per pipeline stage (see DESIGN.md).
+
+Each handler parses options, calls one library function and prints its result: JSON on stdout with
+``--json`` (and nothing else there), human-readable text otherwise. Logs and progress go to stderr.
+A :class:`~indexer.errors.UserError` becomes a one-line message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from indexer.errors import UserError
+
+log = logging.getLogger("llm2loss")
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _print_json(obj) -> None:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        if hasattr(x, "item") and callable(x.item):  # numpy scalars
+            return clean(x.item())
+        return x
+
+    json.dump(clean(obj), sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _clip_spec(args):
+    from indexer.clip import ClipSpec
+
+    return ClipSpec(model=args.clip, pretrained=args.pretrained, checkpoint=args.clip_checkpoint)
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+def cmd_index(args) -> int:
+    from indexer.pipeline import index_dataset
+
+    report = index_dataset(
+        args.source,
+        args.db,
+        clip=_clip_spec(args),
+        predictions=args.predictions,
+        model=args.model,
+        task=args.task,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        strict=args.strict,
+    )
+    print(report.summary())
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from diagnosis.run import diagnose
+
+    report = diagnose(args.db, members=args.members, folds=args.folds, max_rows=args.max_rows)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from diagnosis.explain import explain
+
+    modes = explain(args.db, vocab=args.vocab, top=args.top)
+    if args.json:
+        _print_json([m.to_dict() for m in modes])
+    else:
+        for i, m in enumerate(modes, 1):
+            print(f"{i:2d}. {m.summary()}")
+    return 0
+
+
+def _print_results(results, as_json: bool) -> None:
+    if as_json:
+        _print_json([r.to_dict() for r in results])
+        return
+    for i, r in enumerate(results, 1):
+        print(f"{i:3d}. {r.summary()}")
+
+
+def cmd_search(args) -> int:
+    from search_ui.engine import QueryEngine
+
+    engine = QueryEngine(args.db)
+    results = engine.search(
+        args.text,
+        k=args.k,
+        where=args.where,
+        weight=args.weight,
+        negatives=args.negative,
+        image=args.image,
+    )
+    _print_results(results, args.json)
+    return 0
+
+
+def cmd_similar(args) -> int:
+    from search_ui.engine import QueryEngine
+
+    engine = QueryEngine(args.db)
+    results = engine.similar(args.query, k=args.k, where=args.where, weight=args.weight)
+    _print_results(results, args.json)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from search_ui.export import export
+
+    written = export(
+        args.db,
+        out=args.out,
+        fmt=args.format,
+        query=args.query,
+        ids=args.ids,
+        mode=args.mode,
+        selection=args.selection,
+        k=args.k,
+        link=not args.copy,
+    )
+    print(written)
+    return 0
+
+
+def cmd_select(args) -> int:
+    from search_ui.selections import Selections
+
+    sel = Selections(args.db)
+    if args.action == "list":
+        for name, ids in sel.all().items():
+            print(f"{name}\t{len(ids)}")
+    elif args.action == "show":
+        print("\n".join(sel.get(args.name)))
+    elif args.action == "add":
+        ids = Path(args.ids).read_text().split() if args.ids else []
+        print(sel.add(args.name, ids))
+    elif args.action == "remove":
+        ids = Path(args.ids).read_text().split() if args.ids else None
+        sel.remove(args.name, ids)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from search_ui.app import serve
+
+    serve(args.db, host=args.host, port=args.port, auth=args.auth)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from search_ui.demo import run_demo
+
+    run_demo(db=args.db, spec=args.spec, serve=not args.no_serve, port=args.port)
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llm2loss",
+        description="Find where and why a model fails: embed its data with CLIP, predict each sample's "
+        "loss, search failures in words, name failure modes, export retraining sets.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def db_arg(sp, required=True):
+        sp.add_argument("--db", required=required, help="database folder (created by `index`)")
+
+    s = sub.add_parser("index", help="embed a dataset with CLIP and store it with its losses")
+    s.add_argument("source", help="manifest (CSV/Parquet with an `image` column) or a root/<class>/<image> folder")
+    db_arg(s)
+    s.add_argument("--clip", default=None, help="open_clip model name, or a JSON architecture config path "
+                   "(default: ViT-B-32, or the model already recorded in --db)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag, or `none` for random weights")
+    g.add_argument("--clip-checkpoint", default=None, help="local CLIP weights file")
+    lg = s.add_mutually_exclusive_group()
+    lg.add_argument("--predictions", default=None,
+                    help="CSV/Parquet with `id` and one column per class (probabilities or logits) -> loss")
+    lg.add_argument("--model", default=None, help="MODULE:FUNCTION returning a torch model (and optionally its "
+                    "preprocessing) run over the images to compute losses")
+    s.add_argument("--task", choices=["auto", "classification", "multilabel", "regression"], default="auto",
+                   help="how losses are computed from --predictions/--model (default: auto)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
+    s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
+    s.add_argument("--strict", action="store_true", help="fail on the first bad row instead of rejecting it")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("diagnose", help="fit the diagnosis ensemble and write predicted_loss onto every row")
+    db_arg(s)
+    s.add_argument("--members", type=int, default=None, help="ensemble members (default 5)")
+    s.add_argument("--folds", type=int, default=None, help="out-of-fold splits (default 5)")
+    s.add_argument("--max-rows", type=int, default=None,
+                   help="fit on at most this many rows (stratified subsample); all rows are still scored")
+    s.add_argument("--json", action="store_true", help="print the quality report as JSON")
+    s.set_defaults(func=cmd_diagnose)
+
+    s = sub.add_parser("explain", help="name the model's failure modes in words, worst first")
+    db_arg(s)
+    s.add_argument("--vocab", default=None, help="file of phrases, one per line (default: built-in vocabulary)")
+    s.add_argument("--top", type=int, default=10, help="failure modes to show (default 10)")
+    s.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+    s.set_defaults(func=cmd_explain)
+
+    def query_opts(sp):
+        sp.add_argument("-k", type=int, default=10, help="results (default 10)")
+        sp.add_argument("--where", default=None, help="LanceDB SQL filter, e.g. \"split = 'test' AND loss > 1\"")
+        sp.add_argument("--weight", type=float, default=None,
+                        help="0 = rank by similarity only, 1 = by predicted failure only (default 0.5)")
+        sp.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+
+    s = sub.add_parser("search", help="images matching a sentence, ranked by predicted failure")
+    s.add_argument("text", help="what to look for, e.g. \"a blue circle\"")
+    db_arg(s)
+    query_opts(s)
+    s.add_argument("--negative", action="append", default=[], metavar="TEXT",
+                   help="phrase to move away from (repeatable); `TEXT:W` sets its weight")
+    s.add_argument("--image", default=None, help="an id or image file to combine with the text")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("similar", help="similar hard examples of a stored id or an image file")
+    s.add_argument("query", metavar="ID|IMAGE_PATH")
+    db_arg(s)
+    query_opts(s)
+    s.set_defaults(func=cmd_similar)
+
+    s = sub.add_parser("export", help="write a selection as a manifest or a class folder")
+    db_arg(s)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--query", default=None, help="export this search's results")
+    g.add_argument("--ids", default=None, help="file of ids, one per line")
+    g.add_argument("--mode", default=None, help="a failure mode from `explain` (its description or number)")
+    g.add_argument("--selection", default=None, help="a named selection (see `select`)")
+    s.add_argument("-k", type=int, default=100, help="results for --query / --mode (default 100)")
+    s.add_argument("--out", required=True, help="output file (.csv/.parquet) or folder")
+    s.add_argument("--format", choices=["csv", "parquet", "folder"], default=None,
+                   help="default: from --out's extension, folder otherwise")
+    s.add_argument("--copy", action="store_true", help="copy images into a folder export (default: symlink)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("select", help="named selections kept in the database (curated retraining sets)")
+    db_arg(s)
+    s.add_argument("action", choices=["list", "show", "add", "remove"])
+    s.add_argument("name", nargs="?", default=None)
+    s.add_argument("--ids", default=None, help="file of ids, one per line")
+    s.set_defaults(func=cmd_select)
+
+    s = sub.add_parser("serve", help="the Gradio web UI")
+    db_arg(s)
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("demo", help="build the offline world, index, diagnose and serve it")
+    s.add_argument("--db", default=None, help="database folder (default: in the world's cache)")
+    s.add_argument("--spec", default=None, help="world spec JSON (default: the built-in spec)")
+    s.add_argument("--no-serve", action="store_true", help="stop after printing the summary")
+    s.add_argument("--port", type=int, default=7860)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"llm2loss {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"llm2loss {args.command}: interrupted; rerun the same command to continue.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
