@@ -142,17 +142,14 @@ class ClipModel:
                 f"{', '.join(tags) or 'none'} (or pass --clip-checkpoint PATH)."
             )
         cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
-        hub = cfg.get("hf_hub", "")
-        if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes") and hub:
-            from huggingface_hub import try_to_load_from_cache
-
-            repo = hub.rstrip("/")
-            cached = any(
-                isinstance(try_to_load_from_cache(repo, fn), str)
-                for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-            )
-            if not cached:
-                raise UserError(_weights_message(spec, None))
+        if _pretrained_cached(cfg):
+            return
+        # Without a cached copy open_clip downloads, and huggingface_hub retries an unreachable host
+        # for ~50 s; one short connection attempt tells us at once whether that can work.
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        host = _download_host(cfg)
+        if offline or (host is not None and not _reachable(host)):
+            raise UserError(_weights_message(spec, None))
 
     @cached_property
     def embed_dim(self) -> int:
@@ -186,6 +183,58 @@ class ClipModel:
         if not out:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         return np.concatenate(out)
+
+
+def _pretrained_cached(cfg: dict) -> bool:
+    """Whether open_clip will find this pretrained config's weights without the network."""
+    if cfg.get("file"):
+        return Path(cfg["file"]).is_file()
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return any(isinstance(try_to_load_from_cache(repo, fn), str) for fn in names)
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+
+
+def _download_host(cfg: dict) -> tuple[str, int] | None:
+    """(host, port) open_clip would download this pretrained config from."""
+    from urllib.parse import urlparse
+
+    if cfg.get("hf_hub"):
+        url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    else:
+        url = cfg.get("url", "")
+    u = urlparse(url)
+    if not u.hostname:
+        return None
+    return u.hostname, u.port or (80 if u.scheme == "http" else 443)
+
+
+def _reachable(host: tuple[str, int], timeout: float = 3.0) -> bool:
+    """One TCP connection attempt, bounded by ``timeout`` seconds including name resolution.
+
+    ``getaddrinfo`` has no timeout of its own, so the attempt runs in a daemon thread.
+    """
+    import socket
+    import threading
+
+    ok: list[bool] = []
+
+    def attempt():
+        try:
+            socket.create_connection(host, timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
 
 
 def _normalise(z: torch.Tensor) -> np.ndarray:
