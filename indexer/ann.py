@@ -1,0 +1,326 @@
+"""The FAISS index over the sample embeddings: exact for small tables, IVF beyond, GPU when present.
+
+Files in ``DIR/faiss/``::
+
+    index.faiss   the FAISS index (inner product on L2-normalised vectors = cosine similarity)
+    ids.npy       (n,) unicode array: FAISS position i holds the row whose ``id`` is ids[i]
+    info.json     the stamp and the index's quality: data_version, num_rows, embed_dim, clip,
+                  kind ("flat" | "ivf"), nlist, nprobe, recall_at_10, recall_curve, build_seconds,
+                  index_bytes, gpu
+
+Positions are mapped to ids through ``ids.npy`` because ``merge_insert`` (used to write
+``predicted_loss``) reorders the Lance table's rows; nothing here relies on row positions.
+
+An index is *fresh* when its stamped ``data_version``, row count, embedding size and CLIP model equal
+the database's. A stale index is rebuilt (``load_index(db)``) or refused with a
+:class:`~indexer.errors.UserError` (``load_index(db, rebuild_if_stale=False)``), never served.
+
+IVF: ``nlist = 4 * sqrt(n)`` cells (k-means trained on at most ``64 * nlist`` rows); ``nprobe`` is the
+smallest power of two whose recall@10 against exact search, on a held sample of queries, reaches
+``target_recall`` (0.95). The queries are half stored embeddings (their own row excluded from both
+rankings, so a vector finding itself does not inflate recall) and half normalised midpoints of two
+random stored embeddings, which sit off the data manifold the way text queries do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from indexer.errors import UserError
+from indexer.store import Database, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.npy"
+INFO_FILE = "info.json"
+
+#: Tables up to this many rows get an exact (flat) index: fast enough and recall 1.
+EXACT_MAX_ROWS = 20_000
+TARGET_RECALL = 0.95
+RECALL_QUERIES = 500
+
+
+def _faiss():
+    import faiss  # heavy import, deferred
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when the installed faiss was built with GPU support and sees a GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _as_db(db) -> Database:
+    return db if isinstance(db, Database) else Database(db)
+
+
+# ---- status ---------------------------------------------------------------------------------------
+def _read_info(db: Database) -> dict | None:
+    import json
+
+    path = db.faiss_dir / INFO_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None  # a torn write never happens (atomic), but a hand-edited file may be junk
+
+
+def _stamp(db: Database) -> dict:
+    return {
+        "data_version": db.data_version,
+        "num_rows": db.count_rows(),
+        "embed_dim": db.embed_dim,
+        "clip": db.clip_identity,
+    }
+
+
+def _stale_reason(info: dict | None, stamp: dict) -> str | None:
+    if info is None:
+        return "no FAISS index was built"
+    for key, what in (("data_version", "data version"), ("num_rows", "row count"),
+                      ("embed_dim", "embedding size"), ("clip", "CLIP model")):
+        if info.get(key) != stamp[key]:
+            return f"the index covers {what} {info.get(key)!r} but the table has {stamp[key]!r}"
+    return None
+
+
+def index_status(db) -> dict:
+    """The stored index's info.json plus ``exists``, ``fresh`` and ``reason`` (why it is stale)."""
+    db = _as_db(db)
+    info = _read_info(db)
+    reason = _stale_reason(info, _stamp(db))
+    files_ok = all((db.faiss_dir / f).exists() for f in (INDEX_FILE, IDS_FILE))
+    if reason is None and not files_ok:
+        reason = "the index files are missing"
+    return {**(info or {}), "exists": info is not None and files_ok, "fresh": reason is None,
+            "reason": reason}
+
+
+# ---- building -------------------------------------------------------------------------------------
+def _recall_at(truth: np.ndarray, found: np.ndarray, k: int) -> float:
+    """Mean over queries of |truth[:k] & found[:k]| / k; both (m, >=k) int64 positions."""
+    hits = [len(set(t[:k].tolist()) & set(f[:k].tolist())) for t, f in zip(truth, found, strict=True)]
+    return float(np.mean(hits)) / k
+
+
+def _recall_queries(x: np.ndarray, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(queries (m, d) float32 unit, self positions (m,) int64, -1 for synthetic queries)."""
+    n = len(x)
+    half = m // 2
+    own = rng.choice(n, size=min(half, n), replace=False)
+    a, b = rng.integers(0, n, m - len(own)), rng.integers(0, n, m - len(own))
+    mid = x[a] + x[b]
+    mid /= np.maximum(np.linalg.norm(mid, axis=1, keepdims=True), 1e-12)
+    q = np.concatenate([x[own], mid]).astype(np.float32)
+    self_pos = np.concatenate([own, np.full(len(mid), -1)]).astype(np.int64)
+    return q, self_pos
+
+
+def _drop_self(pos: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
+    out = np.empty((len(pos), k), dtype=np.int64)
+    for i, (row, s) in enumerate(zip(pos, self_pos, strict=True)):
+        out[i] = row[row != s][:k] if s >= 0 else row[:k]
+    return out
+
+
+def _tune_nprobe(index, x: np.ndarray, nlist: int, target: float, seed: int) -> tuple[int, float, dict]:
+    """Smallest power-of-two nprobe with recall@10 >= target; returns (nprobe, recall, curve)."""
+    faiss = _faiss()
+    rng = np.random.default_rng(seed)
+    q, self_pos = _recall_queries(x, min(RECALL_QUERIES, len(x)), rng)
+    k = min(10, len(x) - 1)
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    _, truth = exact.search(q, k + 1)
+    truth = _drop_self(truth, self_pos, k)
+    curve: dict[str, float] = {}
+    nprobe = 1
+    while True:
+        index.nprobe = nprobe
+        _, found = index.search(q, k + 1)
+        rec = _recall_at(truth, _drop_self(found, self_pos, k), k)
+        curve[str(nprobe)] = round(rec, 4)
+        if rec >= target or nprobe >= nlist:
+            return nprobe, rec, curve
+        nprobe = min(nprobe * 2, nlist)
+
+
+def _build_faiss(x: np.ndarray, exact_max_rows: int, target_recall: float, seed: int):
+    """(cpu index, info) for (n, d) float32 unit vectors ``x``."""
+    faiss = _faiss()
+    n, d = x.shape
+    use_gpu = gpu_available()
+    if n <= exact_max_rows:
+        index = faiss.IndexFlatIP(d)
+        index.add(x)
+        return index, {"kind": "flat", "nlist": None, "nprobe": None, "recall_at_10": 1.0,
+                       "recall_curve": None, "gpu": False}
+    nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))  # faiss wants >= 39 points per cell
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    if use_gpu:
+        res = faiss.StandardGpuResources()
+        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+        gpu_index.train(train)
+        gpu_index.add(x)
+        nprobe, rec, curve = _tune_nprobe(gpu_index, x, nlist, target_recall, seed)
+        index = faiss.index_gpu_to_cpu(gpu_index)
+    else:
+        index.train(train)
+        index.add(x)
+        nprobe, rec, curve = _tune_nprobe(index, x, nlist, target_recall, seed)
+    index.nprobe = nprobe
+    if rec < target_recall:
+        log.warning("IVF recall@10 %.3f stays below %.2f even at nprobe=%d", rec, target_recall, nprobe)
+    return index, {"kind": "ivf", "nlist": nlist, "nprobe": nprobe, "recall_at_10": round(rec, 4),
+                   "recall_curve": curve, "gpu": use_gpu}
+
+
+def build_index(db, force: bool = False, exact_max_rows: int = EXACT_MAX_ROWS,
+                target_recall: float = TARGET_RECALL, seed: int = 0) -> dict:
+    """Build (or keep, when fresh and not ``force``) the FAISS index of ``db``; returns its info.
+
+    ``exact_max_rows``: tables up to this many rows get an exact ``IndexFlatIP``; larger ones an
+    ``IndexIVFFlat`` whose ``nprobe`` reaches ``target_recall`` recall@10 (see module doc). Built on
+    the GPU when faiss sees one, stored as a CPU index. Writes are atomic per file and info.json
+    (the stamp) is removed first and written last, so a crash leaves an index that reads as stale.
+    """
+    db = _as_db(db)
+    status = index_status(db)
+    if status["fresh"] and not force:
+        log.info("FAISS index is fresh (%d rows); not rebuilding", status["num_rows"])
+        return {k: v for k, v in status.items() if k not in ("exists", "fresh", "reason")}
+    faiss = _faiss()
+    t0 = time.perf_counter()
+    stamp = _stamp(db)
+    ids, x = db.embeddings()
+    if len(x) == 0:
+        raise UserError(f"the database {db.path} has no rows to index; run `llm2loss index` with a manifest first.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index, info = _build_faiss(x, exact_max_rows, target_recall, seed)
+    ids_arr = np.asarray(ids.tolist(), dtype=str)  # fixed-width unicode: np.load needs no pickle
+
+    db.faiss_dir.mkdir(parents=True, exist_ok=True)
+    (db.faiss_dir / INFO_FILE).unlink(missing_ok=True)
+    fd, tmp_index = tempfile.mkstemp(dir=db.faiss_dir, suffix=".faiss.tmp")
+    os.close(fd)
+    faiss.write_index(index, tmp_index)
+    fd, tmp_ids = tempfile.mkstemp(dir=db.faiss_dir, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, ids_arr, allow_pickle=False)
+    os.replace(tmp_index, db.faiss_dir / INDEX_FILE)
+    os.replace(tmp_ids, db.faiss_dir / IDS_FILE)
+    info.update(stamp)
+    info["build_seconds"] = round(time.perf_counter() - t0, 3)
+    info["index_bytes"] = os.path.getsize(db.faiss_dir / INDEX_FILE)
+    info["ids_bytes"] = os.path.getsize(db.faiss_dir / IDS_FILE)
+    write_json_atomic(db.faiss_dir / INFO_FILE, info)
+    _ensure_id_index(db)
+    log.info("FAISS %s index over %d rows built in %.1f s (recall@10 %.3f)", info["kind"],
+             info["num_rows"], info["build_seconds"], info["recall_at_10"])
+    return info
+
+
+def _ensure_id_index(db: Database) -> None:
+    """A BTREE index on ``id`` so the query engine's fetch of candidate rows by id stays fast.
+
+    It changes the Lance version but not the rows (so not ``data_version``). Fragments added later
+    are still found (scanned) until ``Database.cleanup`` (optimize) folds them into the index.
+    """
+    from indexer import schema as S
+
+    try:
+        if any(S.ID in ix.columns for ix in db.table.list_indices()):
+            return
+        from lancedb.index import BTree
+
+        db.table.create_index(S.ID, config=BTree())
+    except Exception as e:  # an optimisation only: a failure must not fail the build
+        log.warning("could not create the scalar index on %s: %s", S.ID, e)
+
+
+# ---- loading and searching ------------------------------------------------------------------------
+@dataclass
+class AnnIndex:
+    """A loaded FAISS index and the ids of its positions.
+
+    ``search(queries, k)`` -> (sims (m, k) float32 inner products, ids (m, k) object str); slots with
+    no neighbour (k > rows, or an IVF probe that found too few) hold sim ``-inf`` and id ``None``.
+    """
+
+    index: object
+    ids: np.ndarray
+    info: dict = field(default_factory=dict)
+    #: faiss.StandardGpuResources kept alive as long as a GPU index uses it
+    gpu_resources: object = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = max(1, min(int(k), self.ntotal))
+        if nprobe is not None and self.info.get("kind") == "ivf":
+            faiss = _faiss()
+            nprobe = int(min(nprobe, self.info["nlist"]))
+            if self.gpu_resources is not None:  # GPU indexes take no per-call parameters
+                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+                sims, pos = self.index.search(q, k)
+                faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.info["nprobe"])
+            else:
+                sims, pos = self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        else:
+            sims, pos = self.index.search(q, k)
+        missing = pos < 0
+        out_ids = self.ids[np.where(missing, 0, pos)].astype(object)
+        out_ids[missing] = None
+        sims = sims.astype(np.float32, copy=False)
+        sims[missing] = -np.inf
+        return sims, out_ids
+
+
+def load_index(db, rebuild_if_stale: bool = True) -> AnnIndex:
+    """The fresh FAISS index of ``db``; a missing or stale one is rebuilt, or refused when
+    ``rebuild_if_stale`` is False. Moved to the GPU when faiss sees one."""
+    db = _as_db(db)
+    status = index_status(db)
+    if not status["fresh"]:
+        if not rebuild_if_stale:
+            raise UserError(
+                f"the FAISS index in {db.faiss_dir} is stale ({status['reason']}); rebuild it with "
+                "indexer.ann.build_index(db) (the query engine and `llm2loss index` do so by default)."
+            )
+        log.info("rebuilding the FAISS index: %s", status["reason"])
+        build_index(db, force=True)
+        status = index_status(db)
+    faiss = _faiss()
+    index = faiss.read_index(str(db.faiss_dir / INDEX_FILE))
+    ids = np.load(db.faiss_dir / IDS_FILE, allow_pickle=False)
+    if index.ntotal != len(ids) or len(ids) != status["num_rows"]:
+        raise UserError(
+            f"the FAISS files in {db.faiss_dir} disagree ({index.ntotal} vectors, {len(ids)} ids); "
+            "delete that folder and run the query again to rebuild it."
+        )
+    if status.get("kind") == "ivf":
+        index.nprobe = int(status["nprobe"])
+    res = None
+    if gpu_available():
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+    info = {k: v for k, v in status.items() if k not in ("exists", "fresh", "reason")}
+    return AnnIndex(index=index, ids=ids, info=info, gpu_resources=res)
