@@ -1,0 +1,300 @@
+"""The Gradio web UI: ``build_app(db)`` lays out the page, ``serve(db, ...)`` runs it safely.
+
+Tabs: Search, Similar, Failure modes, Curate, Model health. The page's events call
+:class:`search_ui.ui.handlers.Handlers`, which call the same library functions as the CLI. The same
+operations are named API endpoints (``/search``, ``/similar``, ``/explain``, ``/details``,
+``/selections``, ``/add_to_selection``, ``/selection``, ``/health``, ``/download``) for
+``gradio_client``; see docs/UI.md.
+
+Safe by default: it listens on 127.0.0.1, can require a login, serves image files only from the
+folders of the indexed images (checked again for every path a handler returns, see
+:mod:`search_ui.ui.context`), never the database folder, and queues events so a slow query does not
+block other users or the page.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from indexer.errors import UserError
+from indexer.store import Database
+from search_ui.ui.context import AppContext, serving_dirs
+from search_ui.ui.handlers import Handlers, friendly
+
+log = logging.getLogger(__name__)
+
+TITLE = "llm2loss — where and why the model fails"
+CSS = ".caption-label { white-space: normal !important; }"
+#: Events of one kind that may run at once; FAISS and LanceDB reads are thread-safe.
+CONCURRENCY = max(2, min(8, os.cpu_count() or 2))
+
+
+def _header(ctx: AppContext) -> str:
+    meta = ctx.db.read_meta()
+    clip = (meta.get("clip") or {}).get("model", "?")
+    n = ctx.db.count_rows()
+    diag = (ctx.db.diagnosis_dir / "info.json").exists()
+    return (f"## {TITLE}\n`{ctx.db.path}` · {n} samples · CLIP `{clip}` · "
+            + ("diagnosis ensemble fitted" if diag else "**no diagnosis yet** (run `llm2loss diagnose`)"))
+
+
+def _detail_panel(label: str):
+    """Components showing one clicked image: (image, fields, similar gallery, clicked, similar shown)."""
+    with gr.Row():
+        image = gr.Image(label=label, type="filepath", interactive=False, height=260, scale=1)
+        fields = gr.Markdown(elem_classes=["details"])
+    similar = gr.Gallery(label="Similar hard examples", columns=8, height=200, allow_preview=False,
+                         elem_classes=["similar-gallery"])
+    return image, fields, similar, gr.State(None), gr.State([])
+
+
+def _wire_details(ui: Handlers, gallery, shown, panel) -> None:
+    image, fields, similar, clicked, sim_shown = panel
+    gallery.select(ui.details, inputs=shown, outputs=[image, fields, similar, clicked, sim_shown],
+                   api_visibility="private")
+    # A click on a similar example shows that one, so a person can walk from one failure to the next.
+    similar.select(ui.details, inputs=sim_shown, outputs=[image, fields, similar, clicked, sim_shown],
+                   api_visibility="private")
+
+
+def _results_gallery(elem_id: str):
+    return gr.Gallery(label="Results (most likely failures first)", columns=6, height=520,
+                      allow_preview=False, object_fit="contain", elem_id=elem_id)
+
+
+def _search_tab(ui: Handlers, sel_dropdown_holder: list):
+    with gr.Row():
+        q = gr.Textbox(label="Describe what to look for", placeholder="a blue circle", scale=5,
+                       elem_id="search-text")
+        go = gr.Button("Search", variant="primary", scale=1, elem_id="search-button")
+    with gr.Accordion("Options", open=False):
+        with gr.Row():
+            k = gr.Slider(1, 200, value=24, step=1, label="Results (k)")
+            weight = gr.Slider(0, 1, value=0.5, step=0.05,
+                               label="Weight: 0 = most similar, 1 = most likely to fail")
+        where = gr.Textbox(label="Filter (SQL over metadata)", placeholder="split = 'test' AND loss > 1")
+        negatives = gr.Textbox(label="Negative phrases (one per line): move away from these", lines=2)
+    status = gr.Markdown(elem_id="search-status")
+    gallery = _results_gallery("search-gallery")
+    shown = gr.State([])
+    with gr.Row():
+        name = gr.Textbox(label="Selection name", value="retrain", scale=2)
+        add_all = gr.Button("Add all results to selection", scale=1)
+        add_one = gr.Button("Add clicked image to selection", scale=1)
+    panel = _detail_panel("Clicked image")
+    for trigger in (go.click, q.submit):
+        trigger(ui.search, inputs=[q, k, weight, where, negatives], outputs=[gallery, status, shown],
+                api_visibility="private", concurrency_id="query")
+    _wire_details(ui, gallery, shown, panel)
+    sel_dropdown_holder.append((add_all, add_one, name, shown, panel[3]))
+    return q, go, k, weight, where, negatives, gallery, status, shown
+
+
+def _similar_tab(ui: Handlers):
+    with gr.Row():
+        upload = gr.Image(label="Drop an image", type="filepath", sources=["upload", "clipboard"], height=220)
+        with gr.Column():
+            sample_id = gr.Textbox(label="…or a sample id", elem_id="similar-id")
+            k = gr.Slider(1, 200, value=24, step=1, label="Results (k)")
+            weight = gr.Slider(0, 1, value=0.5, step=0.05,
+                               label="Weight: 0 = most similar, 1 = most likely to fail")
+            go = gr.Button("Find similar hard examples", variant="primary", elem_id="similar-button")
+    status = gr.Markdown()
+    gallery = _results_gallery("similar-gallery")
+    shown = gr.State([])
+    go.click(ui.similar, inputs=[upload, sample_id, k, weight], outputs=[gallery, status, shown],
+             api_name="similar_image", concurrency_id="query")
+    _wire_details(ui, gallery, shown, _detail_panel("Clicked image"))
+
+
+def _modes_tab(ui: Handlers, tabs, search_q, run_search):
+    with gr.Row():
+        top = gr.Slider(1, 50, value=10, step=1, label="Failure modes to find")
+        go = gr.Button("Find failure modes", variant="primary", elem_id="explain-button")
+    status = gr.Markdown()
+    table = gr.Dataframe(headers=["#", "failure mode", "predicted loss", "true loss", "size",
+                                  "share of loss", "found by"], interactive=False, elem_id="modes-table")
+    modes = gr.State([])
+    with gr.Row():
+        choice = gr.Dropdown(label="Failure mode", choices=[], scale=3, elem_id="mode-choice")
+        to_search = gr.Button("Search for it", scale=1, elem_id="mode-search")
+    with gr.Row():
+        name = gr.Textbox(label="Selection name", value="retrain", scale=2, elem_id="mode-selection-name")
+        to_sel = gr.Button("Add its samples to selection", scale=1, elem_id="mode-add")
+    md = gr.Markdown()
+    examples = gr.Gallery(label="Example images", columns=8, height=300, allow_preview=False,
+                          elem_id="mode-gallery")
+    go.click(ui.explain, inputs=top, outputs=[table, choice, status, modes], api_visibility="private",
+             concurrency_id="heavy", concurrency_limit=1)
+    table.select(ui.mode_row_clicked, inputs=modes, outputs=choice, api_visibility="private")
+    choice.change(ui.show_mode, inputs=[modes, choice], outputs=[examples, md], api_visibility="private")
+    to_search.click(ui.mode_to_search, inputs=[modes, choice], outputs=[search_q, tabs],
+                    api_visibility="private").success(**run_search)
+    return name, to_sel, modes, choice
+
+
+def _curate_tab(ui: Handlers):
+    with gr.Row():
+        sel = gr.Dropdown(label="Selection", choices=[], scale=3, elem_id="curate-selection",
+                          allow_custom_value=False)
+        refresh = gr.Button("Refresh", scale=1)
+    summary = gr.Markdown(elem_id="curate-summary")
+    mix = gr.Dataframe(headers=["label", "count", "share", "mean true loss"], interactive=False,
+                       label="Label mix")
+    gallery = gr.Gallery(label="Samples (click one to remove it)", columns=8, height=300,
+                         allow_preview=False, elem_id="curate-gallery")
+    shown = gr.State([])
+    with gr.Row():
+        fmt_ = gr.Radio(["csv", "parquet", "folder (zip)"], value="csv", label="Download as")
+        dl = gr.Button("Download", variant="primary", elem_id="download-button")
+    file = gr.File(label="Manifest", elem_id="download-file")
+    refresh.click(ui.refresh_selections, inputs=sel, outputs=sel, api_visibility="private")
+    sel.change(ui.show_selection, inputs=sel, outputs=[summary, mix, gallery, shown], api_visibility="private")
+    gallery.select(ui.remove_clicked, inputs=[sel, shown], outputs=[summary, mix, gallery, shown],
+                   api_visibility="private")
+    dl.click(ui.download, inputs=[sel, fmt_], outputs=file, api_name="download", concurrency_id="heavy")
+    return sel, refresh
+
+
+def _health_tab(ui: Handlers):
+    status = gr.Markdown("Press **Draw** to read the table and draw the model's health.")
+    draw = gr.Button("Draw", variant="primary", elem_id="health-button")
+    with gr.Row():
+        hist = gr.Image(label="Loss distribution", interactive=False, buttons=["download"])
+        scatter = gr.Image(label="Predicted vs true loss", interactive=False, buttons=["download"])
+    with gr.Row():
+        labels = gr.Image(label="Mean loss per label", interactive=False, buttons=["download"])
+        pca = gr.Image(label="Embedding map (click a region)", interactive=False, elem_id="health-map",
+                       buttons=["download"])
+    region_status = gr.Markdown()
+    region = _results_gallery("health-region")
+    shown = gr.State([])
+    draw.click(ui.health, outputs=[hist, scatter, labels, pca, status], api_visibility="private",
+               concurrency_id="heavy")
+    pca.select(ui.map_clicked, outputs=[region, region_status, shown], api_visibility="private")
+    _wire_details(ui, region, shown, _detail_panel("Clicked image"))
+    return draw
+
+
+def _api(ui: Handlers) -> None:
+    """Typed JSON endpoints for gradio_client (the page's own events are private)."""
+
+    @friendly
+    def search(text: str, k: int = 24, weight: float = 0.5, where: str = "",
+               negatives: list[str] | None = None) -> list[dict]:
+        """Samples matching a sentence, best (most likely failure) first."""
+        return ui.search_records(text, k, weight, where, negatives)
+
+    @friendly
+    def similar(query: str, k: int = 24, weight: float = 0.5) -> list[dict]:
+        """Similar hard examples of a stored sample id."""
+        return ui.similar_records(query, k, weight)
+
+    @friendly
+    def explain(top: int = 10) -> list[dict]:
+        """Failure modes named in words, worst first."""
+        return ui.ctx.modes(int(top))
+
+    @friendly
+    def details(ids: list[str]) -> list[dict]:
+        """The stored fields (no embedding) of these sample ids."""
+        return ui.ctx.rows(ids)
+
+    @friendly
+    def selections() -> dict:
+        """Every named selection and its size."""
+        return {k: len(v) for k, v in ui._selections().all().items()}
+
+    @friendly
+    def add_to_selection(name: str, ids: list[str]) -> int:
+        """Add ids to a named selection (created if new); returns its size."""
+        return ui.add_ids(name, ids)
+
+    @friendly
+    def selection(name: str) -> dict:
+        """A selection's size, label mix and ids."""
+        s = ui.selection_summary(name)
+        return {"name": s["name"], "size": s["size"], "labels": s["labels"], "ids": [r["id"] for r in s["rows"]]}
+
+    @friendly
+    def health() -> dict:
+        """Rows, mean true and predicted loss, Spearman rho, mean loss per label."""
+        return ui.health_data()[0].summary()
+
+    for fn in (search, similar, explain, details, selections, add_to_selection, selection, health):
+        gr.api(fn, api_name=fn.__name__, concurrency_id="query" if fn in (search, similar) else None)
+
+
+def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
+    """The page for database ``db`` (a path or an open :class:`Database`); not yet launched."""
+    ctx = AppContext(db)
+    ui = Handlers(ctx)
+    with gr.Blocks(title="llm2loss") as app:
+        app.llm2loss_context = ctx  # serve() reads the image folders from it
+        # API endpoints first, so they own the plain names (/search, ...) and the page's private events
+        # of the same function names get suffixed ones.
+        _api(ui)
+        gr.Markdown(_header(ctx))
+        holder: list = []
+        with gr.Tabs() as tabs:
+            with gr.Tab("Search", id="search"):
+                q, go, k, weight, where, negatives, gallery, status, shown = _search_tab(ui, holder)
+            with gr.Tab("Similar", id="similar"):
+                _similar_tab(ui)
+            run_search = dict(fn=ui.search, inputs=[q, k, weight, where, negatives],
+                              outputs=[gallery, status, shown], api_visibility="private")
+            with gr.Tab("Failure modes", id="modes"):
+                mode_name, mode_add, modes, choice = _modes_tab(ui, tabs, q, run_search)
+            with gr.Tab("Curate", id="curate") as curate_tab:
+                sel, _ = _curate_tab(ui)
+            with gr.Tab("Model health", id="health"):
+                _health_tab(ui)
+        add_all, add_one, name, shown_s, clicked = holder[0]
+        add_all.click(ui.add_results, inputs=[name, shown_s], outputs=sel, api_visibility="private")
+        add_one.click(ui.add_clicked, inputs=[name, clicked], outputs=sel, api_visibility="private")
+        mode_add.click(ui.add_mode, inputs=[mode_name, modes, choice], outputs=sel, api_visibility="private")
+        curate_tab.select(ui.refresh_selections, inputs=sel, outputs=sel, api_visibility="private")
+        app.load(ui.refresh_selections, inputs=sel, outputs=sel, api_visibility="private")
+    app.queue(default_concurrency_limit=CONCURRENCY)
+    return app
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """``USER:PASS`` -> (user, password); refuses anything else."""
+    if auth is None:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth must look like USER:PASS (both non-empty); pass e.g. --auth ana:s3cret.")
+    return user, password
+
+
+def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860,
+                  auth: str | None = None) -> dict:
+    """Arguments for ``app.launch``: the listening address, the login, and the file policy."""
+    ctx: AppContext = app.llm2loss_context
+    allowed = serving_dirs(ctx.db, ctx.guard)
+    # The database folder holds losses and model files; it may sit inside an image root (the
+    # offline world keeps both in one cache folder), so it is blocked explicitly.
+    blocked = [str(ctx.db.path)]
+    return dict(server_name=host, server_port=port, auth=parse_auth(auth), allowed_paths=allowed,
+                blocked_paths=blocked, show_error=True, max_threads=40, css=CSS, ssr_mode=False,
+                footer_links=["api"], quiet=True)
+
+
+def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int | None = 7860,
+          auth: str | None = None, block: bool = True) -> gr.Blocks:
+    """Build and launch the app; with ``block`` (the CLI) it runs until interrupted."""
+    app = build_app(db)
+    kwargs = launch_kwargs(app, host, port, auth)
+    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        log.warning("listening on %s without --auth: anyone who can reach this port can use the app", host)
+    app.launch(prevent_thread_lock=True, **kwargs)
+    print(f"llm2loss UI for {Path(app.llm2loss_context.db.path)} at {app.local_url}", flush=True)
+    if block:
+        app.block_thread()
+    return app
