@@ -258,8 +258,10 @@ def _ensure_id_index(db: Database) -> None:
 class AnnIndex:
     """A loaded FAISS index and the ids of its positions.
 
-    ``search(queries, k)`` -> (sims (m, k) float32 inner products, ids (m, k) object str); slots with
-    no neighbour (k > rows, or an IVF probe that found too few) hold sim ``-inf`` and id ``None``.
+    ``search(queries, k)`` -> (sims (m, k) float32 inner products, ids (m, k) object str), best
+    first; slots with no neighbour (an IVF probe that found too few) hold sim ``-inf`` and id
+    ``None``; k is capped at the number of rows. IVF probes ``nprobe_for(k)`` cells unless
+    ``nprobe`` is given.
     """
 
     index: object
@@ -272,12 +274,24 @@ class AnnIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    def nprobe_for(self, k: int) -> int:
+        """The stored nprobe (tuned for recall@10), widened for deeper searches.
+
+        The k-th neighbour lies farther out than the 10th, so more cells are probed: the tuned value
+        times sqrt(k / 10), and at least enough cells to hold 4k vectors on average.
+        """
+        base = int(self.info["nprobe"])
+        if k <= 10:
+            return base
+        per_cell = max(1.0, self.ntotal / self.info["nlist"])
+        return int(min(self.info["nlist"], max(base * math.sqrt(k / 10), 4 * k / per_cell)))
+
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(int(k), self.ntotal))
-        if nprobe is not None and self.info.get("kind") == "ivf":
+        if self.info.get("kind") == "ivf" and (nprobe is not None or k > 10):
             faiss = _faiss()
-            nprobe = int(min(nprobe, self.info["nlist"]))
+            nprobe = int(min(nprobe or self.nprobe_for(k), self.info["nlist"]))
             if self.gpu_resources is not None:  # GPU indexes take no per-call parameters
                 faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
                 sims, pos = self.index.search(q, k)

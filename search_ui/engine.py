@@ -1,0 +1,320 @@
+"""The query engine: sentences, images and mixes of both -> rows ranked by predicted failure.
+
+    text / image -> CLIP embedding (the model recorded in the database) -> query vector u
+    -> FAISS: the N most similar rows (N = candidates, many more than k) -> rows fetched from LanceDB
+    -> ranked by the score documented in :mod:`search_ui.ranking`:
+       score = (1 - w) * z(similarity) + w * z(predicted_loss) over the candidate pool.
+
+Composite queries
+-----------------
+A query is a list of components ``c_j`` (CLIP embeddings of phrases or images, unit length) with
+weights ``w_j > 0`` and a sign (+ for what to find, - for what to avoid: CLIP alone ignores "not").
+Its similarity to a row ``x`` is a weighted mean of cosines::
+
+    sim(x) = sum_j sign_j * a_j * cos(x, c_j) / sum_{j positive} a_j,     a_j = w_j / sigma_j
+
+where ``sigma_j`` is the spread (std) of ``cos(x, c_j)`` over a sample of stored rows. Dividing by it
+puts every component in the same units, which matters because an image's cosines to other images
+are several times larger and wider than a phrase's (CLIP's modality gap): without it an example
+image would drown the phrase beside it. ``sim`` is linear in ``x``, so FAISS ranks by it exactly with
+the single query vector ``u = sum_j sign_j a_j c_j / sum_{j positive} a_j``. For one positive
+component alone ``u = c`` and ``sim`` is the plain cosine similarity.
+
+Filters
+-------
+``where`` is LanceDB SQL over any column. The pool is then the N most similar *matching* rows: FAISS
+is asked for N / (share of matching rows) * 2 neighbours, growing while too few match, and a
+filtered exact scan in LanceDB takes over when that would exceed ``max_ann_fetch``; so k results
+come back whenever k rows match.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from indexer import schema as S
+from indexer.errors import UserError
+from indexer.store import Database
+from search_ui.ranking import (
+    DEFAULT_WEIGHT,
+    SearchResult,
+    default_candidates,
+    rank_order,
+    rank_scores,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEGATIVE_WEIGHT = 0.5
+SIGMA_SAMPLE_ROWS = 2048
+
+
+def parse_weighted(item, default: float = 1.0) -> tuple[object, float]:
+    """``"TEXT:W"`` -> (TEXT, W); a plain string or object -> (it, default); a pair passes through."""
+    if isinstance(item, tuple | list):
+        thing, w = item
+        return thing, float(w)
+    if isinstance(item, str) and ":" in item:
+        head, tail = item.rsplit(":", 1)
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return item, default
+
+
+def _sql_in(ids: list[str]) -> str:
+    return f"{S.ID} IN (" + ",".join("'" + str(i).replace("'", "''") + "'" for i in ids) + ")"
+
+
+class QueryEngine:
+    """Search one database. The CLIP model and the FAISS index load on first use.
+
+    ``db``: a database folder or :class:`~indexer.store.Database`. ``device``: for the CLIP model
+    (default: cuda when present). ``rebuild_if_stale``: rebuild a stale FAISS index (True) or
+    refuse it with a UserError (False); either way a stale one is never served.
+    After each query, ``notes`` holds warnings worth showing a person and ``timings`` the seconds
+    spent in encode / ann / fetch / rank / total.
+    """
+
+    def __init__(self, db, device: str | None = None, rebuild_if_stale: bool = True,
+                 max_ann_fetch: int = 4096):
+        self.db = db if isinstance(db, Database) else Database(db)
+        self.device = device
+        self.rebuild_if_stale = rebuild_if_stale
+        self.max_ann_fetch = max_ann_fetch
+        self._clip = None
+        self._ann = None
+        self._sample = None
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+        self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+
+    # ---- lazily loaded parts -----------------------------------------------------------------
+    @property
+    def clip(self):
+        if self._clip is None:
+            from indexer.clip import clip_for_database
+
+            self._clip = clip_for_database(self.db.read_meta(), self.device)
+        return self._clip
+
+    @property
+    def ann(self):
+        """The FAISS index, reloaded (or rebuilt) whenever the table's rows changed since."""
+        from indexer import ann
+
+        if self._ann is not None:
+            info = self._ann.info
+            if info.get("data_version") == self.db.data_version and info.get("num_rows") == self.db.count_rows():
+                return self._ann
+        self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
+        return self._ann
+
+    def _sigma(self, c: np.ndarray) -> float:
+        """Std of cos(x, c) over a sample of stored rows (see module doc); c (d,) unit."""
+        if self._sample is None:
+            ds = self.db.table.to_lance()
+            n = ds.count_rows()
+            t = ds.sample(min(SIGMA_SAMPLE_ROWS, n), columns=[S.EMBEDDING]) if n > SIGMA_SAMPLE_ROWS \
+                else ds.to_table(columns=[S.EMBEDDING])
+            col = t.column(S.EMBEDDING).combine_chunks()
+            self._sample = np.asarray(col.values.to_numpy()).reshape(len(t), -1).astype(np.float32)
+        sd = float((self._sample @ c).std())
+        return sd if sd > 1e-6 else 1.0
+
+    # ---- turning a query into a vector -------------------------------------------------------
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Phrases -> (n, d) float32 unit CLIP text embeddings."""
+        return self.clip.encode_text(list(texts))
+
+    def stored_embedding(self, sample_id: str) -> np.ndarray | None:
+        """(d,) float32 embedding of a stored row, or None when no row has that id."""
+        t = self.db.read([S.EMBEDDING], where=_sql_in([sample_id]))
+        if t.num_rows == 0:
+            return None
+        return np.asarray(t.column(S.EMBEDDING)[0].values.to_numpy(), dtype=np.float32)
+
+    def encode_image(self, path: str | Path) -> np.ndarray:
+        """An image file -> (d,) float32 unit CLIP embedding, preprocessed like the indexed images."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                pixels = self.clip.preprocess(im.convert("RGB")).unsqueeze(0)
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"cannot read image {path} ({e}); pass a PNG/JPEG file or a stored sample id.") from e
+        return self.clip.encode_images(pixels)[0]
+
+    def resolve_image(self, item) -> tuple[np.ndarray, str | None]:
+        """A stored id, an image path or a (d,) vector -> (embedding, the stored id or None)."""
+        if isinstance(item, np.ndarray):
+            v = np.asarray(item, np.float32).reshape(-1)
+            return v / max(float(np.linalg.norm(v)), 1e-12), None
+        item = str(item)
+        v = self.stored_embedding(item)
+        if v is not None:
+            return v, item
+        if Path(item).expanduser().is_file():
+            return self.encode_image(Path(item).expanduser()), None
+        raise UserError(
+            f"'{item}' is neither a sample id in {self.db.path} nor an existing image file; "
+            "pass a stored id (as printed by `llm2loss search`) or the path of an image."
+        )
+
+    def query_vector(self, positives: list[tuple[np.ndarray, float]],
+                     negatives: list[tuple[np.ndarray, float]] = ()) -> np.ndarray:
+        """Combine weighted unit components into u (d,) float32 (module doc, "Composite queries")."""
+        if not positives:
+            raise UserError("a query needs at least one phrase or image to look for; give TEXT or --image.")
+        for _, w in (*positives, *negatives):
+            if not (w > 0 and math.isfinite(w)):
+                raise UserError(f"query weight {w} is not a positive number; write TEXT:W with W > 0, e.g. 'snow:0.5'.")
+        if len(positives) == 1 and not negatives:
+            return np.asarray(positives[0][0], np.float32)
+        a_pos = [(c, w / self._sigma(c)) for c, w in positives]
+        a_neg = [(c, w / self._sigma(c)) for c, w in negatives]
+        total = sum(a for _, a in a_pos)
+        u = sum(a * c for c, a in a_pos) - sum((a * c for c, a in a_neg), np.zeros_like(positives[0][0]))
+        return (u / total).astype(np.float32)
+
+    # ---- candidates and ranking --------------------------------------------------------------
+    def _count(self, where: str) -> int:
+        try:
+            return self.db.count_rows(where)
+        except Exception as e:  # lance raises various errors for bad SQL
+            msg = str(e).splitlines()[0][:160]
+            raise UserError(f"--where {where!r} is not a valid filter ({msg}); write LanceDB SQL over the "
+                            "table's columns, e.g. \"split = 'test' AND loss > 1\".") from e
+
+    def _fetch(self, ids: list[str], where: str | None = None) -> pa.Table:
+        clause = _sql_in(ids) if ids else "false"
+        return self.db.read(self._columns, where=f"({clause}) AND ({where})" if where else clause)
+
+    def _pool(self, u: np.ndarray, n: int, where: str | None, exclude: set[str]) -> tuple[pa.Table, np.ndarray]:
+        """(rows, similarities (m,) float64) of the pool: the n rows most similar to u (module doc)."""
+        t0 = time.perf_counter()
+        ann = self.ann  # the freshness check is part of the search's cost
+        total = ann.ntotal
+        if where:
+            matching = self._count(where)
+            fetch = int(math.ceil(n * 2 * total / max(matching, 1))) + len(exclude)
+        else:
+            matching, fetch = total, n + len(exclude)
+        rows = sims = None
+        while matching and fetch <= max(self.max_ann_fetch, n + len(exclude)):
+            s, ids = ann.search(u[None, :], min(fetch, total))
+            keep = [(i, v) for i, v in zip(ids[0], s[0], strict=True) if i is not None and i not in exclude]
+            t1 = time.perf_counter()
+            got = self._fetch([i for i, _ in keep], where)
+            self.timings["ann"] = t1 - t0
+            self.timings["fetch"] = time.perf_counter() - t1
+            sim_of = dict(keep)
+            rows, sims = got, np.array([sim_of[i] for i in got.column(S.ID).to_pylist()], np.float64)
+            if len(sims) >= min(n, matching - len(exclude)) or fetch >= total:
+                break
+            fetch *= 4
+        else:
+            rows = None
+        if rows is None:  # too selective a filter for FAISS: exact filtered scan in LanceDB
+            t1 = time.perf_counter()
+            q = self.db.table.search(u, vector_column_name=S.EMBEDDING).distance_type("dot")
+            if where:
+                q = q.where(where, prefilter=True)
+            got = q.limit(n + len(exclude)).select(self._columns).to_arrow()
+            got = got.filter(pc.invert(pc.is_in(got.column(S.ID), pa.array(list(exclude), pa.string()))))
+            sims = 1.0 - got.column("_distance").to_numpy().astype(np.float64)  # lance: dot distance = 1 - u.x
+            rows = got.drop_columns(["_distance"])
+            self.timings["ann"], self.timings["fetch"] = 0.0, time.perf_counter() - t1
+        if len(sims) > n:
+            top = np.argsort(-sims, kind="stable")[:n]
+            rows, sims = rows.take(top), sims[top]
+        return rows, sims
+
+    def _rank(self, rows: pa.Table, sims: np.ndarray, k: int, weight: float | None) -> list[SearchResult]:
+        t0 = time.perf_counter()
+        w = DEFAULT_WEIGHT if weight is None else float(weight)
+        if not 0.0 <= w <= 1.0:
+            raise UserError(f"--weight {w} is outside [0, 1]; use 0 for similarity only, 1 for predicted loss only.")
+        pred = rows.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = ~np.isfinite(pred)
+        if len(pred) and missing.all() and w > 0:
+            self._note("no predicted_loss on these rows: ranked by similarity only; run `llm2loss diagnose` "
+                       "to rank by predicted failure.")
+        elif missing.any() and w > 0:
+            self._note(f"{int(missing.sum())} of {len(pred)} candidate rows have no predicted_loss (counted as "
+                       "average); rerun `llm2loss diagnose` to score them.")
+        score = rank_scores(sims, pred, w)
+        ids = rows.column(S.ID).to_pylist()
+        order = rank_order(score, sims, ids)[:k]
+        cols = {name: rows.column(name).to_pylist() for name in rows.column_names}
+        meta = [c for c in rows.column_names if c not in S.CORE_COLUMNS]
+        out = [
+            SearchResult(
+                id=ids[i], image=cols[S.IMAGE][i], label=cols[S.LABEL][i], split=cols[S.SPLIT][i],
+                loss=cols[S.LOSS][i], predicted_loss=cols[S.PREDICTED_LOSS][i],
+                predicted_loss_std=cols[S.PREDICTED_LOSS_STD][i], similarity=float(sims[i]),
+                score=float(score[i]), metadata={c: cols[c][i] for c in meta},
+            )
+            for i in order
+        ]
+        self.timings["rank"] = time.perf_counter() - t0
+        return out
+
+    def _note(self, msg: str) -> None:
+        self.notes.append(msg)
+        log.warning(msg)
+
+    def _run(self, t0, positives, negatives, k, where, weight, candidates, exclude=()) -> list[SearchResult]:
+        u = self.query_vector(positives, negatives)
+        self.timings["encode"] = time.perf_counter() - t0
+        n = max(int(candidates or default_candidates(k)), int(k))
+        rows, sims = self._pool(u, n, where, set(exclude))
+        out = self._rank(rows, sims, int(k), weight)
+        self.timings["total"] = time.perf_counter() - t0
+        return out
+
+    def _start(self, k) -> float:
+        if int(k) < 1:
+            raise UserError(f"-k {k} asks for no results; pass -k 1 or more.")
+        self.notes, self.timings = [], {}
+        return time.perf_counter()
+
+    # ---- public queries ----------------------------------------------------------------------
+    def search(self, text=None, k: int = 10, where: str | None = None, weight: float | None = None,
+               negatives=(), image=None, candidates: int | None = None) -> list[SearchResult]:
+        """Rows about ``text`` (and/or like ``image``), best first by the documented score.
+
+        ``text``: a phrase, or a list of phrases / ``"TEXT:W"`` strings / (text, weight) pairs, all
+        to look for. ``negatives``: phrases to move away from (weight 0.5 unless ``TEXT:W``).
+        ``image``: a stored id, an image path, or (either, weight). ``weight``: 0..1, see
+        :mod:`search_ui.ranking`. ``candidates``: pool size (default ``max(100, 10 k)``).
+        """
+        t0 = self._start(k)
+        texts = [text] if isinstance(text, str) or (isinstance(text, tuple) and len(text) == 2) else list(text or [])
+        pos_t = [parse_weighted(t) for t in texts if not (isinstance(t, str) and not t.strip())]
+        neg_t = [parse_weighted(t, DEFAULT_NEGATIVE_WEIGHT) for t in (negatives or [])]
+        phrases = [str(p) for p, _ in pos_t] + [str(p) for p, _ in neg_t]
+        emb = self.encode_text(phrases) if phrases else None
+        positives = [(emb[i], w) for i, (_, w) in enumerate(pos_t)]
+        negs = [(emb[len(pos_t) + i], w) for i, (_, w) in enumerate(neg_t)]
+        if image is not None:
+            img, w = parse_weighted(image) if not isinstance(image, np.ndarray) else (image, 1.0)
+            vec, _ = self.resolve_image(img)
+            positives.append((vec, w))
+        return self._run(t0, positives, negs, k, where, weight, candidates)
+
+    def similar(self, query, k: int = 10, where: str | None = None, weight: float | None = None,
+                candidates: int | None = None) -> list[SearchResult]:
+        """Similar hard examples: the nearest neighbours of a stored id or a new image file
+        (embedded on the fly), ranked by the documented score; a stored query row is left out."""
+        t0 = self._start(k)
+        vec, own_id = self.resolve_image(query)
+        return self._run(t0, [(vec, 1.0)], [], k, where, weight, candidates, exclude=[own_id] if own_id else [])

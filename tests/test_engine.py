@@ -1,0 +1,214 @@
+"""Query engine: rankings equal a numpy brute-force computation of the documented score."""
+
+import logging
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from indexer import schema as S
+from indexer.errors import UserError
+from search_ui.engine import QueryEngine, parse_weighted
+from search_ui.ranking import rank_scores, zscore
+from tests.fakes import make_db
+
+
+def seeded_engine(db, **kw) -> QueryEngine:
+    """An engine whose random-weight tiny CLIP is the very model make_db embedded the images with
+    (random init is reproducible under the same torch seed)."""
+    engine = QueryEngine(db, **kw)
+    torch.manual_seed(0)
+    assert engine.clip is not None
+    return engine
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    torch.manual_seed(0)
+    return make_db(tmp_path_factory.mktemp("engine"), n=120)
+
+
+@pytest.fixture(scope="module")
+def engine(db):
+    return seeded_engine(db)
+
+
+@pytest.fixture(scope="module")
+def table(db):
+    ids, x = db.embeddings()
+    t = db.read([S.ID, S.PREDICTED_LOSS, S.SPLIT, S.LABEL])
+    pred = dict(zip(t.column(S.ID).to_pylist(), t.column(S.PREDICTED_LOSS).to_pylist(), strict=True))
+    meta = {i: (s, lab) for i, s, lab in zip(t.column(S.ID).to_pylist(), t.column(S.SPLIT).to_pylist(),
+                                             t.column(S.LABEL).to_pylist(), strict=True)}
+    return list(ids), x, pred, meta
+
+
+def brute_force(u, table, k, n, weight=0.5, keep=None, exclude=()):
+    """The documented score, from scratch: pool = n most similar rows, z-scores, weighted sum."""
+    ids, x, pred, meta = table
+    sims = x.astype(np.float64) @ u.astype(np.float64)
+    rows = [i for i in range(len(ids)) if (keep is None or keep(meta[ids[i]])) and ids[i] not in exclude]
+    pool = sorted(rows, key=lambda i: -sims[i])[:n]
+    s = sims[pool]
+    p = np.array([pred[ids[i]] if pred[ids[i]] is not None else np.nan for i in pool], np.float64)
+    zs = (s - s.mean()) / s.std()
+    zp = (p - p.mean()) / p.std()
+    score = (1 - weight) * zs + weight * zp
+    order = sorted(range(len(pool)), key=lambda j: (-score[j], -s[j]))[:k]
+    return [ids[pool[j]] for j in order], score[order], s[order]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_text_search_equals_brute_force(engine, table, weight):
+    results = engine.search("a blue circle", k=10, weight=weight, candidates=40)
+    u = engine.encode_text(["a blue circle"])[0]
+    want_ids, want_score, want_sim = brute_force(u, table, k=10, n=40, weight=weight)
+    assert [r.id for r in results] == want_ids
+    np.testing.assert_allclose([r.score for r in results], want_score, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose([r.similarity for r in results], want_sim, rtol=1e-5, atol=1e-6)
+    assert set(engine.timings) >= {"encode", "ann", "fetch", "rank", "total"}
+
+
+def test_default_surfaces_failures_among_relevant_rows(engine, table):
+    results = engine.search("a blue circle", k=10, candidates=40)
+    pool_ids, _, _ = brute_force(engine.encode_text(["a blue circle"])[0], table, k=40, n=40, weight=0.0)
+    assert {r.id for r in results} <= set(pool_ids)  # only rows about the query
+    by_pred = engine.search("a blue circle", k=10, candidates=40, weight=1.0)
+    preds = [r.predicted_loss for r in by_pred]
+    assert preds == sorted(preds, reverse=True)
+    assert by_pred[0].predicted_loss == max(table[2][i] for i in pool_ids)
+
+
+def test_result_fields(engine):
+    r = engine.search("a red square", k=3)[0]
+    d = r.to_dict()
+    assert list(d)[:9] == ["id", "image", "label", "split", "loss", "predicted_loss", "predicted_loss_std",
+                           "similarity", "score"]
+    assert d["color"] in ("red", "green", "blue")
+    assert r.id in r.summary() and "predicted loss" in r.summary()
+
+
+def test_zscore_and_score_edge_cases():
+    np.testing.assert_array_equal(zscore(np.array([2.0, 2.0, 2.0])), [0, 0, 0])
+    z = zscore(np.array([1.0, np.nan, 3.0]))
+    np.testing.assert_allclose(z, [-1, 0, 1])
+    np.testing.assert_allclose(rank_scores(np.array([0.1, 0.3]), np.array([np.nan, np.nan]), 0.5), [-0.5, 0.5])
+
+
+@pytest.mark.parametrize("max_fetch", [10_000, 1])  # FAISS with post-filter, and the filtered scan
+def test_where_filter_returns_k_matching_rows(db, table, max_fetch):
+    engine = QueryEngine(db, max_ann_fetch=max_fetch)
+    where = "split = 'test' AND label = 'circle'"
+    assert db.count_rows(where) == 10
+    results = engine.search("a blue circle", k=10, where=where, candidates=40)
+    assert len(results) == 10
+    assert all(r.split == "test" and r.label == "circle" for r in results)
+    u = engine.encode_text(["a blue circle"])[0]
+    want, score, _ = brute_force(u, table, k=10, n=40, keep=lambda m: m == ("test", "circle"))
+    assert [r.id for r in results] == want
+    np.testing.assert_allclose([r.score for r in results], score, rtol=1e-4, atol=1e-4)
+
+
+def test_where_with_few_matches_and_none(engine):
+    assert len(engine.search("a shape", k=10, where="id = 's00003'")) == 1
+    assert engine.search("a shape", k=10, where="loss < 0") == []
+    with pytest.raises(UserError, match="--where"):
+        engine.search("a shape", where="no_such_column > 1")
+
+
+def test_similar_stored_id_excludes_itself(engine, table):
+    results = engine.similar("s00006", k=8, candidates=30)
+    ids, x, _, _ = table
+    u = x[ids.index("s00006")]
+    want, score, _ = brute_force(u, table, k=8, n=30, exclude={"s00006"})
+    assert [r.id for r in results] == want
+    # The random tiny CLIP maps all images within ~1e-4 cosine of each other, so z(similarity)
+    # magnifies float32 rounding (FAISS) against this float64 brute force.
+    np.testing.assert_allclose([r.score for r in results], score, atol=2e-2)
+
+
+def test_similar_new_image_file_is_embedded_on_the_fly(engine, db, tmp_path):
+    src = db.read([S.IMAGE], where="id = 's00007'").column(S.IMAGE)[0].as_py()
+    copy = tmp_path / "query.png"
+    shutil.copy(src, copy)
+    results = engine.similar(str(copy), k=5, weight=0.0)
+    assert results[0].similarity == pytest.approx(1.0, abs=1e-4)
+    assert "s00007" in [r.id for r in results if r.similarity > 0.9999]
+    with pytest.raises(UserError, match="neither a sample id"):
+        engine.similar(str(tmp_path / "missing.png"))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="cannot read image"):
+        engine.similar(str(tmp_path / "junk.png"))
+
+
+def test_composite_query_similarity_is_the_documented_weighted_mean(engine, table):
+    ids, x, _, _ = table
+    phrases = ["a blue circle", "a red shape", "a square"]
+    c = engine.encode_text(phrases)
+    img = x[ids.index("s00006")]
+    results = engine.search(["a blue circle", "a red shape:0.5"], negatives=["a square:0.8"], image=("s00006", 2.0),
+                            k=120, candidates=120, weight=0.0)
+    comps = [(c[0], 1.0, 1), (c[1], 0.5, 1), (c[2], 0.8, -1), (img, 2.0, 1)]
+    a = [(v, w / (x @ v).std(), sign) for v, w, sign in comps]  # sigma over all rows: n < sample size
+    total = sum(ai for _, ai, sign in a if sign > 0)
+    sim = sum(sign * ai * (x @ v) for v, ai, sign in a) / total
+    got = {r.id: r.similarity for r in results}
+    np.testing.assert_allclose([got[i] for i in ids], sim, rtol=1e-4, atol=1e-5)
+    ranked = [r.similarity for r in results]
+    assert ranked == sorted(ranked, reverse=True)
+
+
+def test_negative_phrase_moves_results_away(engine, table):
+    ids, x, _, _ = table
+    neg = engine.encode_text(["a green triangle"])[0]
+    plain = engine.search("a shape", k=10, weight=0.0)
+    away = engine.search("a shape", negatives=["a green triangle:2"], k=10, weight=0.0)
+    cos = {i: float(x[j] @ neg) for j, i in enumerate(ids)}
+    assert np.mean([cos[r.id] for r in away]) < np.mean([cos[r.id] for r in plain])
+
+
+def test_parse_weighted():
+    assert parse_weighted("snow:0.5") == ("snow", 0.5)
+    assert parse_weighted("a sign saying: stop") == ("a sign saying: stop", 1.0)
+    assert parse_weighted("a dog", 0.5) == ("a dog", 0.5)
+    assert parse_weighted(("x", 2)) == ("x", 2.0)
+
+
+def test_bad_queries_are_refused(engine):
+    with pytest.raises(UserError, match="at least one"):
+        engine.search("  ")
+    with pytest.raises(UserError, match="weight"):
+        engine.search("a circle", weight=1.5)
+    with pytest.raises(UserError, match="-k"):
+        engine.search("a circle", k=0)
+    with pytest.raises(UserError, match="positive"):
+        engine.search("a circle", negatives=["red:-1"])
+
+
+def test_without_predicted_loss_ranks_by_similarity_and_says_so(tmp_path, caplog):
+    db = make_db(tmp_path, n=30, predicted=False)
+    engine = QueryEngine(db)
+    with caplog.at_level(logging.WARNING):
+        results = engine.search("a circle", k=5)
+    sims = [r.similarity for r in results]
+    assert sims == sorted(sims, reverse=True)
+    assert any("diagnose" in n for n in engine.notes) and "diagnose" in caplog.text
+    assert all(r.to_dict()["predicted_loss"] is None for r in results)
+
+
+def test_stale_index_is_rebuilt_or_refused(tmp_path):
+    db = make_db(tmp_path, n=30)
+    engine = QueryEngine(db)
+    assert len(engine.search("a circle", k=50)) == 30
+    row = db.read(where="id = 's00001'").to_pylist()[0]
+    row[S.ID] = "added"
+    db.table.add(pa.Table.from_pylist([row], schema=db.table.schema))
+    db.update_meta(data_version=db.version)
+    assert "added" in [r.id for r in engine.search("a circle", k=50)]  # rebuilt, not served stale
+    row[S.ID] = "added-2"
+    db.table.add(pa.Table.from_pylist([row], schema=db.table.schema))
+    db.update_meta(data_version=db.version)
+    with pytest.raises(UserError, match="stale"):
+        QueryEngine(db, rebuild_if_stale=False).search("a circle")
