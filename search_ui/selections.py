@@ -1,0 +1,118 @@
+"""Named selections: curated sets of sample ids kept in the database, grown over days, exported once.
+
+Stored in ``DIR/selections.json`` as ``{"name": [id, ...]}`` (ids in the order they were added, no
+duplicates). Every change is a read-modify-write under an exclusive lock on ``selections.json.lock``
+and an atomic replace, so the web UI and the CLI can edit the same database without losing changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from indexer import schema as S
+from indexer.errors import UserError
+from indexer.store import Database, write_json_atomic
+
+_NAME = re.compile(r"^[\w][\w .\-]{0,99}$")
+
+
+def _check_name(name: str | None) -> str:
+    if not name or not _NAME.match(name.strip()):
+        raise UserError(
+            f"selection name {name!r} is not valid; use 1-100 letters, digits, spaces, '.', '_' or '-'."
+        )
+    return name.strip()
+
+
+def read_ids_file(path: str | Path) -> list[str]:
+    """Ids from a text file, one per line (blank lines and surrounding spaces ignored)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"ids file {p} does not exist; pass a text file with one sample id per line.")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+class Selections:
+    """The named selections of one database (``db``: a folder or :class:`Database`)."""
+
+    def __init__(self, db):
+        self.db = db if isinstance(db, Database) else Database(db)
+        self.path = self.db.selections_path
+
+    @contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def all(self) -> dict[str, list[str]]:
+        """Every selection: name -> ids, names sorted."""
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except ValueError as e:
+            raise UserError(f"{self.path} is not valid JSON ({e}); fix or delete it.") from e
+        return {k: list(data[k]) for k in sorted(data)}
+
+    def names(self) -> list[str]:
+        return list(self.all())
+
+    def get(self, name: str) -> list[str]:
+        """The ids of selection ``name``; refuses an unknown name."""
+        sels = self.all()
+        if name not in sels:
+            known = ", ".join(sels) or "none yet"
+            raise UserError(f"no selection named {name!r} in {self.db.path} (known: {known}); "
+                            "create it with `llm2loss select add NAME --ids FILE`.")
+        return sels[name]
+
+    def _check_ids(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        found = set(self.db.rows_by_id(ids, [S.ID]).column(S.ID).to_pylist())
+        missing = [i for i in ids if i not in found]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise UserError(f"{len(missing)} ids are not in {self.db.path} ({', '.join(missing[:3])}{more}); "
+                            "add only ids of indexed samples.")
+
+    def add(self, name: str, ids: Iterable[str]) -> int:
+        """Add ``ids`` (validated against the table) to ``name``, creating it; returns its new size."""
+        name = _check_name(name)
+        ids = [str(i) for i in ids]
+        self._check_ids(ids)
+        with self._locked():
+            sels = self.all()
+            current = sels.setdefault(name, [])
+            seen = set(current)
+            for i in ids:
+                if i not in seen:
+                    current.append(i)
+                    seen.add(i)
+            write_json_atomic(self.path, sels)
+        return len(current)
+
+    def remove(self, name: str, ids: Iterable[str] | None = None) -> int:
+        """Remove ``ids`` from ``name`` (the whole selection when ``ids`` is None); returns what is left."""
+        with self._locked():
+            self.get(name)
+            sels = self.all()
+            if ids is None:
+                del sels[name]
+                left = 0
+            else:
+                drop = {str(i) for i in ids}
+                sels[name] = [i for i in sels[name] if i not in drop]
+                left = len(sels[name])
+            write_json_atomic(self.path, sels)
+        return left

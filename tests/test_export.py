@@ -1,0 +1,105 @@
+"""Export: manifests that `index` reads back into the same rows, and class folders."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from indexer import schema as S
+from indexer.errors import UserError
+from indexer.manifest import read_source
+from search_ui.export import export
+from search_ui.selections import Selections
+from tests.fakes import make_db
+
+KEPT = [S.ID, S.IMAGE, S.LABEL, S.SPLIT, S.LOSS, "color"]
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    torch.manual_seed(0)
+    return make_db(tmp_path_factory.mktemp("export"), n=24)
+
+
+def stored(db, ids):
+    t = db.rows_by_id(ids, KEPT).to_pylist()
+    return {r[S.ID]: r for r in t}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_manifest_export_reads_back_as_the_same_rows(db, tmp_path, suffix):
+    ids = ["s00005", "s00001", "s00010"]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    out = export(db, tmp_path / f"sel.{suffix}", ids=str(tmp_path / "ids.txt"))
+    assert out == (tmp_path / f"sel.{suffix}").resolve()
+    m = read_source(out)
+    got = m.table.to_pylist()
+    assert [r[S.ID] for r in got] == ids  # the given order
+    assert set(m.table.column_names) == set(KEPT)
+    want = stored(db, ids)
+    for r in got:
+        for c in KEPT:
+            if c == S.LOSS:
+                assert r[c] == pytest.approx(want[r[S.ID]][c], rel=1e-6)
+            else:
+                assert r[c] == want[r[S.ID]][c], c
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_then_index_gives_back_the_same_rows(db, tmp_path):
+    from indexer.pipeline import index_dataset
+
+    Selections(db).add("retrain", ["s00002", "s00004", "s00009", "s00020"])
+    out = export(db, tmp_path / "retrain.parquet", selection="retrain")
+    assert pq.read_table(out).num_rows == 4
+    torch.manual_seed(0)  # the same random-weight tiny CLIP as make_db's
+    spec_db = db.read_meta()["clip_spec"]
+    from indexer.clip import ClipSpec
+
+    report = index_dataset(out, tmp_path / "db2", clip=ClipSpec(**spec_db), workers=0, progress=False)
+    assert report is not None
+    from indexer.store import Database
+
+    db2 = Database(tmp_path / "db2")
+    again = {r[S.ID]: r for r in db2.read(KEPT + [S.EMBEDDING]).to_pylist()}
+    want = {r[S.ID]: r for r in db.rows_by_id(list(again), KEPT + [S.EMBEDDING]).to_pylist()}
+    assert set(again) == {"s00002", "s00004", "s00009", "s00020"}
+    for i, r in again.items():
+        for c in KEPT:
+            assert r[c] == want[i][c], c
+        np.testing.assert_allclose(r[S.EMBEDDING], want[i][S.EMBEDDING], atol=1e-5)
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_folder_export(db, tmp_path, link):
+    ids = ["s00000", "s00001", "s00002", "s00003"]
+    out = export(db, tmp_path / "folder", ids=ids, link=link)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    want = stored(db, ids)
+    assert files == sorted(f"{want[i][S.LABEL]}/{os.path.basename(want[i][S.IMAGE])}" for i in ids)
+    assert all((out / f).is_symlink() == link for f in files)
+    # As a class folder: labels from the subfolders.
+    m = read_source(out)
+    assert sorted(m.table.column(S.LABEL).to_pylist()) == sorted(want[i][S.LABEL] for i in ids)
+    # Through its manifest: ids, losses and metadata kept, images relative to the folder.
+    rows = read_source(out / "manifest.csv").table.to_pylist()
+    assert [r[S.ID] for r in rows] == ids
+    assert all(Path(r[S.IMAGE]).read_bytes() == Path(want[r[S.ID]][S.IMAGE]).read_bytes() for r in rows)
+    assert [r["color"] for r in rows] == [want[i]["color"] for i in ids]
+
+
+def test_query_export_and_bad_requests(db, tmp_path):
+    out = export(db, tmp_path / "q.csv", query="a blue circle", k=5)
+    assert read_source(out).table.num_rows == 5
+    with pytest.raises(UserError, match="exactly one"):
+        export(db, tmp_path / "x.csv", query="a", ids=["s00001"])
+    with pytest.raises(UserError, match="not in"):
+        export(db, tmp_path / "x.csv", ids=["nope"])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(UserError, match="not an empty folder"):
+        export(db, tmp_path / "full", ids=["s00001"])
+    assert not (tmp_path / "x.csv").exists()
