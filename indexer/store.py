@@ -204,6 +204,23 @@ class Database:
         self.table.merge_insert(S.ID).when_matched_update_all().execute(data)
         return self.version
 
+    def append(self, data: pa.Table) -> int:
+        """Add rows in one Lance commit (all or nothing); returns the new table version."""
+        self.table.add(data)
+        return self.version
+
+    def restore(self, version: int) -> None:
+        """Make ``version``'s rows the latest again (a new version with the old data)."""
+        self.table.checkout_latest()
+        if int(self.table.version) != int(version):
+            self.table.restore(int(version))
+
+    def drop_table(self) -> None:
+        """Remove the sample table (used to undo a first, failed ``index`` run)."""
+        if self.has_table():
+            self._conn.drop_table(S.TABLE_NAME)
+        self._table = None
+
     def cleanup(self, older_than: timedelta = timedelta(seconds=0)) -> None:
         """Compact and drop old table versions so repeated updates do not grow the folder."""
         self.table.optimize(cleanup_older_than=older_than)

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import sys
-from pathlib import Path
 
 from indexer.errors import UserError
 
@@ -47,12 +46,13 @@ def _clip_spec(args):
 
 # ---- handlers ---------------------------------------------------------------------------------
 def cmd_index(args) -> int:
-    from indexer.pipeline import index_dataset
+    from indexer.pipeline import clip_spec_from_args, index_dataset
 
     report = index_dataset(
         args.source,
         args.db,
-        clip=_clip_spec(args),
+        # --clip unset: the model recorded in --db, else ViT-B-32 (see clip_spec_from_args)
+        clip=clip_spec_from_args(args.clip, args.pretrained, args.clip_checkpoint),
         predictions=args.predictions,
         model=args.model,
         task=args.task,
@@ -101,12 +101,14 @@ def cmd_search(args) -> int:
 
     engine = QueryEngine(args.db)
     results = engine.search(
-        args.text,
+        # the main phrase is taken literally ("16:9" is not a weight); --also/--negative take TEXT:W
+        [(args.text, 1.0), *args.also],
         k=args.k,
         where=args.where,
         weight=args.weight,
         negatives=args.negative,
         image=args.image,
+        candidates=args.candidates,
     )
     _print_results(results, args.json)
     return 0
@@ -116,7 +118,8 @@ def cmd_similar(args) -> int:
     from search_ui.engine import QueryEngine
 
     engine = QueryEngine(args.db)
-    results = engine.similar(args.query, k=args.k, where=args.where, weight=args.weight)
+    results = engine.similar(args.query, k=args.k, where=args.where, weight=args.weight,
+                             candidates=args.candidates)
     _print_results(results, args.json)
     return 0
 
@@ -134,26 +137,44 @@ def cmd_export(args) -> int:
         selection=args.selection,
         k=args.k,
         link=not args.copy,
+        where=args.where,
     )
     print(written)
     return 0
 
 
 def cmd_select(args) -> int:
-    from search_ui.selections import Selections
+    from search_ui.selections import Selections, read_ids_file
 
     sel = Selections(args.db)
     if args.action == "list":
-        for name, ids in sel.all().items():
+        if args.json:
+            _print_json({name: len(ids) for name, ids in sel.all().items()})
+        for name, ids in ([] if args.json else sel.all().items()):
             print(f"{name}\t{len(ids)}")
-    elif args.action == "show":
-        print("\n".join(sel.get(args.name)))
+        return 0
+    if not args.name:
+        raise UserError(f"`select {args.action}` needs a selection NAME, e.g. `llm2loss select {args.action} hard-cases`.")
+    if args.action == "show":
+        ids = sel.get(args.name)
+        if args.json:
+            _print_json(ids)
+        else:
+            print("\n".join(ids))
     elif args.action == "add":
-        ids = Path(args.ids).read_text().split() if args.ids else []
-        print(sel.add(args.name, ids))
+        if (args.ids is None) == (args.query is None):
+            raise UserError("`select add` needs exactly one of --ids FILE or --query TEXT.")
+        if args.query is not None:
+            from search_ui.engine import QueryEngine
+
+            ids = [r.id for r in QueryEngine(args.db).search(args.query, k=args.k, where=args.where)]
+        else:
+            ids = read_ids_file(args.ids)
+        size = sel.add(args.name, ids)
+        print(f"{args.name}\t{size}")
     elif args.action == "remove":
-        ids = Path(args.ids).read_text().split() if args.ids else None
-        sel.remove(args.name, ids)
+        left = sel.remove(args.name, read_ids_file(args.ids) if args.ids else None)
+        print(f"{args.name}\t{left}")
     return 0
 
 
@@ -227,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--weight", type=float, default=None,
                         help="0 = rank by similarity only, 1 = by predicted failure only (default 0.5)")
         sp.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+        sp.add_argument("--candidates", type=int, default=None,
+                        help="pool of most similar rows the ranking picks from (default max(100, 10k))")
 
     s = sub.add_parser("search", help="images matching a sentence, ranked by predicted failure")
     s.add_argument("text", help="what to look for, e.g. \"a blue circle\"")
@@ -234,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     query_opts(s)
     s.add_argument("--negative", action="append", default=[], metavar="TEXT",
                    help="phrase to move away from (repeatable); `TEXT:W` sets its weight")
-    s.add_argument("--image", default=None, help="an id or image file to combine with the text")
+    s.add_argument("--image", default=None, help="an id or image file to combine with the text; `X:W` sets its weight")
+    s.add_argument("--also", action="append", default=[], metavar="TEXT",
+                   help="another phrase to look for (repeatable); `TEXT:W` sets its weight")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("similar", help="similar hard examples of a stored id or an image file")
@@ -255,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["csv", "parquet", "folder"], default=None,
                    help="default: from --out's extension, folder otherwise")
     s.add_argument("--copy", action="store_true", help="copy images into a folder export (default: symlink)")
+    s.add_argument("--where", default=None, help="LanceDB SQL filter for --query")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("select", help="named selections kept in the database (curated retraining sets)")
@@ -262,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "show", "add", "remove"])
     s.add_argument("name", nargs="?", default=None)
     s.add_argument("--ids", default=None, help="file of ids, one per line")
+    s.add_argument("--query", default=None, help="add this search's results (with `add`)")
+    s.add_argument("-k", type=int, default=100, help="results for --query (default 100)")
+    s.add_argument("--where", default=None, help="LanceDB SQL filter for --query")
+    s.add_argument("--json", action="store_true", help="print `list` / `show` as JSON")
     s.set_defaults(func=cmd_select)
 
     s = sub.add_parser("serve", help="the Gradio web UI")

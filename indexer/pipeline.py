@@ -1,0 +1,408 @@
+"""``llm2loss index``: a manifest's images, losses and CLIP embeddings into the database folder.
+
+The run, in order:
+
+1. Validate everything that can fail the whole run before touching the database: the manifest,
+   the loss source (exactly one of a ``loss`` column, a predictions file, a model), the CLIP model
+   (a model other than the one recorded in the database is refused), the metadata columns.
+2. Decide the rows to do: rows whose id is already stored are skipped (this is what makes a rerun
+   continue where a killed run stopped, a finished rerun a no-op, and a second manifest add only its
+   new ids); rows with a missing image or a bad loss/label are rejected (``strict``: the run fails).
+3. Decode images in worker processes, embed them (and run the user's model for ``--model``), and
+   append rows in commits of ``commit_rows``: each commit is atomic, so a kill loses at most the
+   rows not yet committed, and memory holds one commit's rows whatever the dataset's size.
+4. Write ``rejects.csv``, stamp ``meta.json`` and build the FAISS index (``indexer.ann``).
+
+A :class:`UserError` raised once writing began (``--strict`` meeting a corrupt image, a model whose
+outputs do not fit the labels) restores the table, ``meta.json`` and the folder as they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from indexer import schema as S
+from indexer.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec, load_clip, resolve_device
+from indexer.errors import UserError
+from indexer.images import ShapeMismatch, image_batches
+from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
+from indexer.manifest import Manifest, read_source
+from indexer.store import META_FILE, Database, describe_clip, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+#: Rows per Lance commit by default: large enough that fragments stay few, small enough that a kill
+#: loses little and memory stays flat (1024 x 512 float32 = 2 MiB of embeddings).
+COMMIT_ROWS = 1024
+
+
+@dataclass
+class IndexReport:
+    """What an ``index`` run did. ``rejected`` counts rows refused, by reason."""
+
+    db: Path
+    source: Path
+    rows_in_source: int
+    rows_written: int
+    rows_already_stored: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejects_path: Path | None = None
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    data_version: int = 0
+    clip: str = ""
+    ann: dict | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        """Images decoded and embedded per second of the embedding loop (model loading excluded)."""
+        return self.rows_written / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        d["images_per_second"] = round(self.images_per_second, 2)
+        return d
+
+    def summary(self) -> str:
+        lines = [
+            f"indexed {self.source} into {self.db} with CLIP {self.clip}",
+            f"  rows written: {self.rows_written} (already stored: {self.rows_already_stored}, "
+            f"in source: {self.rows_in_source})",
+        ]
+        n_rej = sum(self.rejected.values())
+        lines.append(f"  rows rejected: {n_rej}" + (f" (listed in {self.rejects_path})" if n_rej else ""))
+        lines += [f"    {count:6d}  {reason}" for reason, count in sorted(self.rejected.items())]
+        lines.append(f"  speed: {self.images_per_second:.1f} images/s ({self.seconds:.1f} s in all)")
+        if self.ann is not None:
+            if "skipped" in self.ann:
+                lines.append(f"  FAISS index: skipped ({self.ann['skipped']})")
+            else:
+                lines.append(f"  FAISS index: {self.ann.get('kind')} over {self.ann.get('num_rows')} rows, "
+                             f"recall@10 {self.ann.get('recall_at_10')}")
+        return "\n".join(lines)
+
+
+# ---- choosing the CLIP model --------------------------------------------------------------------
+def clip_spec_from_args(model: str | None, pretrained: str | None, checkpoint: str | None) -> ClipSpec | None:
+    """The CLI's ``--clip/--pretrained/--clip-checkpoint`` -> a spec for :func:`index_dataset`.
+
+    Nothing given -> ``None`` (the database's recorded model, else ViT-B-32 with its default
+    weights). A named open_clip model without weights gets its default pretrained tag (use
+    ``--pretrained none`` for random weights); a JSON config without weights is random.
+    """
+    if model is None and pretrained is None and checkpoint is None:
+        return None
+    if model and not model.endswith(".json") and pretrained is None and checkpoint is None:
+        if model == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+        else:
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(model) if model in open_clip.list_models() else []
+            pretrained = tags[0] if tags else None
+    return ClipSpec(model=model, pretrained=pretrained, checkpoint=checkpoint)  # type: ignore[arg-type]
+
+
+def resolve_clip(clip: ClipSpec | None, meta: dict) -> ClipSpec:
+    """Fill in the model (recorded in ``meta``, else the default) and make file paths absolute."""
+    recorded = meta.get("clip_spec")
+    if clip is None:
+        clip = ClipSpec(**recorded) if recorded else ClipSpec(DEFAULT_MODEL, DEFAULT_PRETRAINED)
+    elif clip.model is None:
+        clip = ClipSpec(recorded["model"] if recorded else DEFAULT_MODEL, clip.pretrained, clip.checkpoint)
+    model = str(Path(clip.model).expanduser().resolve()) if clip.model.endswith(".json") else clip.model
+    ckpt = str(Path(clip.checkpoint).expanduser().resolve()) if clip.checkpoint else None
+    return ClipSpec(model=model, pretrained=clip.pretrained, checkpoint=ckpt)
+
+
+# ---- undoing a failed run -----------------------------------------------------------------------
+class _Snapshot:
+    """The database folder's state before a run, enough to put it back after a bad-input failure."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.dir_existed = path.exists()
+        meta = path / META_FILE
+        self.meta = meta.read_bytes() if meta.exists() else None
+        self.version: int | None = None
+
+    def rollback(self, database: Database | None) -> None:
+        log.info("restoring %s to its state before this run", self.path)
+        if not self.dir_existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        if database is not None:
+            if self.version is None:
+                database.drop_table()
+            else:
+                database.restore(self.version)
+        meta = self.path / META_FILE
+        if self.meta is None:
+            meta.unlink(missing_ok=True)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=META_FILE, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.meta)
+            os.replace(tmp, meta)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _open_existing(path: Path) -> Database | None:
+    return Database(path) if (path / META_FILE).exists() else None
+
+
+def _loss_source(manifest: Manifest, predictions, model, task: str) -> RowLosses | None:
+    given = [name for name, on in (("the manifest's `loss` column", manifest.has_loss),
+                                   ("--predictions", predictions is not None),
+                                   ("--model", model is not None)) if on]
+    if len(given) > 1:
+        raise UserError(f"losses come from exactly one source but {' and '.join(given)} were both given; "
+                        "drop one of them.")
+    if not given:
+        raise UserError(f"the manifest {manifest.path} has no `loss` column and neither --predictions nor --model "
+                        "was given; add a loss column or pass one of them.")
+    if manifest.has_loss:
+        return losses_from_column(manifest)
+    if predictions is not None:
+        return losses_from_predictions(manifest, predictions, task)
+    return None
+
+
+def _check_metadata(manifest: Manifest, table_schema: pa.Schema) -> None:
+    """A manifest appended to an existing table must fit its columns."""
+    for f in manifest.metadata_schema:
+        if f.name not in table_schema.names:
+            raise UserError(f"the manifest {manifest.path} has a column `{f.name}` that the database does not; "
+                            "drop it from the manifest or index into a new --db folder.")
+        want = table_schema.field(f.name).type
+        try:
+            manifest.table.column(f.name).cast(want)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise UserError(f"column `{f.name}` of {manifest.path} holds {f.type} but the database stores {want}; "
+                            "make the types agree or index into a new --db folder.") from e
+
+
+def _reject_message(manifest: Manifest, row: int, reason: str, detail: str) -> str:
+    rid = manifest.table.column(S.ID)[row].as_py()
+    return (f"row {row + 1} (id {rid!r}) of {manifest.path} was refused ({reason}: {detail}); fix or remove "
+            "the row, or run without --strict to skip it.")
+
+
+def _batch_table(manifest: Manifest, schema: pa.Schema, rows: np.ndarray, emb: np.ndarray,
+                 loss: np.ndarray) -> pa.Table:
+    """One commit's rows in the table's schema: (b,) rows, (b, d) float32 embeddings, (b,) losses."""
+    part = manifest.table.take(pa.array(rows))
+    n, d = emb.shape
+    cols = []
+    for f in schema:
+        if f.name == S.EMBEDDING:
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), d))
+        elif f.name == S.LOSS:
+            cols.append(pa.array(loss, pa.float32()))
+        elif f.name in part.column_names:
+            cols.append(part.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _write_rejects(path: Path, manifest: Manifest, rejects: Rejects) -> Path | None:
+    if not rejects:
+        path.unlink(missing_ok=True)
+        return None
+    ids, images = manifest.column(S.ID), manifest.column(S.IMAGE)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", S.ID, S.IMAGE, "reason", "detail"])
+        for row in sorted(rejects):
+            w.writerow([row + 1, ids[row], images[row], *rejects[row]])
+    os.replace(tmp, path)
+    return path
+
+
+def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, model: str | None = None,
+                  task: str = "auto", batch_size: int = 64, device: str | None = "auto", workers: int | None = None,
+                  strict: bool = False, progress: bool = True, commit_rows: int | None = None) -> IndexReport:
+    """Index ``source`` (manifest file or class folder) into the database folder ``db``.
+
+    ``clip``: the CLIP model (``None``, or a spec whose ``model`` is ``None``: the one recorded in
+    ``db``, else ViT-B-32). ``predictions``: a predictions file; ``model``: ``MODULE:FUNCTION`` (at
+    most one, and neither when the manifest has losses). ``task``: see :mod:`indexer.losses`.
+    ``batch_size``: images per forward pass. ``workers``: decoding processes (default: cores - 1).
+    ``strict``: fail on the first bad row instead of rejecting it. ``commit_rows``: rows per Lance
+    commit (default ``max(batch_size, 1024)``). Returns what was done (see :class:`IndexReport`).
+    """
+    t_start = time.perf_counter()
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1.")
+    manifest = read_source(source)
+    db_path = db.path if isinstance(db, Database) else Path(db).expanduser().resolve()
+    existing = db if isinstance(db, Database) else _open_existing(db_path)
+    meta = existing.read_meta() if existing else {}
+    spec = resolve_clip(clip, meta)
+    has_rows = existing is not None and existing.has_table() and existing.count_rows() > 0
+    if has_rows:
+        existing.check_clip(spec.identity())
+        _check_metadata(manifest, existing.table.schema)
+    row_losses = _loss_source(manifest, predictions, model, task)
+
+    device = resolve_device(device)
+    clip_model = load_clip(spec, device)
+    model_loss = ModelLoss(model, manifest.column(S.LABEL), task, device) if model is not None else None
+
+    # ---- rows to do -------------------------------------------------------------------------------
+    stored = set(existing.ids().tolist()) if existing is not None and existing.has_table() else set()
+    ids, images = manifest.column(S.ID), manifest.column(S.IMAGE)
+    upfront: Rejects = dict(row_losses.rejects) if row_losses else {}
+    if model_loss is not None:
+        upfront.update(model_loss.upfront_rejects())
+    todo, rejects, already = [], {}, 0
+    for r, (rid, img) in enumerate(zip(ids, images, strict=True)):
+        if rid in stored:
+            already += 1
+        elif not img:
+            rejects[r] = ("image not found", "the `image` cell is empty")
+        elif not os.path.isfile(img):
+            rejects[r] = ("image not found", f"{img} does not exist")
+        elif r in upfront:
+            rejects[r] = upfront[r]
+        else:
+            todo.append(r)
+    del stored
+    if strict and rejects:
+        r = min(rejects)
+        raise UserError(_reject_message(manifest, r, *rejects[r]))
+    if not todo and not has_rows:
+        reasons = Counter(reason for reason, _ in rejects.values())
+        raise UserError(f"no row of {manifest.path} can be indexed ({', '.join(f'{n} {k}' for k, n in reasons.items())}); "
+                        "fix the manifest's paths, losses or labels and run again.")
+    log.info("%s: %d rows, %d already stored, %d to index, %d rejected up front; CLIP %s on %s",
+             manifest.path, len(manifest), already, len(todo), len(rejects), describe_clip(spec.identity()), device)
+
+    # ---- writing --------------------------------------------------------------------------------
+    snap = _Snapshot(db_path)
+    database: Database | None = existing
+    written, embed_seconds = 0, 0.0
+    try:
+        database = database or Database(db_path, create=True)
+        if database.has_table():
+            snap.version = database.version
+        new_meta = dict(meta)
+        new_meta.update(clip=spec.identity(), clip_spec=spec.to_dict(), embed_dim=clip_model.embed_dim)
+        new_meta["sources"] = list(dict.fromkeys([*meta.get("sources", []), str(manifest.path)]))
+        new_meta["image_roots"] = sorted(set(meta.get("image_roots", [])) | set(manifest.image_roots()))
+        if new_meta != meta:
+            write_json_atomic(database.meta_path, new_meta)
+        if todo:
+            if not database.has_table():
+                database.create_table(S.table_schema(clip_model.embed_dim, manifest.metadata_schema))
+            written, embed_seconds = _embed_and_write(
+                database, manifest, todo, clip_model, row_losses, model_loss, rejects, strict, batch_size,
+                workers, progress, commit_rows or max(batch_size, COMMIT_ROWS))
+    except UserError:
+        snap.rollback(database)
+        raise
+    rejects_path = _write_rejects(database.rejects_path, manifest, rejects)
+    report = IndexReport(
+        db=database.path, source=manifest.path, rows_in_source=len(manifest), rows_written=written,
+        rows_already_stored=already, rejected=dict(Counter(reason for reason, _ in rejects.values())),
+        rejects_path=rejects_path, embed_seconds=embed_seconds, data_version=database.data_version,
+        clip=describe_clip(spec.identity()))
+    report.ann = _build_ann(database)
+    report.seconds = time.perf_counter() - t_start
+    log.info("%s", report.summary().replace("\n", " |"))
+    return report
+
+
+def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], clip_model, row_losses,
+                     model_loss, rejects: Rejects, strict: bool, batch_size: int, workers: int | None,
+                     progress: bool, commit_rows: int) -> tuple[int, float]:
+    """The embedding loop; returns (rows written, seconds). Adds rows refused mid-run to ``rejects``."""
+    from tqdm import tqdm
+
+    schema = database.table.schema
+    images = manifest.column(S.IMAGE)
+    transforms = [clip_model.preprocess] + ([model_loss.preprocess] if model_loss is not None else [])
+    buf_rows: list[np.ndarray] = []
+    buf_emb: list[np.ndarray] = []
+    buf_loss: list[np.ndarray] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal written
+        if not buf_rows:
+            return
+        data = _batch_table(manifest, schema, np.concatenate(buf_rows), np.concatenate(buf_emb),
+                            np.concatenate(buf_loss))
+        version = database.append(data)
+        database.update_meta(data_version=version)
+        written += data.num_rows
+        buf_rows.clear(), buf_emb.clear(), buf_loss.clear()
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not progress, desc="indexing")
+    batches = image_batches([images[r] for r in todo], todo, transforms, batch_size, workers)
+    pending = 0
+    try:
+        for batch in batches:
+            for row, reason, detail in batch.failed:
+                if strict:
+                    raise UserError(_reject_message(manifest, row, reason, detail))
+                rejects[row] = (reason, detail)
+            bar.update(len(batch.failed))
+            if len(batch.rows) == 0:
+                continue
+            n_in = len(batch.rows)
+            emb = clip_model.encode_images(batch.inputs[0])
+            if model_loss is not None:
+                loss, bad = model_loss(batch.inputs[1], batch.rows)
+            else:
+                loss, bad = row_losses.values[batch.rows], {}
+            if bad:
+                if strict:
+                    r = min(bad)
+                    raise UserError(_reject_message(manifest, r, *bad[r]))
+                rejects.update(bad)
+                keep = np.array([int(r) not in bad for r in batch.rows])
+                batch.rows, emb, loss = batch.rows[keep], emb[keep], loss[keep]
+            buf_rows.append(batch.rows), buf_emb.append(emb), buf_loss.append(loss)
+            pending += len(batch.rows)
+            bar.update(n_in)
+            if pending >= commit_rows:
+                flush()
+                pending = 0
+        flush()
+    except ShapeMismatch as e:
+        raise UserError(f"the images of {manifest.path} differ in size ({e}) and --model {model_loss.entry} gave no "
+                        "preprocessing; return (model, preprocess) with a preprocess that resizes them.") from e
+    except KeyboardInterrupt:
+        flush()  # keep the finished batches: the rerun continues after them
+        raise
+    finally:
+        bar.close()
+        del batches  # shuts the worker processes down now, not at garbage collection
+    return written, time.perf_counter() - t0
+
+
+def _build_ann(database: Database) -> dict | None:
+    if not database.has_table() or database.count_rows() == 0:
+        return None
+    try:
+        from indexer import ann
+    except ImportError as e:
+        log.warning("FAISS index skipped: indexer.ann is not available (%s)", e)
+        return {"skipped": f"indexer.ann unavailable: {e}"}
+    return ann.build_index(database)
