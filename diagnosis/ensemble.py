@@ -1,0 +1,233 @@
+"""The diagnosis ensemble: CLIP embedding -> the black-box model's loss on that sample.
+
+A scikit-learn regressor holding K x M fitted members: for each of K folds, M lightweight regressors
+of different kinds (ridge, random Fourier features + ridge, a small MLP and gradient-boosted trees on
+a PCA projection), each on a bootstrap sample of the other folds. Fitting therefore scores every
+training sample out-of-fold for free (``oof_prediction_``: only the members of the fold that held the
+sample out score it), and new samples are scored by all K x M members.
+
+Losses are heavy-tailed (most near 0, a few large), so members fit ``log1p(loss)``; predictions are
+mapped back to loss units with Duan's smearing factor so that their mean is not biased low.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.decomposition import PCA
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.kernel_approximation import RBFSampler
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
+
+log = logging.getLogger(__name__)
+
+#: Member kinds, in the order members cycle through them (member i has kind ``KINDS[i % 4]``).
+KINDS = ("rff", "hgb", "mlp", "ridge")
+_ALPHAS = np.logspace(-3, 3, 7)
+
+
+def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int, pca_dim: int,
+            seed: int):
+    """An unfitted member of ``kind``, sized for ``n_samples`` x ``n_features`` training data."""
+    pca = min(pca_dim, n_features, max(1, n_samples - 1))
+    if kind == "ridge":
+        return RidgeCV(alphas=_ALPHAS)
+    if kind == "rff":
+        # An RBF kernel on L2-normalised embeddings is a smooth function of cosine similarity;
+        # random features make it linear-time in n.
+        return make_pipeline(RBFSampler(gamma=gamma, n_components=n_rff, random_state=seed),
+                             RidgeCV(alphas=_ALPHAS))
+    if kind == "mlp":
+        return make_pipeline(
+            PCA(n_components=pca, random_state=seed), StandardScaler(),
+            MLPRegressor(hidden_layer_sizes=(128,), alpha=1e-3, batch_size=min(256, n_samples), learning_rate_init=2e-3,
+                         max_iter=40, early_stopping=n_samples >= 200, n_iter_no_change=4,
+                         random_state=seed),
+        )
+    if kind == "hgb":
+        return make_pipeline(
+            PCA(n_components=min(pca, 32), random_state=seed),
+            HistGradientBoostingRegressor(max_iter=150, learning_rate=0.1, max_leaf_nodes=31,
+                                          early_stopping=n_samples >= 1000, random_state=seed),
+        )
+    raise ValueError(f"unknown member kind {kind!r}; use one of {KINDS}")
+
+
+class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
+    """Predicts a sample's loss from its embedding, with member disagreement as uncertainty.
+
+    Parameters
+    ----------
+    n_members : int, default 5
+        Members per fold; member ``i`` is of kind ``kinds[i % len(kinds)]``.
+    n_folds : int, default 5
+        Folds for out-of-fold scoring (at least 2; capped at the number of samples).
+    kinds : tuple of str, default ("rff", "hgb", "mlp", "ridge")
+        Member kinds to cycle through.
+    bootstrap : bool, default True
+        Train each member on a bootstrap sample of its folds (so repeated kinds differ, and the spread
+        reflects data uncertainty as well as model choice).
+    target : {"log1p", "identity"}, default "log1p"
+        Transform of the loss the members fit; ``log1p`` tames the heavy tail of per-sample losses.
+    n_rff : int, default 1024
+        Random Fourier features of the ``rff`` members.
+    pca_dim : int, default 64
+        PCA projection of the ``mlp`` members (the ``hgb`` members use at most 32 dimensions).
+    random_state : int, RandomState or None, default None
+    verbose : bool, default False
+        Show a progress bar on stderr while fitting.
+
+    Attributes
+    ----------
+    estimators_ : list of list of fitted estimators, shape (n_folds_, n_members)
+    fold_ : (n,) int8, the fold that held each training sample out
+    oof_prediction_, oof_std_ : (n,) float64, loss units; the out-of-fold mean and member spread
+    gamma_ : float, the RBF width (1 / median squared distance between samples)
+    shift_ : float, subtracted from y before the transform (0 unless y has negatives)
+    smear_ : float, Duan's smearing factor mapping log-space predictions back to mean loss
+    n_folds_ : int, folds actually used
+    z_range_ : (float, float), the transformed targets' range; member predictions are clipped to it
+    """
+
+    def __init__(self, n_members=5, n_folds=5, kinds=KINDS, bootstrap=True, target="log1p", n_rff=1024,
+                 pca_dim=64, random_state=None, verbose=False):
+        self.n_members = n_members
+        self.n_folds = n_folds
+        self.kinds = kinds
+        self.bootstrap = bootstrap
+        self.target = target
+        self.n_rff = n_rff
+        self.pca_dim = pca_dim
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ---- target transform ----------------------------------------------------------------------
+    def _forward(self, y):
+        return np.log1p(y - self.shift_) if self.target == "log1p" else y
+
+    def _inverse(self, z):
+        if self.target == "log1p":
+            return np.exp(z) * self.smear_ - 1.0 + self.shift_
+        return z
+
+    # ---- fit -----------------------------------------------------------------------------------
+    def fit(self, X, y):
+        """Fit K x M members on (n, d) float embeddings and (n,) losses; returns self."""
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=[np.float32, np.float64])
+        n, d = X.shape
+        if n < 2:
+            raise ValueError(f"DiagnosisEnsemble needs at least 2 samples to fit out-of-fold, got {n} sample.")
+        if self.target not in ("log1p", "identity"):
+            raise ValueError(f"target must be 'log1p' or 'identity', got {self.target!r}.")
+        if int(self.n_members) < 1 or int(self.n_folds) < 2:
+            raise ValueError("n_members must be >= 1 and n_folds >= 2.")
+        y = y.astype(np.float64)
+        rng = check_random_state(self.random_state)
+        self.shift_ = float(min(0.0, y.min()))
+        self.smear_ = 1.0
+        z = self._forward(y)
+        # Members may extrapolate wildly (an MLP far from its data, a text embedding off the image
+        # manifold); a loss outside the observed range is not evidence of anything, so clip to it.
+        self.z_range_ = (float(z.min()), float(z.max()))
+        self.gamma_ = _rbf_gamma(X, rng)
+        self.n_folds_ = min(int(self.n_folds), n)
+        kinds = tuple(self.kinds) or KINDS
+
+        folds = KFold(self.n_folds_, shuffle=True, random_state=rng.randint(2**31 - 1))
+        self.fold_ = np.empty(n, dtype=np.int8)
+        z_oof = np.empty((int(self.n_members), n))
+        self.estimators_ = []
+        bar = _progress(self.n_folds_ * int(self.n_members), self.verbose, "fitting ensemble")
+        for k, (tr, te) in enumerate(folds.split(X)):
+            self.fold_[te] = k
+            fold_members = []
+            for i in range(int(self.n_members)):
+                seed = rng.randint(2**31 - 1)
+                idx = rng.choice(tr, size=len(tr), replace=True) if self.bootstrap else tr
+                est = clone(_member(kinds[i % len(kinds)], len(idx), d, self.gamma_, int(self.n_rff),
+                                    int(self.pca_dim), seed))
+                with warnings.catch_warnings(), _one_openmp_thread():
+                    # small early-stopped MLPs routinely stop before "convergence"; that is intended.
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    est.fit(X[idx], z[idx])
+                    z_oof[i, te] = np.clip(est.predict(X[te]), *self.z_range_)
+                fold_members.append(est)
+                bar.update(1)
+            self.estimators_.append(fold_members)
+        bar.close()
+        if self.target == "log1p":
+            # Duan's smearing: E[y] = E[exp(z)] - 1 = exp(z_hat) * mean(exp(residual)) - 1.
+            resid = z - z_oof.mean(axis=0)
+            self.smear_ = float(np.clip(np.mean(np.exp(np.clip(resid, -20, 20))), 1e-6, 1e6))
+        member_loss = self._inverse(z_oof)
+        self.oof_prediction_ = member_loss.mean(axis=0)
+        self.oof_std_ = member_loss.std(axis=0)
+        return self
+
+    # ---- predict -------------------------------------------------------------------------------
+    def member_predictions(self, X):
+        """(n_folds_, n_members, n) float64: every member's prediction in loss units."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        out = np.empty((len(self.estimators_), len(self.estimators_[0]), X.shape[0]))
+        with _one_openmp_thread():
+            for k, members in enumerate(self.estimators_):
+                for i, est in enumerate(members):
+                    out[k, i] = np.clip(est.predict(X), *self.z_range_)
+        return self._inverse(out)
+
+    def predict(self, X, return_std=False):
+        """(n, d) embeddings -> (n,) predicted loss; with ``return_std`` also the member spread.
+
+        The spread is the standard deviation across the members of a fold, root-mean-squared over
+        folds, so it is on the same scale as ``oof_std_``.
+        """
+        check_is_fitted(self)
+        P = self.member_predictions(X)
+        mean = P.mean(axis=(0, 1))
+        if not return_std:
+            return mean
+        std = np.sqrt(P.var(axis=1).mean(axis=0))
+        return mean, std
+
+
+def _rbf_gamma(X: np.ndarray, rng: np.random.RandomState, pairs: int = 2000) -> float:
+    """1 / median squared distance between random pairs (the usual kernel-width heuristic)."""
+    n = X.shape[0]
+    a, b = rng.randint(0, n, pairs), rng.randint(0, n, pairs)
+    d2 = np.sum((X[a].astype(np.float64) - X[b]) ** 2, axis=1)
+    med = float(np.median(d2[d2 > 0])) if np.any(d2 > 0) else 1.0
+    return 1.0 / med
+
+
+def _one_openmp_thread():
+    """Gradient boosting's OpenMP threads busy-wait; on a few shared cores that made fits 10x
+    slower than one thread (measured on the 2-core build machine), so members use one."""
+    return threadpool_limits(limits=1, user_api="openmp")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, show: bool, desc: str):
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="member", leave=False)

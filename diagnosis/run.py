@@ -1,0 +1,346 @@
+"""``llm2loss diagnose``: fit the ensemble on a database and write ``predicted_loss`` onto every row.
+
+Scale strategy (a 1M x 512 table on a 2-core, 24 GiB machine): the embeddings are read in record
+batches into one (n, d) float32 array (2 GiB at 1M x 512), the ensemble is fitted on a stratified
+subsample of at most ``max_rows`` rows (default 200,000, stratified on loss quantiles so the heavy
+tail is kept), and every row is scored: fitted rows out-of-fold, the others (never seen by any member)
+by the full ensemble, in batches. ``scripts/bench_diagnose.py`` measures what the subsample costs.
+
+Files written under ``DIR/diagnosis/``: ``ensemble.joblib`` (the fitted estimator), ``image_mean.npy``
+((d,) float32, mean image embedding, for the modality gap) and ``info.json``, stamped with the
+``data_version``, row count and CLIP identity it was fitted on, so a stale ensemble is detected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from diagnosis.ensemble import DiagnosisEnsemble
+from diagnosis.metrics import quality
+from indexer import schema as S
+from indexer.errors import UserError
+from indexer.store import Database, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMBERS = 5
+DEFAULT_FOLDS = 5
+DEFAULT_MAX_ROWS = 200_000
+MIN_ROWS = 20
+ENSEMBLE_FILE = "ensemble.joblib"
+INFO_FILE = "info.json"
+IMAGE_MEAN_FILE = "image_mean.npy"
+SCORE_BATCH = 65536
+
+
+def open_db(db) -> Database:
+    return db if isinstance(db, Database) else Database(db)
+
+
+@dataclass
+class DiagnoseReport:
+    """What ``diagnose`` did and how good the out-of-fold predictions are.
+
+    ``spearman``, ``r2`` and ``auroc_top10`` compare ``predicted_loss`` with ``loss`` on every row that
+    has a loss, each predicted by members that never trained on it; ``test`` repeats them on the rows
+    whose split is ``test`` (None without such rows).
+    """
+
+    path: str
+    rows: int
+    fitted_rows: int
+    rows_with_loss: int
+    members: int
+    folds: int
+    spearman: float
+    r2: float
+    auroc_top10: float
+    seconds: float
+    data_version: int
+    test: dict | None = None
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"diagnosed {self.rows} rows in {self.seconds:.1f}s: {self.members} members x {self.folds} folds "
+            f"fitted on {self.fitted_rows} rows"
+            + ("" if self.fitted_rows == self.rows_with_loss else " (subsample; the rest scored by the full ensemble)"),
+            f"out-of-fold quality on {self.rows_with_loss} rows: Spearman {self.spearman:.3f}, "
+            f"R^2 {self.r2:.3f}, AUROC(top 10% losses) {self.auroc_top10:.3f}",
+        ]
+        if self.test:
+            lines.append(
+                f"test split ({self.test['n']} rows): Spearman {self.test['spearman']:.3f}, "
+                f"R^2 {self.test['r2']:.3f}, AUROC(top 10% losses) {self.test['auroc_top10']:.3f}"
+            )
+        lines.append(f"predicted_loss and predicted_loss_std written; ensemble saved in {self.path}")
+        return "\n".join(lines)
+
+
+def read_training_data(db: Database, batch_rows: int = SCORE_BATCH, progress: bool = True):
+    """Stream the table: ids (n,) object, X (n, d) float32, loss (n,) float64 (NaN where null),
+    is_test (n,) bool."""
+    n, d = db.count_rows(), db.embed_dim
+    ids = np.empty(n, dtype=object)
+    X = np.empty((n, d), dtype=np.float32)
+    loss = np.full(n, np.nan)
+    is_test = np.zeros(n, dtype=bool)
+    bar = _bar(n, progress, "reading embeddings")
+    i = 0
+    for b in db.iter_batches([S.ID, S.EMBEDDING, S.LOSS, S.SPLIT], batch_rows):
+        m = b.num_rows
+        ids[i : i + m] = b.column(S.ID).to_numpy(zero_copy_only=False)
+        emb = b.column(S.EMBEDDING)
+        if emb.null_count:
+            raise UserError(f"{emb.null_count} rows of {db.path} have no embedding; re-run `llm2loss index`.")
+        X[i : i + m] = np.asarray(emb.values.to_numpy()).reshape(m, d)
+        loss[i : i + m] = b.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
+        is_test[i : i + m] = np.asarray(b.column(S.SPLIT).to_pylist(), dtype=object) == "test"
+        i += m
+        bar.update(m)
+    bar.close()
+    return ids[:i], X[:i], loss[:i], is_test[:i]
+
+
+def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``k`` of ``loss``'s rows, drawn evenly from 20 loss-quantile strata."""
+    n = len(loss)
+    if k >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    edges = np.quantile(loss, np.linspace(0, 1, 21)[1:-1])
+    strata = np.searchsorted(edges, loss, side="right")
+    picked = []
+    for s in np.unique(strata):
+        rows = np.flatnonzero(strata == s)
+        take = max(1, round(k * len(rows) / n))
+        picked.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def diagnose(db, members: int | None = None, folds: int | None = None, max_rows: int | None = None,
+             progress: bool = True, random_state: int = 0) -> DiagnoseReport:
+    """Fit the diagnosis ensemble on ``db`` and write ``predicted_loss``/``predicted_loss_std``.
+
+    ``members`` per fold (default 5), ``folds`` (default 5), ``max_rows``: fit on at most this many
+    rows (default 200,000; every row is still scored). Refuses a table with fewer than 20 losses.
+    """
+    t0 = time.perf_counter()
+    db = open_db(db)
+    members = DEFAULT_MEMBERS if members is None else int(members)
+    folds = DEFAULT_FOLDS if folds is None else int(folds)
+    max_rows = DEFAULT_MAX_ROWS if max_rows is None else int(max_rows)
+    if members < 1:
+        raise UserError(f"--members {members} must be at least 1.")
+    if folds < 2:
+        raise UserError(f"--folds {folds} must be at least 2 (out-of-fold scoring needs a held-out fold).")
+    if max_rows < MIN_ROWS:
+        raise UserError(f"--max-rows {max_rows} is too small; fit on at least {MIN_ROWS} rows.")
+    data_version, clip = db.data_version, db.clip_identity
+    timings = {}
+
+    ids, X, loss, is_test = read_training_data(db, progress=progress)
+    timings["read_s"] = time.perf_counter() - t0
+    has_loss = np.isfinite(loss)
+    n_loss = int(has_loss.sum())
+    if n_loss < MIN_ROWS:
+        raise UserError(
+            f"{db.path} has {n_loss} rows with a loss; the ensemble needs at least {MIN_ROWS}: "
+            "index the data with a `loss` column, --predictions or --model."
+        )
+    if (loss[has_loss] < 0).any():
+        log.warning("some losses are negative; the log1p target is shifted to cover them")
+    with_loss = np.flatnonzero(has_loss)
+    fit_rows = with_loss[stratified_subsample(loss[with_loss], max_rows, random_state)]
+    if len(fit_rows) < n_loss:
+        log.info("fitting on a stratified subsample of %d of %d rows", len(fit_rows), n_loss)
+
+    t = time.perf_counter()
+    ens = DiagnosisEnsemble(n_members=members, n_folds=folds, random_state=random_state, verbose=progress)
+    ens.fit(X[fit_rows], loss[fit_rows])
+    timings["fit_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pred = np.empty(len(ids))
+    std = np.empty(len(ids))
+    pred[fit_rows], std[fit_rows] = ens.oof_prediction_, ens.oof_std_
+    rest = np.setdiff1d(np.arange(len(ids)), fit_rows, assume_unique=True)
+    bar = _bar(len(rest), progress and len(rest) > 0, "scoring unfitted rows")
+    for s in range(0, len(rest), SCORE_BATCH):
+        rows = rest[s : s + SCORE_BATCH]
+        pred[rows], std[rows] = ens.predict(X[rows], return_std=True)
+        bar.update(len(rows))
+    bar.close()
+    timings["score_s"] = time.perf_counter() - t
+
+    q = quality(loss[has_loss], pred[has_loss])
+    test_mask = is_test & has_loss
+    q_test = quality(loss[test_mask], pred[test_mask]) if test_mask.sum() >= MIN_ROWS else None
+    image_mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+    del X
+
+    t = time.perf_counter()
+    _check_unchanged(db, data_version, len(ids))
+    db.update_columns(pa.table({
+        S.ID: pa.array(ids, type=pa.string()),
+        S.PREDICTED_LOSS: pa.array(pred.astype(np.float32)),
+        S.PREDICTED_LOSS_STD: pa.array(std.astype(np.float32)),
+    }))
+    db.cleanup()
+    timings["write_s"] = time.perf_counter() - t
+
+    seconds = time.perf_counter() - t0
+    report = DiagnoseReport(
+        path=str(db.diagnosis_dir), rows=len(ids), fitted_rows=len(fit_rows), rows_with_loss=n_loss,
+        members=members, folds=ens.n_folds_, spearman=q["spearman"], r2=q["r2"],
+        auroc_top10=q["auroc_top10"], seconds=seconds, data_version=data_version, test=q_test,
+        timings={k: round(v, 2) for k, v in timings.items()},
+    )
+    _save(db, ens, image_mean, report, clip)
+    return report
+
+
+def _check_unchanged(db: Database, data_version: int, n: int) -> None:
+    """Refuse to write predictions computed from rows that changed while we were fitting."""
+    if db.data_version != data_version or db.count_rows() != n:
+        raise UserError(
+            f"the table in {db.path} changed while diagnosing (another `llm2loss index` ran); "
+            "run `llm2loss diagnose` again once it has finished."
+        )
+
+
+def _save(db: Database, ens: DiagnosisEnsemble, image_mean: np.ndarray, report: DiagnoseReport,
+          clip: dict | None) -> None:
+    """Write the ensemble files atomically (each via a temporary file and a rename), info.json last,
+    so a reader never pairs a new ensemble with an old stamp."""
+    import joblib
+
+    out = db.diagnosis_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / ENSEMBLE_FILE, lambda p: joblib.dump(ens, p))
+    _atomic(out / IMAGE_MEAN_FILE, lambda p: _save_npy(p, image_mean))
+    for stale in out.glob("text_mean*.npy"):  # cached text means belong to the previous fit's CLIP
+        stale.unlink()
+    write_json_atomic(out / INFO_FILE, {
+        "data_version": report.data_version,
+        "num_rows": report.rows,
+        "clip": clip,
+        "table_version": db.version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "members": report.members,
+        "folds": report.folds,
+        "fitted_rows": report.fitted_rows,
+        "quality": {"spearman": report.spearman, "r2": report.r2, "auroc_top10": report.auroc_top10,
+                    "test": report.test},
+        "files": {"ensemble": ENSEMBLE_FILE, "image_mean": IMAGE_MEAN_FILE},
+    })
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a bare temp name
+        np.save(f, arr)
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class LoadedEnsemble:
+    """A fitted ensemble read back from ``DIR/diagnosis/``.
+
+    ``stale`` is None when the ensemble matches the table, else a sentence saying what changed.
+    ``image_mean`` is (d,) float32, the mean stored image embedding at fitting time.
+    """
+
+    ensemble: DiagnosisEnsemble
+    info: dict
+    image_mean: np.ndarray
+    stale: str | None
+
+
+def staleness(db: Database, info: dict) -> str | None:
+    """Why an ensemble stamped ``info`` no longer matches ``db`` (None when it does)."""
+    if info.get("clip") != db.clip_identity:
+        return "the table's embeddings now come from another CLIP model"
+    if int(info.get("data_version", -1)) != db.data_version:
+        return f"rows were added or removed since it was fitted (data version {info.get('data_version')} -> {db.data_version})"
+    n = db.count_rows()
+    if int(info.get("num_rows", -1)) != n:
+        return f"the table has {n} rows, the ensemble was fitted on a table of {info.get('num_rows')}"
+    return None
+
+
+def load_ensemble(db, allow_stale: bool = False) -> LoadedEnsemble:
+    """Read the fitted ensemble of ``db``; refuse a missing one, and a stale one unless ``allow_stale``.
+
+    A stale ensemble from another CLIP model is always refused: its inputs mean something else.
+    """
+    import json
+
+    import joblib
+
+    db = open_db(db)
+    info_path = db.diagnosis_dir / INFO_FILE
+    if not info_path.exists() or not (db.diagnosis_dir / ENSEMBLE_FILE).exists():
+        raise UserError(f"{db.path} has no diagnosis ensemble yet; run `llm2loss diagnose --db {db.path}` first.")
+    info = json.loads(info_path.read_text())
+    stale = staleness(db, info)
+    if stale and (not allow_stale or info.get("clip") != db.clip_identity):
+        raise UserError(
+            f"the diagnosis ensemble in {db.diagnosis_dir} is stale ({stale}); "
+            f"run `llm2loss diagnose --db {db.path}` again."
+        )
+    ens = joblib.load(db.diagnosis_dir / ENSEMBLE_FILE)
+    image_mean = np.load(db.diagnosis_dir / IMAGE_MEAN_FILE)
+    return LoadedEnsemble(ensemble=ens, info=info, image_mean=image_mean, stale=stale)
+
+
+def score_new_rows(db, progress: bool = True) -> int:
+    """Score rows whose ``predicted_loss`` is null (appended after the last fit) with the full
+    ensemble; returns how many were written. The ensemble stays stamped stale (it never saw them)."""
+    db = open_db(db)
+    loaded = load_ensemble(db, allow_stale=True)
+    d = db.embed_dim
+    # read first, then write: merge_insert while a scan is open would race with it
+    new = db.read([S.ID, S.EMBEDDING], where=f"{S.PREDICTED_LOSS} IS NULL")
+    written = 0
+    for s in range(0, new.num_rows, SCORE_BATCH):
+        b = new.slice(s, SCORE_BATCH)
+        m = b.num_rows
+        X = np.asarray(b.column(S.EMBEDDING).combine_chunks().values.to_numpy()).reshape(m, d)
+        pred, std = loaded.ensemble.predict(X, return_std=True)
+        db.update_columns(pa.table({
+            S.ID: b.column(S.ID),
+            S.PREDICTED_LOSS: pa.array(pred.astype(np.float32)),
+            S.PREDICTED_LOSS_STD: pa.array(std.astype(np.float32)),
+        }))
+        written += m
+    if written:
+        db.cleanup()
+    return written
+
+
+def _bar(total: int, show: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", disable=not show, leave=False)
