@@ -118,9 +118,13 @@ class ClipModel:
         if spec.pretrained:
             self._check_pretrained_available(spec)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=weights, device=self.device
-            )
+            # Random weights come from a fixed seed, so the same spec gives the same embeddings in
+            # every process (a resumed index, a later query); the caller's RNG is left untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=weights, device=self.device
+                )
         except UserError:
             raise
         except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for missing weights

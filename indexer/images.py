@@ -118,7 +118,8 @@ def image_batches(paths: Sequence[str], rows: Sequence[int], transforms: Sequenc
         multiprocessing_context="fork" if workers else None,
     )
     with warnings.catch_warnings():
-        # lancedb warns that a forked child using LanceDB might deadlock; these children never do:
-        # they only decode images and run transforms.
-        warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
+        # lance/lancedb warn that a forked child using them might deadlock; these children never
+        # touch a table: they only decode images and run transforms.
+        warnings.filterwarnings("ignore", message="lancedb fork support")
+        warnings.filterwarnings("ignore", message="lance is not fork-safe")
         return iter(loader)
