@@ -20,6 +20,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
 from search_ui.ui.context import AppContext, serving_dirs
@@ -37,15 +38,15 @@ def _header(ctx: AppContext) -> str:
     meta = ctx.db.read_meta()
     clip = (meta.get("clip") or {}).get("model", "?")
     n = ctx.db.count_rows()
-    diag = (ctx.db.diagnosis_dir / "info.json").exists()
+    diag = ctx.db.count_rows(f"{S.PREDICTED_LOSS} IS NOT NULL") > 0
     return (f"## {TITLE}\n`{ctx.db.path}` · {n} samples · CLIP `{clip}` · "
-            + ("diagnosis ensemble fitted" if diag else "**no diagnosis yet** (run `llm2loss diagnose`)"))
+            + ("predicted losses present" if diag else "**no diagnosis yet** (run `llm2loss diagnose`)"))
 
 
 def _detail_panel(label: str):
     """Components showing one clicked image: (image, fields, similar gallery, clicked, similar shown)."""
     with gr.Row():
-        image = gr.Image(label=label, type="filepath", interactive=False, height=260, scale=1)
+        image = gr.Image(label=label, type="pil", format="png", interactive=False, height=280, scale=1)
         fields = gr.Markdown(elem_classes=["details"])
     similar = gr.Gallery(label="Similar hard examples", columns=8, height=200, allow_preview=False,
                          elem_classes=["similar-gallery"])
@@ -164,11 +165,11 @@ def _health_tab(ui: Handlers):
     status = gr.Markdown("Press **Draw** to read the table and draw the model's health.")
     draw = gr.Button("Draw", variant="primary", elem_id="health-button")
     with gr.Row():
-        hist = gr.Image(label="Loss distribution", interactive=False, buttons=["download"])
-        scatter = gr.Image(label="Predicted vs true loss", interactive=False, buttons=["download"])
+        hist = gr.Image(label="Loss distribution", show_label=False, interactive=False, buttons=["download"])
+        scatter = gr.Image(label="Predicted vs true loss", show_label=False, interactive=False, buttons=["download"])
     with gr.Row():
-        labels = gr.Image(label="Mean loss per label", interactive=False, buttons=["download"])
-        pca = gr.Image(label="Embedding map (click a region)", interactive=False, elem_id="health-map",
+        labels = gr.Image(label="Mean loss per label", show_label=False, interactive=False, buttons=["download"])
+        pca = gr.Image(label="Embedding map (click a region)", show_label=False, interactive=False, elem_id="health-map",
                        buttons=["download"])
     region_status = gr.Markdown()
     region = _results_gallery("health-region")
@@ -235,6 +236,7 @@ def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
     ui = Handlers(ctx)
     with gr.Blocks(title="llm2loss") as app:
         app.llm2loss_context = ctx  # serve() reads the image folders from it
+        app.llm2loss_handlers = ui
         # API endpoints first, so they own the plain names (/search, ...) and the page's private events
         # of the same function names get suffixed ones.
         _api(ui)

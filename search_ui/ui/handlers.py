@@ -72,6 +72,20 @@ def details_markdown(rec: dict) -> str:
     return "\n".join(lines)
 
 
+def display_image(path: str | None, side: int = 256):
+    """The clicked image for the details panel, enlarged (pixels kept sharp) when it is small."""
+    if path is None:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max(im.size) < side:
+            f = side / max(im.size)
+            im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.NEAREST)
+        return im
+
+
 class Handlers:
     """Event and API functions over one :class:`AppContext`."""
 
@@ -147,7 +161,8 @@ class Handlers:
         rec = shown[evt.index]
         sims = [r for r in self.similar_records(rec[S.ID], DETAIL_SIMILAR_K + 1) if r[S.ID] != rec[S.ID]]
         items, sims_shown = self.ctx.gallery(sims[:DETAIL_SIMILAR_K])
-        return self.ctx.guard.check(rec.get(S.IMAGE)), details_markdown(rec), items, rec, sims_shown
+        image = display_image(self.ctx.guard.check(rec.get(S.IMAGE)))
+        return image, details_markdown(rec), items, rec, sims_shown
 
     # ---- failure modes -------------------------------------------------------------------------
     @friendly
