@@ -1,0 +1,299 @@
+"""``llm2loss explain``: name the model's failure modes in words, worst first.
+
+Two views, merged where they find the same samples:
+
+* **words** -- every phrase of a vocabulary is scored by the ensemble (on its gap-corrected text
+  embedding, see :mod:`diagnosis.text`); the worst phrases are failure modes. A phrase's group is its
+  nearest images (by CLIP similarity) that are predicted to fail (``predicted_loss`` in the table's
+  top decile); its examples are the group's worst.
+* **images** -- the samples predicted to fail are clustered (k-means on the unit sphere); each cluster
+  is a failure group, named by the phrases nearest its centroid (both sides centred on their
+  modality's mean, so the shared offset does not decide the name).
+
+Two modes are the same when their groups overlap (overlap coefficient |A n B| / min(|A|, |B|) >= 0.5):
+near-duplicate phrases fold into the worst one, and a word mode absorbs the image group it matches
+(``source`` "both"). Every mode reports its size, mean true and predicted loss, and its share of the
+table's total loss (what fixing it would be worth).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from diagnosis.text import Scorer, estimate_gap
+from diagnosis.vocab import (
+    compose_pairs,
+    dataset_vocabulary,
+    generic_concepts,
+    generic_modifiers,
+    generic_singles,
+    read_vocab_file,
+)
+from indexer import schema as S
+from indexer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FAIL_QUANTILE = 0.90  # "predicted to fail": predicted_loss in the table's top 10%
+SAME_GROUP = 0.5  # overlap coefficient above which two modes are one
+N_EXAMPLES = 10
+MAX_CLUSTER_ROWS = 20000  # k-means runs on a sample of the failing rows; all are then assigned
+
+
+@dataclass
+class FailureMode:
+    """A named group of samples the model fails on.
+
+    ``predicted_loss`` (loss units) is the ensemble's score of the description itself;
+    ``mean_loss`` / ``mean_predicted_loss`` average the group's samples (``mean_loss`` is None
+    without true losses); ``share_of_loss`` is the group's fraction of the table's total loss;
+    ``ids`` lists every member (``examples``: the worst few, for display).
+    """
+
+    description: str
+    predicted_loss: float
+    predicted_loss_std: float
+    examples: list[str]
+    size: int
+    mean_loss: float | None
+    mean_predicted_loss: float
+    share_of_loss: float | None
+    phrases: list[str]
+    source: str  # "words" | "images" | "both"
+    ids: list[str] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_ids: bool = False) -> dict:
+        d = asdict(self)
+        if not with_ids:
+            d.pop("ids")
+        return d
+
+    def summary(self) -> str:
+        loss = "n/a" if self.mean_loss is None else f"{self.mean_loss:.3f}"
+        share = "n/a" if self.share_of_loss is None else f"{100 * self.share_of_loss:.1f}%"
+        also = [p for p in self.phrases if p != self.description][:2]
+        return (
+            f"{self.description!r}: predicted loss {self.predicted_loss:.3f} +/- {self.predicted_loss_std:.3f}; "
+            f"{self.size} samples, mean loss {loss} (predicted {self.mean_predicted_loss:.3f}), "
+            f"{share} of all loss [{self.source}]"
+            + (f"; also {', '.join(repr(p) for p in also)}" if also else "")
+            + (f"; e.g. {', '.join(self.examples[:3])}" if self.examples else "")
+        )
+
+
+@dataclass
+class _Table:
+    ids: np.ndarray  # (n,) object
+    X: np.ndarray  # (n, d) float32, L2-normalised
+    loss: np.ndarray  # (n,) float64, NaN where unknown
+    pred: np.ndarray  # (n,) float64, the stored out-of-fold predicted_loss
+
+    @property
+    def total_loss(self) -> float:
+        return float(np.nansum(self.loss))
+
+
+def _read_table(db) -> _Table:
+    from diagnosis.run import read_training_data
+
+    ids, X, loss, _ = read_training_data(db, progress=False)
+    pred = np.full(len(ids), np.nan)
+    pos = {k: i for i, k in enumerate(ids)}
+    for b in db.iter_batches([S.ID, S.PREDICTED_LOSS]):
+        rows = [pos[k] for k in b.column(S.ID).to_pylist()]
+        pred[rows] = b.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False)
+    if np.isnan(pred).any():
+        raise UserError(
+            f"{int(np.isnan(pred).sum())} rows of {db.path} have no predicted_loss; "
+            f"run `llm2loss diagnose --db {db.path}` first."
+        )
+    return _Table(ids, X, loss, pred)
+
+
+def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) -> np.ndarray:
+    """(q, m) row indices of the ``m`` rows of X most cosine-similar to each row of Q, streamed over
+    row blocks so memory stays O(block x q)."""
+    best_s = np.full((len(Q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(Q), 0), dtype=np.int64)
+    for s in range(0, len(X), block):
+        sims = Q @ X[s : s + block].T  # (q, b)
+        idx = np.broadcast_to(np.arange(s, s + sims.shape[1]), sims.shape)
+        cat_s = np.concatenate([best_s, sims], axis=1)
+        cat_i = np.concatenate([best_i, idx], axis=1)
+        keep = np.argpartition(-cat_s, min(m, cat_s.shape[1]) - 1, axis=1)[:, :m]
+        best_s = np.take_along_axis(cat_s, keep, axis=1)
+        best_i = np.take_along_axis(cat_i, keep, axis=1)
+    return best_i
+
+
+def _overlap(a: set, b: set) -> float:
+    return len(a & b) / max(1, min(len(a), len(b))) if a and b else 0.0
+
+
+def _stats(rows: np.ndarray, t: _Table) -> dict:
+    rows = np.asarray(sorted(rows), dtype=np.int64)
+    loss = t.loss[rows]
+    known = np.isfinite(loss)
+    order = rows[np.argsort(-t.pred[rows], kind="stable")]
+    total = t.total_loss
+    return {
+        "examples": [str(i) for i in t.ids[order[:N_EXAMPLES]]],
+        "size": len(rows),
+        "mean_loss": float(loss[known].mean()) if known.any() else None,
+        "mean_predicted_loss": float(t.pred[rows].mean()) if len(rows) else float("nan"),
+        "share_of_loss": float(loss[known].sum() / total) if known.any() and total > 0 else None,
+        "ids": [str(i) for i in t.ids[order]],
+    }
+
+
+def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
+    """(phrases, generic): a file path, a list of phrases, or None for the database's default."""
+    if vocab is None:
+        found = dataset_vocabulary(db)
+        return (found[0], False) if found else (generic_singles(), True)
+    if isinstance(vocab, str | os.PathLike):
+        return read_vocab_file(vocab), False
+    phrases = [str(p).strip() for p in vocab if str(p).strip()]
+    if not phrases:
+        raise UserError("the vocabulary is empty; give at least one phrase.")
+    return list(dict.fromkeys(phrases)), False
+
+
+def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_gap: bool = True,
+                     refine: int = 8):
+    """Encode and score phrases; for the generic list, also pairs of the worst objects and modifiers.
+
+    Returns (phrases, raw text embeddings (m, d), predicted loss (m,), spread (m,), gap (d,) | None).
+    """
+    T = scorer.encode_text(phrases)
+    gap = scorer.gap(T) if correct_gap else None
+    pred, std = scorer.score_text_embeddings(T, correct_gap, gap)
+    if generic:
+        objects = list(generic_concepts()["objects"])
+        mods = generic_modifiers()
+        score = dict(zip(phrases, pred, strict=True))
+        top_o = sorted(objects, key=lambda p: -score.get(p, -np.inf))[:refine]
+        top_m = sorted(mods, key=lambda m: -score.get(f"a photo {m}", -np.inf))[:refine]
+        pairs = [p for p in dict.fromkeys(compose_pairs(top_o, mods) + compose_pairs(objects, top_m))
+                 if p not in score]
+        if pairs:
+            T2 = scorer.encode_text(pairs)
+            p2, s2 = scorer.score_text_embeddings(T2, correct_gap, gap)
+            phrases, T = phrases + pairs, np.vstack([T, T2])
+            pred, std = np.concatenate([pred, p2]), np.concatenate([std, s2])
+    return phrases, T, pred, std, gap
+
+
+def _word_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, neighbours: int, candidates: int):
+    """Group each of the worst ``candidates`` phrases; fold near-duplicates into the worse one."""
+    order = np.argsort(-pred, kind="stable")[:candidates]
+    near = _top_neighbours(t.X, T[order], neighbours)
+    modes = []
+    for j, rows in zip(order, near, strict=True):
+        group = {int(r) for r in rows if fail[r]}
+        if not group:  # nothing near it fails: its worst neighbours still illustrate it
+            group = {int(r) for r in rows[np.argsort(-t.pred[rows])[:N_EXAMPLES]]}
+        for m in modes:
+            if _overlap(m["rows"], group) >= SAME_GROUP:
+                m["phrases"].append(phrases[j])
+                break
+        else:
+            modes.append({"description": phrases[j], "predicted_loss": float(pred[j]),
+                          "predicted_loss_std": float(std[j]), "phrases": [phrases[j]],
+                          "rows": group, "source": "words"})
+    return modes
+
+
+def _image_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, image_mean, seed: int = 0):
+    """Cluster the failing rows; name each cluster by the phrases nearest its (centred) centroid."""
+    from sklearn.cluster import KMeans
+
+    rows = np.flatnonzero(fail)
+    if len(rows) < 10:
+        return []
+    k = int(np.clip(round(np.sqrt(len(rows) / 20)), 2, 12))
+    rng = np.random.default_rng(seed)
+    fit_rows = rows if len(rows) <= MAX_CLUSTER_ROWS else rng.choice(rows, MAX_CLUSTER_ROWS, replace=False)
+    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(t.X[fit_rows])
+    assign = km.predict(t.X[rows])
+    Tc = T - T.mean(axis=0)
+    Tc /= np.maximum(np.linalg.norm(Tc, axis=1, keepdims=True), 1e-12)
+    min_size = max(5, int(0.02 * len(rows)))
+    modes = []
+    for c in range(k):
+        members = rows[assign == c]
+        if len(members) < min_size:
+            continue
+        centre = t.X[members].mean(axis=0) - image_mean
+        sims = Tc @ (centre / max(np.linalg.norm(centre), 1e-12))
+        best = np.argsort(-sims)[:5]
+        modes.append({"description": phrases[best[0]], "predicted_loss": float(pred[best[0]]),
+                      "predicted_loss_std": float(std[best[0]]), "phrases": [phrases[b] for b in best],
+                      "rows": {int(r) for r in members}, "source": "images"})
+    return modes
+
+
+def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours: int | None = None,
+            images: bool = True) -> list[FailureMode]:
+    """The ``top`` worst failure modes of ``db``, worst (highest predicted loss) first.
+
+    ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else the
+    generic concepts composed into pairs). ``neighbours``: images considered near a phrase (default
+    2% of the table, between 50 and 2000). ``images``: also discover groups by clustering.
+    ``correct_gap=False`` scores raw text embeddings (for measuring what the correction buys).
+    """
+    from diagnosis.run import open_db
+
+    if top < 1:
+        raise UserError(f"--top {top} must be at least 1.")
+    db = open_db(db)
+    scorer = Scorer(db)
+    phrases, generic = resolve_vocabulary(db, vocab)
+    t = _read_table(db)
+    phrases, T, pred, std, _ = score_vocabulary(scorer, phrases, generic, correct_gap)
+    fail = t.pred >= np.quantile(t.pred, FAIL_QUANTILE)
+    m = neighbours or int(np.clip(0.02 * len(t.ids), 50, 2000))
+    m = min(m, len(t.ids))
+    modes = _word_modes(t, phrases, T, pred, std, fail, m, candidates=max(4 * top, 40))
+    if images:
+        phrase_index = {p: i for i, p in enumerate(phrases)}
+        for g in _image_modes(t, phrases, T, pred, std, fail, scorer.image_mean):
+            match = max(modes, key=lambda w: _overlap(w["rows"], g["rows"]), default=None)
+            if match is not None and _overlap(match["rows"], g["rows"]) >= SAME_GROUP:
+                match["rows"] |= g["rows"]
+                match["phrases"] += [p for p in g["phrases"] if p not in match["phrases"]]
+                match["source"] = "both"
+            else:
+                # name it by its best phrase that no other mode already uses as its description
+                used = {w["description"] for w in modes}
+                fresh = [p for p in g["phrases"] if p not in used]
+                if fresh:
+                    j = phrase_index[fresh[0]]
+                    g.update(description=fresh[0], predicted_loss=float(pred[j]),
+                             predicted_loss_std=float(std[j]))
+                modes.append(g)
+    modes.sort(key=lambda w: -w["predicted_loss"])
+    out = []
+    for w in modes[:top]:
+        rows = np.fromiter(w.pop("rows"), dtype=np.int64)
+        out.append(FailureMode(**w, **_stats(rows, t)))
+    return out
+
+
+def explain_gap_report(db, vocab=None) -> dict:
+    """Diagnostics of the modality gap on ``db``: the gap's norm, and the mean cosine of phrases to
+    the mean image before and after the correction (higher = the ensemble reads them in-distribution)."""
+    db_scorer = Scorer(db)
+    phrases, _ = resolve_vocabulary(db_scorer.db, vocab)
+    T = db_scorer.encode_text(phrases)
+    gap = estimate_gap(db_scorer.image_mean, T)
+    mi = db_scorer.image_mean / np.linalg.norm(db_scorer.image_mean)
+    return {
+        "gap_norm": float(np.linalg.norm(gap)),
+        "cos_to_image_mean_raw": float((T @ mi).mean()),
+        "cos_to_image_mean_corrected": float((db_scorer.to_image_space(T, gap=gap) @ mi).mean()),
+    }
