@@ -203,7 +203,12 @@ def _reject_message(manifest: Manifest, row: int, reason: str, detail: str) -> s
 def _batch_table(manifest: Manifest, schema: pa.Schema, rows: np.ndarray, emb: np.ndarray,
                  loss: np.ndarray) -> pa.Table:
     """One commit's rows in the table's schema: (b,) rows, (b, d) float32 embeddings, (b,) losses."""
-    part = manifest.table.take(pa.array(rows))
+    return rows_table(manifest.table.take(pa.array(rows)), schema, emb, loss)
+
+
+def rows_table(part: pa.Table, schema: pa.Schema, emb: np.ndarray, loss: np.ndarray) -> pa.Table:
+    """Manifest rows ``part`` (b rows, the manifest's columns) with their (b, d) float32 embeddings
+    and (b,) losses, in the table's ``schema``. Shared with the distributed engine's writers."""
     n, d = emb.shape
     cols = []
     for f in schema:
@@ -233,18 +238,34 @@ def _write_rejects(path: Path, manifest: Manifest, rejects: Rejects) -> Path | N
     return path
 
 
-def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, model: str | None = None,
-                  task: str = "auto", batch_size: int = 64, device: str | None = "auto", workers: int | None = None,
-                  strict: bool = False, progress: bool = True, commit_rows: int | None = None) -> IndexReport:
-    """Index ``source`` (manifest file or class folder) into the database folder ``db``.
+@dataclass
+class IndexPlan:
+    """A validated ``index`` run before anything is written (see :func:`prepare_index`).
 
-    ``clip``: the CLIP model (``None``, or a spec whose ``model`` is ``None``: the one recorded in
-    ``db``, else ViT-B-32). ``predictions``: a predictions file; ``model``: ``MODULE:FUNCTION`` (at
-    most one, and neither when the manifest has losses). ``task``: see :mod:`indexer.losses`.
-    ``batch_size``: images per forward pass. ``workers``: decoding processes (default: cores - 1).
-    ``strict``: fail on the first bad row instead of rejecting it. ``commit_rows``: rows per Lance
-    commit (default ``max(batch_size, 1024)``). Returns what was done (see :class:`IndexReport`).
+    ``todo``: manifest rows to embed, in order; ``rejects``: rows refused up front, by row;
+    ``already``: rows whose id is stored. ``clip_model`` is loaded on ``device``.
     """
+
+    manifest: Manifest
+    db_path: Path
+    existing: Database | None
+    meta: dict
+    spec: ClipSpec
+    has_rows: bool
+    row_losses: RowLosses | None
+    model_loss: ModelLoss | None
+    device: str
+    clip_model: object
+    todo: list[int]
+    rejects: Rejects
+    already: int
+    t_start: float
+
+
+def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, model: str | None = None,
+                  task: str = "auto", batch_size: int = 64, device: str | None = "auto",
+                  strict: bool = False) -> IndexPlan:
+    """Steps 1 and 2 of the module doc: validate the run and decide its rows; writes nothing."""
     t_start = time.perf_counter()
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
@@ -291,40 +312,68 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
                         "fix the manifest's paths, losses or labels and run again.")
     log.info("%s: %d rows, %d already stored, %d to index, %d rejected up front; CLIP %s on %s",
              manifest.path, len(manifest), already, len(todo), len(rejects), describe_clip(spec.identity()), device)
+    return IndexPlan(manifest, db_path, existing, meta, spec, has_rows, row_losses, model_loss, device, clip_model,
+                     todo, rejects, already, t_start)
 
-    # ---- writing --------------------------------------------------------------------------------
-    snap = _Snapshot(db_path)
-    database: Database | None = existing
+
+def begin_writing(plan: IndexPlan, snap: _Snapshot) -> Database:
+    """Open (or create) the database, stamp meta.json's model and sources, create the table when
+    there are rows to add. Call inside the ``try`` that rolls ``snap`` back on a UserError."""
+    meta, manifest, spec = plan.meta, plan.manifest, plan.spec
+    database = plan.existing or Database(plan.db_path, create=True)
+    if database.has_table():
+        snap.version = database.version
+    new_meta = dict(meta)
+    new_meta.update(clip=spec.identity(), clip_spec=spec.to_dict(), embed_dim=plan.clip_model.embed_dim)
+    new_meta["sources"] = list(dict.fromkeys([*meta.get("sources", []), str(manifest.path)]))
+    new_meta["image_roots"] = sorted(set(meta.get("image_roots", [])) | set(manifest.image_roots()))
+    if new_meta != meta:
+        write_json_atomic(database.meta_path, new_meta)
+    if plan.todo and not database.has_table():
+        database.create_table(S.table_schema(plan.clip_model.embed_dim, manifest.metadata_schema))
+    return database
+
+
+def finish_index(plan: IndexPlan, database: Database, written: int, embed_seconds: float) -> IndexReport:
+    """Step 4: write rejects.csv, report, build the FAISS index."""
+    rejects_path = _write_rejects(database.rejects_path, plan.manifest, plan.rejects)
+    report = IndexReport(
+        db=database.path, source=plan.manifest.path, rows_in_source=len(plan.manifest), rows_written=written,
+        rows_already_stored=plan.already, rejected=dict(Counter(reason for reason, _ in plan.rejects.values())),
+        rejects_path=rejects_path, embed_seconds=embed_seconds, data_version=database.data_version,
+        clip=describe_clip(plan.spec.identity()))
+    report.ann = _build_ann(database)
+    report.seconds = time.perf_counter() - plan.t_start
+    log.info("%s", report.summary().replace("\n", " |"))
+    return report
+
+
+def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, model: str | None = None,
+                  task: str = "auto", batch_size: int = 64, device: str | None = "auto", workers: int | None = None,
+                  strict: bool = False, progress: bool = True, commit_rows: int | None = None) -> IndexReport:
+    """Index ``source`` (manifest file or class folder) into the database folder ``db``.
+
+    ``clip``: the CLIP model (``None``, or a spec whose ``model`` is ``None``: the one recorded in
+    ``db``, else ViT-B-32). ``predictions``: a predictions file; ``model``: ``MODULE:FUNCTION`` (at
+    most one, and neither when the manifest has losses). ``task``: see :mod:`indexer.losses`.
+    ``batch_size``: images per forward pass. ``workers``: decoding processes (default: cores - 1).
+    ``strict``: fail on the first bad row instead of rejecting it. ``commit_rows``: rows per Lance
+    commit (default ``max(batch_size, 1024)``). Returns what was done (see :class:`IndexReport`).
+    """
+    plan = prepare_index(source, db, clip, predictions, model, task, batch_size, device, strict)
+    snap = _Snapshot(plan.db_path)
+    database: Database | None = plan.existing
     written, embed_seconds = 0, 0.0
     try:
-        database = database or Database(db_path, create=True)
-        if database.has_table():
-            snap.version = database.version
-        new_meta = dict(meta)
-        new_meta.update(clip=spec.identity(), clip_spec=spec.to_dict(), embed_dim=clip_model.embed_dim)
-        new_meta["sources"] = list(dict.fromkeys([*meta.get("sources", []), str(manifest.path)]))
-        new_meta["image_roots"] = sorted(set(meta.get("image_roots", [])) | set(manifest.image_roots()))
-        if new_meta != meta:
-            write_json_atomic(database.meta_path, new_meta)
-        if todo:
-            if not database.has_table():
-                database.create_table(S.table_schema(clip_model.embed_dim, manifest.metadata_schema))
+        database = begin_writing(plan, snap)
+        if plan.todo:
             written, embed_seconds = _embed_and_write(
-                database, manifest, todo, clip_model, row_losses, model_loss, rejects, strict, batch_size,
-                workers, progress, commit_rows or max(batch_size, COMMIT_ROWS))
+                database, plan.manifest, plan.todo, plan.clip_model, plan.row_losses, plan.model_loss,
+                plan.rejects, strict, batch_size, workers, progress, commit_rows or max(batch_size, COMMIT_ROWS))
     except UserError:
         snap.rollback(database)
         raise
-    rejects_path = _write_rejects(database.rejects_path, manifest, rejects)
-    report = IndexReport(
-        db=database.path, source=manifest.path, rows_in_source=len(manifest), rows_written=written,
-        rows_already_stored=already, rejected=dict(Counter(reason for reason, _ in rejects.values())),
-        rejects_path=rejects_path, embed_seconds=embed_seconds, data_version=database.data_version,
-        clip=describe_clip(spec.identity()))
-    report.ann = _build_ann(database)
-    report.seconds = time.perf_counter() - t_start
-    log.info("%s", report.summary().replace("\n", " |"))
-    return report
+    return finish_index(plan, database, written, embed_seconds)
 
 
 def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], clip_model, row_losses,
