@@ -116,12 +116,13 @@ def _modes_tab(ui: Handlers, tabs, search_q, run_search):
     with gr.Row():
         top = gr.Slider(1, 50, value=10, step=1, label="Failure modes to find")
         go = gr.Button("Find failure modes", variant="primary", elem_id="explain-button")
-    status = gr.Markdown()
+    status = gr.Markdown(elem_id="modes-status")
     table = gr.Dataframe(headers=["#", "failure mode", "predicted loss", "true loss", "size",
                                   "share of loss", "found by"], interactive=False, elem_id="modes-table")
     modes = gr.State([])
     with gr.Row():
-        choice = gr.Dropdown(label="Failure mode", choices=[], scale=3, elem_id="mode-choice")
+        choice = gr.Dropdown(label="Failure mode", choices=[], scale=3, elem_id="mode-choice",
+                             allow_custom_value=True)  # filled per session; the handler checks it
         to_search = gr.Button("Search for it", scale=1, elem_id="mode-search")
     with gr.Row():
         name = gr.Textbox(label="Selection name", value="retrain", scale=2, elem_id="mode-selection-name")
@@ -140,8 +141,9 @@ def _modes_tab(ui: Handlers, tabs, search_q, run_search):
 
 def _curate_tab(ui: Handlers):
     with gr.Row():
+        # Choices are filled per session (and the API passes any name); the library refuses unknown ones.
         sel = gr.Dropdown(label="Selection", choices=[], scale=3, elem_id="curate-selection",
-                          allow_custom_value=False)
+                          allow_custom_value=True)
         refresh = gr.Button("Refresh", scale=1)
     summary = gr.Markdown(elem_id="curate-summary")
     mix = gr.Dataframe(headers=["label", "count", "share", "mean true loss"], interactive=False,
@@ -197,8 +199,8 @@ def _api(ui: Handlers) -> None:
 
     @friendly
     def explain(top: int = 10) -> list[dict]:
-        """Failure modes named in words, worst first."""
-        return ui.ctx.modes(int(top))
+        """Failure modes named in words, worst first (as `llm2loss explain --json`)."""
+        return [{k: v for k, v in m.items() if k != "ids"} for m in ui.ctx.modes(int(top))]
 
     @friendly
     def details(ids: list[str]) -> list[dict]:

@@ -16,6 +16,7 @@ from indexer import schema as S
 from indexer.errors import UserError
 from search_ui.ui.context import ImageGuard, caption
 from tests.fakes import make_db
+from tests.ui_helpers import fit_ensemble_keep_planted
 
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -38,6 +39,7 @@ def served(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("app")
     db = make_db(folder, n=120)
+    fit_ensemble_keep_planted(db)
     (folder / "secret.txt").write_text("not an image")
     app = build_app(db)
     app.launch(prevent_thread_lock=True, **launch_kwargs(app, port=None))

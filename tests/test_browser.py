@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import make_db
+from tests.ui_helpers import fit_ensemble_keep_planted
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -39,6 +40,7 @@ def served(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("browser")
     db = make_db(folder, n=120)
+    fit_ensemble_keep_planted(db)
     app = build_app(db)
     app.launch(prevent_thread_lock=True, **launch_kwargs(app, port=None))
     yield app, app.local_url, db
@@ -140,7 +142,10 @@ def test_failure_mode_becomes_a_selection_and_downloads_as_an_indexable_manifest
 
     _tab(page, "Failure modes")
     page.click("#explain-button")
-    page.wait_for_selector("#modes-table tbody tr")
+    page.wait_for_function("() => document.querySelector('#modes-status')?.innerText.includes('worst first')")
+    first = served[0].llm2loss_context.modes(10)[0]
+    assert first["description"] in page.inner_text("#modes-table")
+    page.wait_for_selector("#mode-gallery .thumbnail-item img")
     page.fill("#mode-selection-name textarea", "worst-mode")
     page.click("#mode-add")
     page.locator(".toast-body").filter(has_text="worst-mode").first.wait_for()
@@ -148,7 +153,7 @@ def test_failure_mode_becomes_a_selection_and_downloads_as_an_indexable_manifest
     page.wait_for_function(
         "() => document.querySelector('#curate-summary')?.innerText.includes('worst-mode')")
     summary = page.inner_text("#curate-summary")
-    assert "samples" in summary
+    assert f"{len(first['ids'])} samples" in summary
     page.click("#download-button")
     link = page.locator("#download-file a").first
     link.wait_for()
@@ -157,7 +162,7 @@ def test_failure_mode_becomes_a_selection_and_downloads_as_an_indexable_manifest
     manifest = tmp_path / "worst-mode.csv"
     dl.value.save_as(manifest)
     df = pd.read_csv(manifest)
-    assert len(df) > 0 and "image" in df.columns
+    assert sorted(df["id"]) == sorted(first["ids"]) and "image" in df.columns
     report = index_dataset(str(manifest), str(tmp_path / "reindexed"), clip=tiny_clip_spec, device="cpu")
     from indexer.store import Database
 

@@ -131,9 +131,6 @@ class AppContext:
         self._engine = None
         self._engine_lock = threading.Lock()
         self.engine_lock = threading.Lock()  # held around each query (see Handlers._query)
-        # Selections are read-modify-write on one JSON file; two users adding at once must not lose
-        # one of the additions.
-        self.selection_lock = threading.Lock()
         self._modes: dict[tuple, list[dict]] = {}
         self._modes_lock = threading.Lock()
 
@@ -170,7 +167,8 @@ class AppContext:
         return items, shown
 
     def modes(self, top: int, vocab: str | None = None, progress=None) -> list[dict]:
-        """``diagnosis.explain`` output as dicts, cached per table version (explain is slow)."""
+        """``diagnosis.explain`` output as dicts with every member id (``ids``), cached per table
+        version: explain takes seconds, and every visitor would otherwise pay for it."""
         key = (self.db.version, int(top), vocab)
         with self._modes_lock:
             if key not in self._modes:
@@ -178,5 +176,6 @@ class AppContext:
 
                 if progress is not None:
                     progress(0.1, desc="scoring the vocabulary with the diagnosis ensemble")
-                self._modes[key] = [jsonable(m.to_dict()) for m in explain(self.db, vocab=vocab, top=top)]
+                modes = explain(self.db, vocab=vocab, top=top)
+                self._modes[key] = [jsonable(m.to_dict(with_ids=True)) for m in modes]
             return self._modes[key]

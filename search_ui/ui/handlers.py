@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DETAIL_SIMILAR_K = 8
 MODE_EXAMPLES_SHOWN = 24
 SELECTION_SHOWN = 60
+PHRASES_SHOWN = 8
 
 
 def friendly(fn):
@@ -192,12 +193,16 @@ class Handlers:
         if not choice:
             return [], ""
         mode = self._mode_at(modes, choice)
-        items, _ = self.ctx.gallery(self.ctx.rows(mode.get("examples", [])[:MODE_EXAMPLES_SHOWN]))
+        rows = self.ctx.rows(mode.get("examples", [])[:MODE_EXAMPLES_SHOWN])
+        items, _ = self.ctx.gallery(rows)
         md = (f"**{mode['description']}** — predicted loss {fmt(mode.get('predicted_loss'))}, "
               f"true loss {fmt(mode.get('mean_loss'))} (predicted {fmt(mode.get('mean_predicted_loss'))}) "
               f"over {mode.get('size')} samples, {100 * (mode.get('share_of_loss') or 0):.1f}% of all loss.")
-        if mode.get("phrases"):
-            md += "\n\nAlso described as: " + "; ".join(mode["phrases"])
+        also = [p for p in mode.get("phrases") or [] if p != mode["description"]][:PHRASES_SHOWN]
+        if also:
+            md += "\n\nAlso described as: " + "; ".join(also)
+        if len(items) < len(rows):
+            md += f"\n\n{len(rows) - len(items)} example images could not be shown (missing or outside the dataset's folders)."
         return items, md
 
     @friendly
@@ -217,10 +222,7 @@ class Handlers:
             raise UserError("the selection has no name; type one in 'Selection name'.")
         if not ids:
             raise UserError("nothing to add; run a search or pick a failure mode first.")
-        with self.ctx.selection_lock:
-            sel = self._selections()
-            sel.add(name, [str(i) for i in ids])
-            return len(sel.get(name))
+        return self._selections().add(name, [str(i) for i in ids])
 
     def _added(self, name: str, ids: list[str]):
         size = self.add_ids(name, ids)
@@ -239,7 +241,8 @@ class Handlers:
 
     @friendly
     def add_mode(self, name, modes, choice):
-        return self._added(name, list(self._mode_at(modes, choice).get("examples", [])))
+        mode = self._mode_at(modes, choice)
+        return self._added(name, list(mode.get("ids") or mode.get("examples", [])))
 
     def selection_summary(self, name: str) -> dict:
         """Size, label mix (label, count, share, mean loss; largest first) of a selection."""
@@ -269,14 +272,15 @@ class Handlers:
         md = f"**{name}**: {s['size']} samples, {len(s['labels'])} labels."
         if s["found"] < s["size"]:
             md += f" {s['size'] - s['found']} ids are no longer in the database."
+        if len(items) < min(len(s["rows"]), SELECTION_SHOWN):
+            md += " Some images could not be shown (missing or outside the dataset's folders)."
         return md, table, items, shown
 
     @friendly
     def remove_clicked(self, name, shown, evt: gr.SelectData):
         if not name or not shown or evt.index >= len(shown):
             raise gr.Error("Pick a selection and click one of its images.")
-        with self.ctx.selection_lock:
-            self._selections().remove(name, [shown[evt.index][S.ID]])
+        self._selections().remove(name, [shown[evt.index][S.ID]])
         gr.Info(f"Removed {shown[evt.index][S.ID]} from '{name}'.")
         return self.show_selection(name)
 
