@@ -277,6 +277,7 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
     has_rows = existing is not None and existing.has_table() and existing.count_rows() > 0
     if has_rows:
         existing.check_clip(spec.identity())
+    if existing is not None and existing.has_table():
         _check_metadata(manifest, existing.table.schema)
     row_losses = _loss_source(manifest, predictions, model, task)
 

@@ -195,3 +195,19 @@ def test_class_folder_through_the_cli(world, tmp_path, tiny_clip_spec, capsys):
     assert main(["index", str(root), "--db", str(tmp_path / "db"), "--model", f"{tmp_path / 'mymodel.py'}:load",
                  "--workers", "0"]) == 0
     assert "rows written: 0" in capsys.readouterr().out
+
+
+def test_pretrained_tag_without_weights_or_network_fails_at_once(world, tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE and an unreachable hub: a UserError saying how to provide weights, no db."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_model.safetensors"), str):
+        pytest.skip("the ViT-B-32 weights are cached on this machine")
+    folder, _ = world
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    with pytest.raises(UserError, match="--clip-checkpoint PATH") as e:
+        index_dataset(folder / "manifest.csv", tmp_path / "db", clip=None, progress=False)  # default ViT-B-32
+    # refused by the up-front reachability check, not after open_clip's download retries gave up
+    assert "Error" not in str(e.value), str(e.value)
+    assert not (tmp_path / "db").exists()
