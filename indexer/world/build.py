@@ -1,0 +1,262 @@
+"""Building (or reusing) a world: rows -> images on disk -> tiny CLIP -> black-box losses -> manifest.
+
+A world lives in ``<cache>/worlds/<spec hash>/`` and is built in a temporary sibling folder that is
+renamed into place only when complete, so an interrupted build is never reused::
+
+    manifest.parquet   an ordinary manifest (image, id, label, split, loss, attributes, slices, caption)
+    images/<split>/    PNG files
+    vocab.txt          phrases from the attribute words (``llm2loss explain``'s default for this data)
+    tiny-clip.json     the CLIP architecture; tiny-clip.pt its trained weights
+    blackbox.pt        the black-box CNN's weights
+    world.json         the spec, the planted slices and the measured quality numbers
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from indexer.configs import TINY_CLIP
+from indexer.errors import UserError
+from indexer.world import blackbox, tiny_clip
+from indexer.world.generate import finish_rows, plant_train, render_all, sample_rows
+from indexer.world.spec import ATTRIBUTES, load_spec, slug, spec_hash
+from indexer.world.vocab import describe, write_vocab
+
+log = logging.getLogger(__name__)
+
+WORLD_FILE = "world.json"
+MANIFEST = "manifest.parquet"
+#: Thresholds the issue asks of a world; a world below them is still built, with a warning.
+MIN_ZERO_SHOT = 0.9
+MIN_LOSS_RATIO = 2.0
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$LLM2LOSS_CACHE``, else ``$XDG_CACHE_HOME/llm2loss``, else ``~/.cache/llm2loss``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("LLM2LOSS_CACHE"):
+        return Path(os.environ["LLM2LOSS_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "llm2loss"
+
+
+@dataclass
+class World:
+    """A built world. Paths are absolute; ``quality`` holds the numbers measured at build time."""
+
+    root: Path
+    spec: dict
+    hash: str
+    slices: list[dict]
+    quality: dict = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def vocab(self) -> Path:
+        return self.root / "vocab.txt"
+
+    @property
+    def clip_config(self) -> Path:
+        return self.root / "tiny-clip.json"
+
+    @property
+    def clip_checkpoint(self) -> Path:
+        return self.root / "tiny-clip.pt"
+
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> World:
+        root = Path(root).resolve()
+        info = json.loads((root / WORLD_FILE).read_text())
+        return cls(root=root, spec=info["spec"], hash=info["hash"], slices=info["slices"], quality=info["quality"])
+
+    def rows(self) -> pd.DataFrame:
+        return pd.read_parquet(self.manifest)
+
+    def to_dict(self) -> dict:
+        return {"root": str(self.root), "hash": self.hash, "spec": self.spec, "slices": self.slices,
+                "quality": self.quality, "manifest": str(self.manifest)}
+
+    def summary(self) -> str:
+        """Human-readable quality report (several lines)."""
+        q = self.quality
+        zs = q["clip"]["zero_shot"]
+        lines = [
+            f"world {self.hash}: {q['rows']} rows ({self.spec['n_train']} train, {self.spec['n_test']} test), "
+            f"task '{self.spec['task']}', seed {self.spec['seed']}",
+            "tiny CLIP zero-shot accuracy (held-out): "
+            + ", ".join(f"{a} {zs[a]:.3f}" for a in ATTRIBUTES)
+            + f"; text->image recall@10 {q['clip']['recall_at_10']:.3f}",
+            f"black-box CNN: accuracy train {q['blackbox']['accuracy']['train']:.3f} / "
+            f"test {q['blackbox']['accuracy']['test']:.3f}, mean loss {q['blackbox']['mean_loss']['all']:.3f}",
+        ]
+        for s in self.slices:
+            r = s["loss_ratio"]
+            planted = {k: round(v, 4) for k, v in s["planted"].items() if k in ("rate", "strength", "noise")}
+            lines.append(
+                f"  slice '{s['name']}' ({s['kind']} {planted}, column {s['column']}): loss ratio "
+                f"{r['all']:.2f}x (train {r['train']:.2f}x, test {r['test']:.2f}x), {s['rows']} rows"
+            )
+        return "\n".join(lines)
+
+
+def build_world(spec: dict | str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                progress: bool = True) -> World:
+    """Build the world of ``spec`` (default spec when None; a dict or a JSON path), or reuse its cache.
+
+    Returns the :class:`World`. The build takes minutes for the default spec; a cached world loads
+    in milliseconds.
+    """
+    spec = load_spec(spec)
+    config_bytes = TINY_CLIP.read_bytes()
+    h = spec_hash(spec, config_bytes)
+    worlds = cache_root(cache_dir) / "worlds"
+    root = worlds / h
+    if (root / WORLD_FILE).is_file():
+        log.info("reusing world %s", root)
+        return World.load(root)
+    try:
+        worlds.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the world cache {worlds} ({e.strerror}); set LLM2LOSS_CACHE to a writable folder.") from e
+    _remove_abandoned(worlds)
+    tmp = worlds / f".tmp-{h}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    try:
+        _build(tmp, spec, h, config_bytes, progress)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished the same world first; theirs is as good
+            if not (root / WORLD_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return World.load(root)
+
+
+def _remove_abandoned(worlds: Path) -> None:
+    """Delete temp folders of builds whose process is gone (killed mid-build)."""
+    for d in worlds.glob(".tmp-*"):
+        try:
+            pid = int(d.name.split("-")[2])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -> None:
+    t0 = time.perf_counter()
+    timings = {}
+    seed, task = spec["seed"], spec["task"]
+    train, planted = plant_train(sample_rows(spec["n_train"], seed, "train"), spec, seed)
+    rows = pd.concat([finish_rows(train, spec, "train"), finish_rows(sample_rows(spec["n_test"], seed, "test"),
+                                                                      spec, "test")], ignore_index=True)
+    size = spec["image_size"]
+    images = render_all(rows, size)
+    rows["id"] = [f"{s}-{i:06d}" for s, i in zip(rows["split"], rows.groupby("split").cumcount(), strict=True)]
+    rows["image"] = [f"images/{s}/{i}.png" for s, i in zip(rows["split"], rows["id"], strict=True)]
+    _write_images(out, rows["image"].tolist(), images, progress)
+    timings["generate"] = time.perf_counter() - t0
+
+    # The tiny CLIP learns from its own uniform pool (like a web-trained CLIP, it has not seen the
+    # biased training split) and is measured on the test split's images.
+    t = time.perf_counter()
+    (out / "tiny-clip.json").write_bytes(config_bytes)
+    cfg = spec["clip"]
+    pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), spec, "clip")
+    _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
+    pool_px = tiny_clip.preprocess_images(render_all(pool, size), preprocess)
+    model = tiny_clip.train_clip(out / "tiny-clip.json", pool_px, pool["caption"].tolist(), cfg["steps"],
+                                 cfg["batch_size"], cfg["lr"], seed, progress)
+    del pool_px
+    torch.save(model.state_dict(), out / "tiny-clip.pt")
+    test = (rows["split"] == "test").to_numpy()
+    clip_q = tiny_clip.evaluate_clip(model, tokenizer, tiny_clip.preprocess_images(images[test], preprocess),
+                                     rows[test].reset_index(drop=True))
+    timings["clip"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    labels = list(ATTRIBUTES[task])
+    y = np.asarray([labels.index(v) for v in rows["label"]])
+    is_train = (rows["split"] == "train").to_numpy()
+    bb = spec["blackbox"]
+    cnn = blackbox.train_blackbox(images[is_train], y[is_train], len(labels), bb["epochs"], bb["batch_size"],
+                                  bb["lr"], seed, progress)
+    torch.save(cnn.state_dict(), out / "blackbox.pt")
+    loss, pred = blackbox.per_sample_loss(cnn, images, y)
+    rows["loss"] = loss
+    rows["prediction"] = np.asarray(labels)[pred]
+    timings["blackbox"] = time.perf_counter() - t
+
+    slices, bb_q = _measure(rows, spec, planted, y, pred)
+    cols = ["id", "image", "label", "split", "loss", *ATTRIBUTES, *[s["column"] for s in slices],
+            "caption", "prediction", "label_corrupted", "x", "y", "rotation"]
+    rows[cols].to_parquet(out / MANIFEST, index=False)
+    write_vocab(out / "vocab.txt", [s["description"] for s in slices])
+    timings["total"] = time.perf_counter() - t0
+    quality = {"rows": len(rows), "clip": clip_q, "blackbox": bb_q,
+               "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    _warn_quality(clip_q, slices)
+    info = {"hash": h, "spec": spec, "slices": slices, "quality": quality}
+    (out / WORLD_FILE).write_text(json.dumps(info, indent=2))
+
+
+def _write_images(out: Path, paths: list[str], images: np.ndarray, progress: bool) -> None:
+    for split in {p.split("/")[1] for p in paths}:
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    for p, im in zip(tqdm(paths, desc="images", disable=not progress, leave=False), images, strict=True):
+        Image.fromarray(im).save(out / p, compress_level=1)
+
+
+def _measure(rows: pd.DataFrame, spec: dict, planted: list[dict], y: np.ndarray, pred: np.ndarray):
+    """Per-slice loss ratios (slice mean loss / world mean, overall and per split) and CNN quality."""
+    loss = rows["loss"].to_numpy()
+    split = rows["split"].to_numpy()
+    masks = {"all": np.ones(len(rows), bool), "train": split == "train", "test": split == "test"}
+    bb = {"mean_loss": {k: float(loss[m].mean()) for k, m in masks.items()},
+          "accuracy": {k: float((pred[m] == y[m]).mean()) for k, m in masks.items()}}
+    slices = []
+    for s, p in zip(spec["slices"], planted, strict=True):
+        col = slug(s["name"])
+        member = rows[col].to_numpy()
+        ratio = {k: float(loss[m & member].mean() / loss[m].mean()) if (m & member).any() else float("nan")
+                 for k, m in masks.items()}
+        slices.append({
+            "name": s["name"], "kind": s["kind"], "where": s["where"], "column": col, "columns": list(s["where"]),
+            "description": describe(s["where"]), "rows": int(member.sum()),
+            "rows_by_split": {k: int((m & member).sum()) for k, m in masks.items() if k != "all"},
+            "planted": p, "spec": s, "loss_ratio": ratio,
+            "mean_loss": float(loss[member].mean()) if member.any() else float("nan"),
+        })
+    return slices, bb
+
+
+def _warn_quality(clip_q: dict, slices: list[dict]) -> None:
+    for a in ATTRIBUTES:
+        if clip_q["zero_shot"][a] < MIN_ZERO_SHOT:
+            log.warning("tiny CLIP zero-shot accuracy on %s is %.3f (< %.1f); train it longer (spec clip.steps).",
+                        a, clip_q["zero_shot"][a], MIN_ZERO_SHOT)
+    for s in slices:
+        if not s["loss_ratio"]["all"] >= MIN_LOSS_RATIO:
+            log.warning("slice '%s' has loss ratio %.2f (< %.1f): the model barely fails on it.",
+                        s["name"], s["loss_ratio"]["all"], MIN_LOSS_RATIO)

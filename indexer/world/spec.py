@@ -1,0 +1,179 @@
+"""A world's spec: what to generate, which slices to plant, how long to train; validated once.
+
+A spec is a JSON object (see ``default_spec.json``)::
+
+    {"seed": 0, "n_train": 16000, "n_test": 4000, "image_size": 64, "task": "shape",
+     "slices": [{"name": "blue circles", "kind": "correlation",
+                 "where": {"shape": "circle", "color": "blue"}, "strength": 0.95}, ...],
+     "clip": {"steps": 400, "batch_size": 256, "n_images": 16000},
+     "blackbox": {"epochs": 4, "batch_size": 128}}
+
+Slice kinds (all planted in the black-box model's *training* split only; the test split is drawn
+uniformly and independently, so every group is present there at its natural rate):
+
+``rare``
+    the rows matching ``where`` make up a fraction ``rate`` of the training split (exactly, up to
+    rounding).
+``correlation``
+    ``where`` names the task attribute's value (the group's true label) and at least one other
+    attribute (the spurious feature). In training, a fraction ``strength`` of the rows that carry
+    the spurious feature show the ``decoy`` label (default: the task value listed after the group's)
+    and the rest show the other labels uniformly, so the feature predicts the decoy and the group
+    breaks that rule.
+``noisy_label``
+    a fraction ``noise`` of the training rows matching ``where`` get a wrong ``label`` (uniformly
+    among the other task values, or always ``to`` when given); images and attributes stay true.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from indexer.errors import UserError
+
+#: Attribute -> its values. Every image has one value of each; captions and vocab use these words.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": ("circle", "square", "triangle", "star", "cross"),
+    "color": ("red", "green", "blue", "yellow", "purple", "orange"),
+    "size": ("small", "large"),
+    "background": ("dark", "light", "striped", "noisy"),
+}
+
+KINDS = {"rare": "rate", "correlation": "strength", "noisy_label": "noise"}
+
+#: Bump when generation, planting or training changes what a spec produces, so caches rebuild.
+GENERATOR_VERSION = 1
+
+DEFAULT_SPEC_PATH = Path(__file__).with_name("default_spec.json")
+
+_TOP_KEYS = {"seed", "n_train", "n_test", "image_size", "task", "slices", "clip", "blackbox", "name"}
+_CLIP_DEFAULTS = {"steps": 400, "batch_size": 256, "n_images": 16000, "lr": 2e-3}
+_BLACKBOX_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 3e-3}
+
+
+def slug(name: str) -> str:
+    """``"blue circles"`` -> ``"slice_blue_circles"``: the slice's boolean column in the manifest."""
+    s = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    return f"slice_{s}"
+
+
+def default_spec() -> dict:
+    """The built-in spec (a fresh copy): shape task, one slice of each kind."""
+    return json.loads(DEFAULT_SPEC_PATH.read_text())
+
+
+def load_spec(spec: dict | str | Path | None) -> dict:
+    """``None`` -> the default; a path -> its JSON; a dict -> itself. Returns a validated copy."""
+    if spec is None:
+        return normalise_spec(default_spec())
+    if isinstance(spec, str | Path):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"world spec {path} does not exist; pass a JSON file like indexer/world/default_spec.json.")
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"world spec {path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from e
+    if not isinstance(spec, dict):
+        raise UserError("a world spec must be a JSON object with keys like seed, n_train, task, slices.")
+    return normalise_spec(spec)
+
+
+def _int(spec: dict, key: str, lo: int, hi: int) -> int:
+    v = spec[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise UserError(f"world spec '{key}' is {v!r}; give an integer between {lo} and {hi}.")
+    return v
+
+
+def _fraction(where: str, key: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
+        raise UserError(f"world spec {where} '{key}' is {v!r}; give a fraction between 0 and 1.")
+    return float(v)
+
+
+def normalise_spec(spec: dict) -> dict:
+    """Validate ``spec`` and fill defaults; raises UserError naming the bad field and the fix."""
+    spec = copy.deepcopy(spec)
+    unknown = set(spec) - _TOP_KEYS
+    if unknown:
+        raise UserError(f"world spec has unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}.")
+    spec.setdefault("seed", 0)
+    spec.setdefault("n_train", 16000)
+    spec.setdefault("n_test", 4000)
+    spec.setdefault("image_size", 64)
+    spec.setdefault("task", "shape")
+    spec.setdefault("slices", [])
+    _int(spec, "seed", 0, 2**31 - 1)
+    _int(spec, "n_train", 20, 1_000_000)
+    _int(spec, "n_test", 20, 1_000_000)
+    _int(spec, "image_size", 32, 256)
+    if spec["task"] not in ATTRIBUTES:
+        raise UserError(f"world spec task '{spec['task']}' is not an attribute; pick one of {list(ATTRIBUTES)}.")
+    for key, defaults in (("clip", _CLIP_DEFAULTS), ("blackbox", _BLACKBOX_DEFAULTS)):
+        given = spec.get(key) or {}
+        if not isinstance(given, dict) or set(given) - set(defaults):
+            raise UserError(f"world spec '{key}' must be an object with keys among {sorted(defaults)}.")
+        spec[key] = {**defaults, **given}
+    if not isinstance(spec["slices"], list):
+        raise UserError("world spec 'slices' must be a list of slice objects.")
+    names = set()
+    spec["slices"] = [_normalise_slice(s, spec["task"], i) for i, s in enumerate(spec["slices"])]
+    for s in spec["slices"]:
+        if slug(s["name"]) in names:
+            raise UserError(f"world spec has two slices named like '{s['name']}'; give each slice its own name.")
+        names.add(slug(s["name"]))
+    return spec
+
+
+def _normalise_slice(s: dict, task: str, i: int) -> dict:
+    where_txt = f"slice #{i + 1}"
+    if not isinstance(s, dict) or "kind" not in s or "where" not in s:
+        raise UserError(f"world spec {where_txt} needs at least 'kind' and 'where'.")
+    s = dict(s)
+    kind = s["kind"]
+    if kind not in KINDS:
+        raise UserError(f"world spec {where_txt} kind '{kind}' is unknown; use one of {list(KINDS)}.")
+    where = s["where"]
+    if not isinstance(where, dict) or not where:
+        raise UserError(f"world spec {where_txt} 'where' must map attributes to values, e.g. {{\"shape\": \"star\"}}.")
+    for attr, value in where.items():
+        if attr not in ATTRIBUTES:
+            raise UserError(f"world spec {where_txt} attribute '{attr}' is unknown; use one of {list(ATTRIBUTES)}.")
+        if value not in ATTRIBUTES[attr]:
+            raise UserError(
+                f"world spec {where_txt} value '{value}' is not a {attr}; use one of {list(ATTRIBUTES[attr])}."
+            )
+    s.setdefault("name", " ".join(where[a] for a in ATTRIBUTES if a in where))
+    param = KINDS[kind]
+    if param not in s:
+        raise UserError(f"world spec {where_txt} ({kind}) needs '{param}', a fraction between 0 and 1.")
+    s[param] = _fraction(where_txt, param, s[param])
+    labels = ATTRIBUTES[task]
+    if kind == "correlation":
+        if task not in where or len(where) < 2:
+            raise UserError(
+                f"world spec {where_txt} (correlation) must name the task attribute '{task}' and at least one "
+                "other attribute (the spurious feature) in 'where'."
+            )
+        decoy = s.setdefault("decoy", labels[(labels.index(where[task]) + 1) % len(labels)])
+        if decoy not in labels or decoy == where[task]:
+            raise UserError(
+                f"world spec {where_txt} decoy '{decoy}' must be a {task} other than '{where[task]}'."
+            )
+    if kind == "noisy_label" and "to" in s and s["to"] not in labels:
+        raise UserError(f"world spec {where_txt} 'to' must be one of {list(labels)}.")
+    allowed = {"name", "kind", "where", param, "decoy", "to"}
+    if set(s) - allowed:
+        raise UserError(f"world spec {where_txt} has unknown keys {sorted(set(s) - allowed)}.")
+    return s
+
+
+def spec_hash(spec: dict, clip_config: bytes = b"") -> str:
+    """Stable 16-hex-digit hash of a normalised spec, the generator version and the CLIP config."""
+    payload = json.dumps({"spec": spec, "v": GENERATOR_VERSION}, sort_keys=True).encode() + clip_config
+    return hashlib.sha256(payload).hexdigest()[:16]

@@ -1,0 +1,242 @@
+"""The offline world on tiny specs: determinism, planting of each slice kind, caching, the manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from indexer.errors import UserError
+from indexer.world import build as world_build
+from indexer.world import build_world, default_spec, load_spec, slug
+from indexer.world.generate import finish_rows, plant_train, render_all, sample_rows
+from indexer.world.spec import ATTRIBUTES
+from indexer.world.vocab import describe, vocabulary
+
+TINY = {
+    "seed": 3, "n_train": 400, "n_test": 160, "image_size": 32, "task": "shape",
+    "slices": [
+        {"name": "blue circles", "kind": "correlation", "where": {"shape": "circle", "color": "blue"},
+         "strength": 0.9},
+        {"name": "small stars", "kind": "rare", "where": {"shape": "star", "size": "small"}, "rate": 0.02},
+        {"name": "striped triangles", "kind": "noisy_label",
+         "where": {"shape": "triangle", "background": "striped"}, "noise": 0.5},
+    ],
+    "clip": {"steps": 3, "batch_size": 32, "n_images": 96},
+    "blackbox": {"epochs": 1, "batch_size": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(TINY, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+# ---- generation and planting (no training: cheap, so big samples make the rates exact) -----------
+def _train_rows(spec: dict, n: int = 6000) -> pd.DataFrame:
+    spec = load_spec({**spec, "n_train": n})
+    rows, _ = plant_train(sample_rows(n, spec["seed"], "train"), spec, spec["seed"])
+    return finish_rows(rows, spec, "train")
+
+
+def test_same_seed_same_rows_and_pixels_other_seed_differs():
+    a = finish_rows(sample_rows(50, 1, "test"), load_spec(TINY), "test")
+    b = finish_rows(sample_rows(50, 1, "test"), load_spec(TINY), "test")
+    c = finish_rows(sample_rows(50, 2, "test"), load_spec(TINY), "test")
+    pd.testing.assert_frame_equal(a, b)
+    assert np.array_equal(render_all(a, 32), render_all(b, 32))
+    assert not a[list(ATTRIBUTES)].equals(c[list(ATTRIBUTES)])
+    assert not np.array_equal(render_all(a, 32), render_all(c, 32))
+
+
+def test_rare_slice_has_exactly_its_rate_in_training():
+    rows = _train_rows({"slices": [{"name": "small stars", "kind": "rare",
+                                    "where": {"shape": "star", "size": "small"}, "rate": 0.004}]})
+    assert len(rows) == 6000
+    assert rows["slice_small_stars"].sum() == 24  # 0.004 * 6000, not the natural ~600
+    other = rows[~rows["slice_small_stars"]]
+    # Removing the group leaves the other attributes' balance alone.
+    assert (other["size"] == "small").mean() == pytest.approx(0.4 / 0.9, abs=0.02)
+
+
+def test_rare_slice_can_also_be_made_common():
+    rows = _train_rows({"slices": [{"name": "green crosses", "kind": "rare",
+                                    "where": {"shape": "cross", "color": "green"}, "rate": 0.2}]})
+    assert rows["slice_green_crosses"].mean() == pytest.approx(0.2, abs=1e-3)
+
+
+def test_correlation_slice_makes_the_spurious_feature_predict_the_decoy():
+    spec = {"slices": [{"name": "blue circles", "kind": "correlation",
+                        "where": {"shape": "circle", "color": "blue"}, "strength": 0.9}]}
+    rows = _train_rows(spec)
+    blue = rows[rows["color"] == "blue"]
+    assert (blue["shape"] == "square").mean() == pytest.approx(0.9, abs=2e-3)  # default decoy: next shape
+    assert (blue["shape"] == "circle").mean() < 0.05  # the group breaks the rule, so it is scarce
+    not_blue = rows[rows["color"] != "blue"]
+    assert (not_blue["shape"] == "circle").mean() == pytest.approx(0.2, abs=0.03)  # untouched
+    # The test split keeps every group at its natural rate.
+    test = finish_rows(sample_rows(6000, 0, "test"), load_spec(spec), "test")
+    assert test["slice_blue_circles"].mean() == pytest.approx(1 / 30, abs=0.01)
+    assert ((test["color"] == "blue") & (test["shape"] == "square")).mean() == pytest.approx(1 / 30, abs=0.01)
+
+
+def test_correlation_with_explicit_decoy():
+    rows = _train_rows({"slices": [{"name": "noisy red stars", "kind": "correlation", "decoy": "cross",
+                                    "where": {"shape": "star", "color": "red", "background": "noisy"},
+                                    "strength": 0.8}]})
+    spurious = rows[(rows["color"] == "red") & (rows["background"] == "noisy")]
+    assert (spurious["shape"] == "cross").mean() == pytest.approx(0.8, abs=5e-3)
+
+
+def test_noisy_label_slice_corrupts_exactly_its_share_and_nothing_else():
+    rows = _train_rows({"slices": [{"name": "striped triangles", "kind": "noisy_label",
+                                    "where": {"shape": "triangle", "background": "striped"}, "noise": 0.3}]})
+    g = rows[rows["slice_striped_triangles"]]
+    assert (g["label"] != g["shape"]).mean() == pytest.approx(0.3, abs=2e-3)
+    assert (g["label"] != g["shape"]).eq(g["label_corrupted"]).all()
+    assert set(g.loc[g["label_corrupted"], "label"]) <= set(ATTRIBUTES["shape"]) - {"triangle"}
+    rest = rows[~rows["slice_striped_triangles"]]
+    assert (rest["label"] == rest["shape"]).all()
+
+
+def test_noisy_label_to_a_fixed_target():
+    rows = _train_rows({"slices": [{"name": "dark stars", "kind": "noisy_label", "to": "circle",
+                                    "where": {"shape": "star", "background": "dark"}, "noise": 0.6}]})
+    g = rows[rows["slice_dark_stars"]]
+    assert (g["label"] == "circle").mean() == pytest.approx(0.6, abs=5e-3)
+
+
+def test_task_can_be_another_attribute():
+    spec = {"task": "color", "slices": [{"name": "red on stripes", "kind": "correlation",
+                                         "where": {"color": "red", "background": "striped"}, "strength": 1.0}]}
+    rows = _train_rows(spec)
+    assert (rows["label"] == rows["color"]).all()
+    assert (rows.loc[rows["background"] == "striped", "color"] == "green").all()
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"task": "mood"}, "task"),
+    ({"n_train": 3}, "n_train"),
+    ({"slices": [{"kind": "rare", "where": {"shape": "blob"}, "rate": 0.1}]}, "blob"),
+    ({"slices": [{"kind": "rare", "where": {"shape": "star"}}]}, "rate"),
+    ({"slices": [{"kind": "often", "where": {"shape": "star"}}]}, "kind"),
+    ({"slices": [{"kind": "correlation", "where": {"color": "red"}, "strength": 0.9}]}, "spurious"),
+    ({"slices": [{"kind": "noisy_label", "where": {"shape": "star"}, "noise": 1.5}]}, "fraction"),
+    ({"colour": 3}, "unknown keys"),
+])
+def test_bad_specs_are_refused_with_the_field_named(bad, words):
+    with pytest.raises(UserError, match=words):
+        load_spec(bad)
+
+
+def test_default_spec_is_valid_and_has_one_slice_of_each_kind():
+    spec = load_spec(None)
+    assert spec == load_spec(default_spec())
+    assert {s["kind"] for s in spec["slices"]} == {"rare", "correlation", "noisy_label"}
+    assert len(ATTRIBUTES["shape"]) >= 5 and len(ATTRIBUTES["color"]) == 6
+    assert len(ATTRIBUTES["size"]) == 2 and len(ATTRIBUTES["background"]) == 4
+
+
+def test_descriptions_and_vocabulary():
+    assert describe({"shape": "circle", "color": "blue"}) == "a blue circle"
+    assert describe({"shape": "triangle", "background": "striped"}) == "a triangle on a striped background"
+    assert describe({"color": "orange"}) == "an orange object"
+    v = vocabulary()
+    assert len(v) == len(set(v)) and {"a small star", "a blue circle"} <= set(v)
+
+
+# ---- a built tiny world ---------------------------------------------------------------------------
+def test_world_manifest_columns_and_files(world):
+    rows = world.rows()
+    assert len(rows) == 560 and rows["split"].value_counts().to_dict() == {"train": 400, "test": 160}
+    for col in ("image", "id", "label", "split", "loss", "caption", *ATTRIBUTES,
+                "slice_blue_circles", "slice_small_stars", "slice_striped_triangles"):
+        assert col in rows.columns
+    assert rows["id"].is_unique
+    assert (world.manifest.parent / rows["image"].iloc[0]).is_file()
+    assert np.isfinite(rows["loss"]).all() and (rows["loss"] >= 0).all()
+    assert (rows.loc[rows["split"] == "test", "label"] == rows.loc[rows["split"] == "test", "shape"]).all()
+    assert rows.loc[rows["split"] == "train", "slice_small_stars"].sum() == 8  # 0.02 * 400
+    assert world.clip_config.is_file() and world.clip_checkpoint.is_file()
+    phrases = world.vocab.read_text().splitlines()
+    assert {"a blue circle", "a small star", "a triangle on a striped background"} <= set(phrases)
+
+
+def test_world_reports_quality_numbers(world):
+    q = world.quality
+    assert set(ATTRIBUTES) <= set(q["clip"]["zero_shot"])
+    assert 0.0 <= q["clip"]["recall_at_10"] <= 1.0
+    for s in world.slices:
+        assert s["column"] == slug(s["name"]) and s["loss_ratio"]["all"] > 0
+        assert s["planted"]["kind"] == s["kind"]
+    text = world.summary()
+    assert "zero-shot" in text and "slice 'blue circles'" in text
+
+
+def test_world_is_deterministic(world, tmp_path):
+    again = build_world(TINY, cache_dir=tmp_path, progress=False)
+    a, b = world.rows(), again.rows()
+    pd.testing.assert_frame_equal(a.drop(columns=["loss", "prediction"]), b.drop(columns=["loss", "prediction"]))
+    assert np.allclose(a["loss"], b["loss"], atol=1e-4)
+    for img in a["image"].iloc[:20]:
+        assert (world.root / img).read_bytes() == (again.root / img).read_bytes()
+
+
+def test_cache_reuses_and_a_spec_change_rebuilds(world, monkeypatch):
+    cache = world.root.parent.parent
+
+    def refuse(*a, **k):
+        raise AssertionError("rebuilt a cached world")
+
+    monkeypatch.setattr(world_build, "_build", refuse)
+    again = build_world(dict(TINY), cache_dir=cache, progress=False)
+    assert again.root == world.root
+    with pytest.raises(AssertionError, match="rebuilt"):
+        build_world({**TINY, "seed": 4}, cache_dir=cache, progress=False)
+
+
+def test_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    from indexer.world import blackbox
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blackbox, "train_blackbox", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(TINY, cache_dir=tmp_path, progress=False)
+    assert list((tmp_path / "worlds").iterdir()) == []
+
+
+def test_cache_folder_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM2LOSS_CACHE", str(tmp_path / "a"))
+    assert world_build.cache_root() == tmp_path / "a"
+    monkeypatch.delenv("LLM2LOSS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert world_build.cache_root() == tmp_path / "x" / "llm2loss"
+
+
+def test_spec_file_is_accepted(tmp_path):
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps(TINY))
+    assert load_spec(p)["n_train"] == 400
+    p.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_spec(p)
+
+
+def test_manifest_is_indexed_by_the_ordinary_path(world, tmp_path):
+    from indexer.clip import ClipSpec
+    from indexer.pipeline import index_dataset
+    from indexer.store import Database
+
+    report = index_dataset(world.manifest, tmp_path / "db",
+                           clip=ClipSpec(model=str(world.clip_config), checkpoint=str(world.clip_checkpoint)),
+                           progress=False, workers=0)
+    assert report.rows_written == 560 and not report.rejected
+    db = Database(tmp_path / "db")
+    t = db.read(["id", "loss", "slice_blue_circles", "shape"]).to_pandas().set_index("id")
+    rows = world.rows().set_index("id")
+    assert np.allclose(t.loc[rows.index, "loss"], rows["loss"], atol=1e-6)
+    assert (t.loc[rows.index, "slice_blue_circles"] == rows["slice_blue_circles"]).all()
