@@ -5,6 +5,7 @@ training split; its per-sample cross-entropy on every split is the manifest's ``
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -47,7 +48,9 @@ def train_blackbox(images: np.ndarray, labels: np.ndarray, classes: int, epochs:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n = len(images)
     steps = epochs * ((n + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    warm = max(1, steps // 5)
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     y = torch.from_numpy(labels.astype(np.int64))
     gen = torch.Generator().manual_seed(seed)
     model.train()

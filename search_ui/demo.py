@@ -1,0 +1,163 @@
+"""``llm2loss demo``: the whole product on the offline world, through the same path as user data.
+
+build (or reuse) the world -> ``index_dataset`` its manifest with its tiny CLIP -> ``diagnose`` ->
+``explain`` -> print a summary -> serve the UI. Each stage is skipped when its stored result is
+already current, so a second run takes seconds. A stage whose module does not exist yet is
+reported as not available and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from indexer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: Failure modes shown in the summary.
+TOP_MODES = 5
+
+
+def _missing(e: ImportError, what: str, notes: list[str]) -> None:
+    notes.append(f"{what} is not available yet ({e.name or e}); skipped.")
+    log.warning("%s is not available yet (%s); skipping it", what, e)
+
+
+def _index(world, db: Path, notes: list[str], progress: bool) -> dict:
+    """Index the world's manifest unless ``db`` already holds every row with a fresh FAISS index."""
+    try:
+        from indexer.clip import ClipSpec
+        from indexer.pipeline import index_dataset
+        from indexer.store import Database
+    except ImportError as e:
+        _missing(e, "indexing (indexer.pipeline)", notes)
+        return {"indexed": False}
+    n = len(world.rows())
+    if (db / "meta.json").is_file():
+        database = Database(db)
+        fresh = database.has_table() and database.count_rows() == n and _ann_fresh(database)
+        if fresh:
+            log.info("database %s already holds the world's %d rows; not re-indexing", db, n)
+            return {"indexed": True, "reused": True, "rows": n}
+    clip = ClipSpec(model=str(world.clip_config), checkpoint=str(world.clip_checkpoint))
+    report = index_dataset(world.manifest, db, clip=clip, progress=progress)
+    print(report.summary(), file=sys.stderr)
+    return {"indexed": True, "reused": False, "rows": report.rows_written + report.rows_already_stored}
+
+
+def _ann_fresh(database) -> bool:
+    try:
+        from indexer.ann import index_status
+    except ImportError:
+        return True  # no ANN stage to be stale
+    return bool(index_status(database).get("fresh"))
+
+
+def _diagnose(db: Path, notes: list[str], progress: bool) -> dict | None:
+    """Fit the diagnosis ensemble unless the stored one is current; returns its quality numbers."""
+    try:
+        from diagnosis.run import diagnose, load_ensemble
+    except ImportError as e:
+        _missing(e, "diagnosis (diagnosis.run)", notes)
+        return None
+    try:
+        loaded = load_ensemble(db)
+        if loaded.stale is None:
+            log.info("the stored diagnosis ensemble is current; not refitting")
+            return {**loaded.info, "reused": True}
+    except UserError:
+        pass  # none yet, or stale: fit it
+    return {**diagnose(db, progress=progress).to_dict(), "reused": False}
+
+
+def _explain(db: Path, world, notes: list[str]) -> list[dict]:
+    try:
+        from diagnosis.explain import explain
+    except ImportError as e:
+        _missing(e, "failure-mode naming (diagnosis.explain)", notes)
+        return []
+    rows = world.rows().set_index("id")
+    modes = []
+    for m in explain(db, top=TOP_MODES):
+        d = m.to_dict()
+        d["planted"] = _best_slice(m.ids or m.examples, rows, world.slices)
+        modes.append(d)
+    return modes
+
+
+def _best_slice(ids: list[str], rows, slices: list[dict]) -> dict | None:
+    """The planted slice holding most of a mode's samples (precision = share of them in it)."""
+    ids = [i for i in ids if i in rows.index]
+    if not ids or not slices:
+        return None
+    sub = rows.loc[ids]
+    best = max(slices, key=lambda s: sub[s["column"]].mean())
+    share = float(sub[best["column"]].mean())
+    return {"name": best["name"], "precision": share} if share > 0 else None
+
+
+def run_demo(db: str | os.PathLike | None = None, spec: str | os.PathLike | dict | None = None,
+             serve: bool = True, port: int | None = 7860, cache_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> dict:
+    """Build/reuse the world of ``spec`` (default spec when None), index it into ``db`` (default:
+    ``<world>/db``), diagnose, explain, print a summary on stdout, then serve the UI unless
+    ``serve`` is False. Returns the summary as a dict (``world``, ``db``, ``slices``,
+    ``diagnosis``, ``modes``, ``queries``, ``not_available``, ``seconds``).
+    """
+    from indexer.world import build_world
+
+    t0 = time.perf_counter()
+    world = build_world(spec, cache_dir=cache_dir, progress=progress)
+    db_path = Path(db).expanduser().resolve() if db else world.root / "db"
+    notes: list[str] = []
+    index = _index(world, db_path, notes, progress)
+    diag = _diagnose(db_path, notes, progress) if index["indexed"] else None
+    modes = _explain(db_path, world, notes) if diag is not None else []
+    queries = [f'llm2loss search "{s["description"]}" --db {db_path}' for s in world.slices]
+    queries += [f'llm2loss explain --db {db_path}', f"llm2loss serve --db {db_path}"]
+    summary = {
+        "world": str(world.root), "db": str(db_path), "rows": world.quality["rows"], "index": index,
+        "slices": world.slices, "clip": world.quality["clip"], "diagnosis": diag, "modes": modes,
+        "queries": queries, "not_available": notes, "seconds": time.perf_counter() - t0,
+    }
+    print(format_summary(world, summary))
+    sys.stdout.flush()
+    if serve:
+        try:
+            from search_ui.app import serve as serve_app
+        except ImportError as e:
+            print(f"the web UI (search_ui.app) is not available yet ({e}); stopping after the summary.")
+            return summary
+        if not index["indexed"]:
+            print("nothing to serve: the database could not be built (see above).")
+            return summary
+        serve_app(db_path, port=port)
+    return summary
+
+
+def format_summary(world, s: dict) -> str:
+    """The demo's human-readable summary (several lines)."""
+    lines = [f"offline world: {world.root}", world.summary(), f"database: {s['db']} ({s['rows']} rows)"]
+    d = s["diagnosis"]
+    if d:
+        lines.append(
+            "diagnosis ensemble" + (" (reused)" if d.get("reused") else "")
+            + f": Spearman {d.get('spearman', float('nan')):.3f}, "
+            f"AUROC(top 10% losses) {d.get('auroc_top10', float('nan')):.3f}"
+        )
+    if s["modes"]:
+        lines.append("top failure modes found:")
+        for i, m in enumerate(s["modes"], 1):
+            p = m.get("planted")
+            hit = f" <- planted '{p['name']}' ({100 * p['precision']:.0f}% of its samples)" if p else ""
+            loss = "n/a" if m.get("mean_loss") is None else f"{m['mean_loss']:.3f}"
+            lines.append(f"  {i}. {m['description']!r}: {m['size']} samples, mean loss {loss}{hit}")
+    lines.extend(f"not available yet: {n}" for n in s["not_available"])
+    lines.append("try:")
+    lines.extend(f"  {q}" for q in s["queries"])
+    lines.append(f"(demo took {s['seconds']:.1f}s)")
+    return "\n".join(lines)
