@@ -257,6 +257,38 @@ def _weights_message(spec: ClipSpec, err: Exception | None) -> str:
     )
 
 
+def clip_spec_from_args(model: str | None, pretrained: str | None, checkpoint: str | None) -> ClipSpec | None:
+    """The CLI's ``--clip/--pretrained/--clip-checkpoint`` -> a spec for ``index_dataset``.
+
+    Nothing given -> ``None`` (the database's recorded model, else ViT-B-32 with its default
+    weights). A named open_clip model without weights gets its default pretrained tag (use
+    ``--pretrained none`` for random weights); a JSON config without weights is random.
+    """
+    if model is None and pretrained is None and checkpoint is None:
+        return None
+    if model and not model.endswith(".json") and pretrained is None and checkpoint is None:
+        if model == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+        else:
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(model) if model in open_clip.list_models() else []
+            pretrained = tags[0] if tags else None
+    return ClipSpec(model=model, pretrained=pretrained, checkpoint=checkpoint)  # type: ignore[arg-type]
+
+
+def resolve_clip(clip: ClipSpec | None, meta: dict) -> ClipSpec:
+    """Fill in the model (recorded in ``meta``, else the default) and make file paths absolute."""
+    recorded = meta.get("clip_spec")
+    if clip is None:
+        clip = ClipSpec(**recorded) if recorded else ClipSpec(DEFAULT_MODEL, DEFAULT_PRETRAINED)
+    elif clip.model is None:
+        clip = ClipSpec(recorded["model"] if recorded else DEFAULT_MODEL, clip.pretrained, clip.checkpoint)
+    model = str(Path(clip.model).expanduser().resolve()) if clip.model.endswith(".json") else clip.model
+    ckpt = str(Path(clip.checkpoint).expanduser().resolve()) if clip.checkpoint else None
+    return ClipSpec(model=model, pretrained=clip.pretrained, checkpoint=ckpt)
+
+
 def load_clip(spec: ClipSpec, device: str | None = None) -> ClipModel:
     """Load ``spec`` on ``device`` (auto-detected when None)."""
     return ClipModel(spec, device)

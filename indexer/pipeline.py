@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -34,14 +33,19 @@ import numpy as np
 import pyarrow as pa
 
 from indexer import schema as S
-from indexer.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipSpec, load_clip, resolve_device
+from indexer.clip import ClipSpec, clip_spec_from_args, load_clip, resolve_clip, resolve_device
 from indexer.errors import UserError
 from indexer.images import ShapeMismatch, image_batches
 from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
 from indexer.manifest import Manifest, read_source
-from indexer.store import META_FILE, Database, describe_clip, write_json_atomic
+from indexer.store import META_FILE, Database, FolderSnapshot, describe_clip, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+# The CLI takes clip_spec_from_args from here; indexer.ray_engine takes the snapshot by its old name.
+__all__ = ["index_dataset", "prepare_index", "begin_writing", "finish_index", "rows_table", "IndexReport",
+           "IndexPlan", "clip_spec_from_args"]
+_Snapshot = FolderSnapshot
 
 #: Rows per Lance commit by default: large enough that fragments stay few, small enough that a kill
 #: loses little and memory stays flat (1024 x 512 float32 = 2 MiB of embeddings).
@@ -92,70 +96,6 @@ class IndexReport:
                 lines.append(f"  FAISS index: {self.ann.get('kind')} over {self.ann.get('num_rows')} rows, "
                              f"recall@10 {self.ann.get('recall_at_10')}")
         return "\n".join(lines)
-
-
-# ---- choosing the CLIP model --------------------------------------------------------------------
-def clip_spec_from_args(model: str | None, pretrained: str | None, checkpoint: str | None) -> ClipSpec | None:
-    """The CLI's ``--clip/--pretrained/--clip-checkpoint`` -> a spec for :func:`index_dataset`.
-
-    Nothing given -> ``None`` (the database's recorded model, else ViT-B-32 with its default
-    weights). A named open_clip model without weights gets its default pretrained tag (use
-    ``--pretrained none`` for random weights); a JSON config without weights is random.
-    """
-    if model is None and pretrained is None and checkpoint is None:
-        return None
-    if model and not model.endswith(".json") and pretrained is None and checkpoint is None:
-        if model == DEFAULT_MODEL:
-            pretrained = DEFAULT_PRETRAINED
-        else:
-            import open_clip
-
-            tags = open_clip.list_pretrained_tags_by_model(model) if model in open_clip.list_models() else []
-            pretrained = tags[0] if tags else None
-    return ClipSpec(model=model, pretrained=pretrained, checkpoint=checkpoint)  # type: ignore[arg-type]
-
-
-def resolve_clip(clip: ClipSpec | None, meta: dict) -> ClipSpec:
-    """Fill in the model (recorded in ``meta``, else the default) and make file paths absolute."""
-    recorded = meta.get("clip_spec")
-    if clip is None:
-        clip = ClipSpec(**recorded) if recorded else ClipSpec(DEFAULT_MODEL, DEFAULT_PRETRAINED)
-    elif clip.model is None:
-        clip = ClipSpec(recorded["model"] if recorded else DEFAULT_MODEL, clip.pretrained, clip.checkpoint)
-    model = str(Path(clip.model).expanduser().resolve()) if clip.model.endswith(".json") else clip.model
-    ckpt = str(Path(clip.checkpoint).expanduser().resolve()) if clip.checkpoint else None
-    return ClipSpec(model=model, pretrained=clip.pretrained, checkpoint=ckpt)
-
-
-# ---- undoing a failed run -----------------------------------------------------------------------
-class _Snapshot:
-    """The database folder's state before a run, enough to put it back after a bad-input failure."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.dir_existed = path.exists()
-        meta = path / META_FILE
-        self.meta = meta.read_bytes() if meta.exists() else None
-        self.version: int | None = None
-
-    def rollback(self, database: Database | None) -> None:
-        log.info("restoring %s to its state before this run", self.path)
-        if not self.dir_existed:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        if database is not None:
-            if self.version is None:
-                database.drop_table()
-            else:
-                database.restore(self.version)
-        meta = self.path / META_FILE
-        if self.meta is None:
-            meta.unlink(missing_ok=True)
-        else:
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=META_FILE, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.meta)
-            os.replace(tmp, meta)
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -317,7 +257,7 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
                      todo, rejects, already, t_start)
 
 
-def begin_writing(plan: IndexPlan, snap: _Snapshot) -> Database:
+def begin_writing(plan: IndexPlan, snap: FolderSnapshot) -> Database:
     """Open (or create) the database, stamp meta.json's model and sources, create the table when
     there are rows to add. Call inside the ``try`` that rolls ``snap`` back on a UserError."""
     meta, manifest, spec = plan.meta, plan.manifest, plan.spec
@@ -362,7 +302,7 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
     commit (default ``max(batch_size, 1024)``). Returns what was done (see :class:`IndexReport`).
     """
     plan = prepare_index(source, db, clip, predictions, model, task, batch_size, device, strict)
-    snap = _Snapshot(plan.db_path)
+    snap = FolderSnapshot(plan.db_path)
     database: Database | None = plan.existing
     written, embed_seconds = 0, 0.0
     try:

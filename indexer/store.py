@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
@@ -230,3 +231,38 @@ def describe_clip(identity: dict) -> str:
     name = identity.get("model", "?")
     weights = identity.get("pretrained") or identity.get("checkpoint") or "random weights"
     return f"'{name}' ({weights})"
+
+
+class FolderSnapshot:
+    """A database folder's state before a write, enough to put it back after a bad-input failure.
+
+    Taken before the write: whether the folder existed, meta.json's bytes; the writer sets
+    ``version`` (the table's version, None when there was no table) once the table is open.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.dir_existed = path.exists()
+        meta = path / META_FILE
+        self.meta = meta.read_bytes() if meta.exists() else None
+        self.version: int | None = None
+
+    def rollback(self, database: Database | None) -> None:
+        """Folder, table rows and meta.json as they were (the table gets a new, restoring version)."""
+        log.info("restoring %s to its state before this run", self.path)
+        if not self.dir_existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        if database is not None:
+            if self.version is None:
+                database.drop_table()
+            else:
+                database.restore(self.version)
+        meta = self.path / META_FILE
+        if self.meta is None:
+            meta.unlink(missing_ok=True)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=META_FILE, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.meta)
+            os.replace(tmp, meta)
