@@ -5,8 +5,8 @@ Files in ``DIR/faiss/``::
     index.faiss   the FAISS index (inner product on L2-normalised vectors = cosine similarity)
     ids.npy       (n,) unicode array: FAISS position i holds the row whose ``id`` is ids[i]
     info.json     the stamp and the index's quality: data_version, num_rows, embed_dim, clip,
-                  kind ("flat" | "ivf"), nlist, nprobe, recall_at_10, recall_curve, build_seconds,
-                  index_bytes, gpu
+                  kind ("flat" | "ivf"), nlist, nprobe, recall_at_10, recall_curve (nprobe -> recall),
+                  nprobe_at_100, recall_at_100, recall_curve_at_100, build_seconds, index_bytes, gpu
 
 Positions are mapped to ids through ``ids.npy`` because ``merge_insert`` (used to write
 ``predicted_loss``) reorders the Lance table's rows; nothing here relies on row positions.
@@ -15,11 +15,13 @@ An index is *fresh* when its stamped ``data_version``, row count, embedding size
 the database's. A stale index is rebuilt (``load_index(db)``) or refused with a
 :class:`~indexer.errors.UserError` (``load_index(db, rebuild_if_stale=False)``), never served.
 
-IVF: ``nlist = 4 * sqrt(n)`` cells (k-means trained on at most ``64 * nlist`` rows); ``nprobe`` is the
-smallest power of two whose recall@10 against exact search, on a held sample of queries, reaches
-``target_recall`` (0.95). The queries are half stored embeddings (their own row excluded from both
-rankings, so a vector finding itself does not inflate recall) and half normalised midpoints of two
-random stored embeddings, which sit off the data manifold the way text queries do.
+IVF: ``nlist = 4 * sqrt(n)`` cells (k-means trained on at most ``64 * nlist`` rows). ``nprobe`` is the
+smallest power of two whose recall@10 against exact search reaches ``target_recall`` (0.95) in every
+family of held queries; ``nprobe_at_100`` likewise for recall@100, the depth of the query engine's
+candidate pool (``AnnIndex.nprobe_for(k)`` picks the probe count for any depth). The families:
+stored embeddings (their own row excluded from both rankings, so a vector finding itself does not
+inflate recall), normalised midpoints of two random stored embeddings, and stored embeddings minus
+the data's mean, which sit off the data manifold the way text queries do.
 """
 
 from __future__ import annotations
@@ -115,17 +117,22 @@ def _recall_at(truth: np.ndarray, found: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
-def _recall_queries(x: np.ndarray, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(queries (m, d) float32 unit, self positions (m,) int64, -1 for synthetic queries)."""
+def _recall_queries(x: np.ndarray, m: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Three families of (queries (m', d) float32 unit, self positions (m',) int64, -1 = none):
+    stored rows (self excluded), midpoints of two rows, and rows with the data's mean removed; the
+    last mimic text queries, which lack the image cone's shared direction (CLIP's modality gap)
+    and so spread their neighbours over more cells."""
     n = len(x)
-    half = m // 2
-    own = rng.choice(n, size=min(half, n), replace=False)
-    a, b = rng.integers(0, n, m - len(own)), rng.integers(0, n, m - len(own))
+    third = max(1, m // 3)
+    own = rng.choice(n, size=min(third, n), replace=False)
+    a, b = rng.integers(0, n, third), rng.integers(0, n, third)
     mid = x[a] + x[b]
-    mid /= np.maximum(np.linalg.norm(mid, axis=1, keepdims=True), 1e-12)
-    q = np.concatenate([x[own], mid]).astype(np.float32)
-    self_pos = np.concatenate([own, np.full(len(mid), -1)]).astype(np.int64)
-    return q, self_pos
+    centred = x[rng.integers(0, n, third)] - x.mean(axis=0)
+    fams = [(x[own], own.astype(np.int64))]
+    for q in (mid, centred):
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        fams.append((q.astype(np.float32), np.full(len(q), -1, np.int64)))
+    return fams
 
 
 def _drop_self(pos: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
@@ -135,22 +142,23 @@ def _drop_self(pos: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _tune_nprobe(index, x: np.ndarray, nlist: int, target: float, seed: int) -> tuple[int, float, dict]:
-    """Smallest power-of-two nprobe with recall@10 >= target; returns (nprobe, recall, curve)."""
+def _tune_nprobe(index, x: np.ndarray, nlist: int, target: float, seed: int, k: int = 10,
+                 start: int = 1) -> tuple[int, float, dict]:
+    """Smallest power-of-two nprobe (from ``start``) whose recall@k reaches ``target`` in every query
+    family (the worst family's recall is what counts); returns (nprobe, recall, curve)."""
     faiss = _faiss()
     rng = np.random.default_rng(seed)
-    q, self_pos = _recall_queries(x, min(RECALL_QUERIES, len(x)), rng)
-    k = min(10, len(x) - 1)
+    fams = _recall_queries(x, min(RECALL_QUERIES, len(x)), rng)
+    k = min(k, len(x) - 1)
     exact = faiss.IndexFlatIP(x.shape[1])
     exact.add(x)
-    _, truth = exact.search(q, k + 1)
-    truth = _drop_self(truth, self_pos, k)
+    truths = [_drop_self(exact.search(q, k + 1)[1], sp, k) for q, sp in fams]
     curve: dict[str, float] = {}
-    nprobe = 1
+    nprobe = start
     while True:
         index.nprobe = nprobe
-        _, found = index.search(q, k + 1)
-        rec = _recall_at(truth, _drop_self(found, self_pos, k), k)
+        rec = min(_recall_at(t, _drop_self(index.search(q, k + 1)[1], sp, k), k)
+                  for (q, sp), t in zip(fams, truths, strict=True))
         curve[str(nprobe)] = round(rec, 4)
         if rec >= target or nprobe >= nlist:
             return nprobe, rec, curve
@@ -166,7 +174,8 @@ def _build_faiss(x: np.ndarray, exact_max_rows: int, target_recall: float, seed:
         index = faiss.IndexFlatIP(d)
         index.add(x)
         return index, {"kind": "flat", "nlist": None, "nprobe": None, "recall_at_10": 1.0,
-                       "recall_curve": None, "gpu": False}
+                       "recall_curve": None, "nprobe_at_100": None, "recall_at_100": 1.0,
+                       "recall_curve_at_100": None, "gpu": False}
     nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))  # faiss wants >= 39 points per cell
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -177,17 +186,27 @@ def _build_faiss(x: np.ndarray, exact_max_rows: int, target_recall: float, seed:
         gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
         gpu_index.train(train)
         gpu_index.add(x)
-        nprobe, rec, curve = _tune_nprobe(gpu_index, x, nlist, target_recall, seed)
+        tuned = _tune_both(gpu_index, x, nlist, target_recall, seed)
         index = faiss.index_gpu_to_cpu(gpu_index)
     else:
         index.train(train)
         index.add(x)
-        nprobe, rec, curve = _tune_nprobe(index, x, nlist, target_recall, seed)
-    index.nprobe = nprobe
-    if rec < target_recall:
-        log.warning("IVF recall@10 %.3f stays below %.2f even at nprobe=%d", rec, target_recall, nprobe)
-    return index, {"kind": "ivf", "nlist": nlist, "nprobe": nprobe, "recall_at_10": round(rec, 4),
-                   "recall_curve": curve, "gpu": use_gpu}
+        tuned = _tune_both(index, x, nlist, target_recall, seed)
+    index.nprobe = tuned["nprobe"]
+    return index, {"kind": "ivf", "nlist": nlist, **tuned, "gpu": use_gpu}
+
+
+def _tune_both(index, x, nlist, target, seed) -> dict:
+    """nprobe for recall@10 (the stored default) and for recall@100 (the query engine's pool)."""
+    out = {}
+    start = 1
+    for k, suffix in ((10, ""), (100, "_at_100")):
+        nprobe, rec, curve = _tune_nprobe(index, x, nlist, target, seed, k=k, start=start)
+        if rec < target:
+            log.warning("IVF recall@%d %.3f stays below %.2f even at nprobe=%d", k, rec, target, nprobe)
+        out.update({f"nprobe{suffix}": nprobe, f"recall_at_{k}": round(rec, 4), f"recall_curve{suffix}": curve})
+        start = nprobe
+    return out
 
 
 def build_index(db, force: bool = False, exact_max_rows: int = EXACT_MAX_ROWS,
@@ -275,18 +294,30 @@ class AnnIndex:
         return int(self.index.ntotal)
 
     def nprobe_for(self, k: int) -> int:
-        """The stored nprobe (tuned for recall@10), widened for deeper searches.
-
-        The k-th neighbour lies farther out than the 10th, so more cells are probed: the tuned value
-        times sqrt(k / 10), and at least enough cells to hold 4k vectors on average.
-        """
-        base = int(self.info["nprobe"])
+        """Cells to probe for a search of depth k: the values tuned for recall@10 and recall@100
+        (log-interpolated between them), and beyond 100 the recall@100 value scaled by k / 100."""
+        if self.info.get("kind") != "ivf":
+            return 0  # exact index: nothing to probe
+        p10 = int(self.info["nprobe"])
+        p100 = int(self.info.get("nprobe_at_100") or p10)
         if k <= 10:
-            return base
-        per_cell = max(1.0, self.ntotal / self.info["nlist"])
-        return int(min(self.info["nlist"], max(base * math.sqrt(k / 10), 4 * k / per_cell)))
+            p = p10
+        elif k <= 100:
+            t = math.log(k / 10) / math.log(10)
+            p = math.exp((1 - t) * math.log(p10) + t * math.log(p100))
+        else:
+            p = p100 * k / 100
+        return int(min(self.info["nlist"], math.ceil(p)))
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        sims, pos = self.search_positions(queries, k, nprobe)
+        missing = pos < 0
+        out_ids = self.ids[np.where(missing, 0, pos)].astype(object)
+        out_ids[missing] = None
+        return sims, out_ids
+
+    def search_positions(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search`` but (sims (m, k) float32, FAISS positions (m, k) int64, -1 where none)."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(int(k), self.ntotal))
         if self.info.get("kind") == "ivf" and (nprobe is not None or k > 10):
@@ -300,12 +331,9 @@ class AnnIndex:
                 sims, pos = self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
         else:
             sims, pos = self.index.search(q, k)
-        missing = pos < 0
-        out_ids = self.ids[np.where(missing, 0, pos)].astype(object)
-        out_ids[missing] = None
         sims = sims.astype(np.float32, copy=False)
-        sims[missing] = -np.inf
-        return sims, out_ids
+        sims[pos < 0] = -np.inf
+        return sims, pos
 
 
 def load_index(db, rebuild_if_stale: bool = True) -> AnnIndex:

@@ -26,12 +26,22 @@ Filters
 is asked for N / (share of matching rows) * 2 neighbours, growing while too few match, and a
 filtered exact scan in LanceDB takes over when that would exceed ``max_ann_fetch``; so k results
 come back whenever k rows match.
+
+Row cache
+---------
+With ``cache_rows`` (the default) the engine keeps every column except the embedding in memory
+(about 75 bytes a row plus the metadata: ~7 MiB at 100k rows), permuted into FAISS order, so an
+unfiltered query's rows are an Arrow ``take`` (~0.1 ms) instead of a LanceDB ``id IN (...)`` query
+(~8 ms at 100k rows, BTREE index or not; see BENCHMARKS.md). It is reloaded when the table's Lance
+version changes, so freshly written ``predicted_loss`` values are seen by the next query. Filtered
+queries still ask LanceDB, which evaluates the SQL.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -79,13 +89,15 @@ class QueryEngine:
 
     ``db``: a database folder or :class:`~indexer.store.Database`. ``device``: for the CLIP model
     (default: cuda when present). ``rebuild_if_stale``: rebuild a stale FAISS index (True) or
-    refuse it with a UserError (False); either way a stale one is never served.
+    refuse it with a UserError (False); either way a stale one is never served. ``max_ann_fetch``:
+    most FAISS neighbours fetched for a filtered query before a filtered scan takes over.
+    ``cache_rows``: keep the non-vector columns in memory for fast fetches (module doc).
     After each query, ``notes`` holds warnings worth showing a person and ``timings`` the seconds
     spent in encode / ann / fetch / rank / total.
     """
 
     def __init__(self, db, device: str | None = None, rebuild_if_stale: bool = True,
-                 max_ann_fetch: int = 4096):
+                 max_ann_fetch: int = 4096, cache_rows: bool = True):
         self.db = db if isinstance(db, Database) else Database(db)
         self.device = device
         self.rebuild_if_stale = rebuild_if_stale
@@ -93,6 +105,9 @@ class QueryEngine:
         self._clip = None
         self._ann = None
         self._sample = None
+        self.cache_rows = cache_rows
+        self._cache = self._perm = None
+        self._seen_version = self._seen_signature = None
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
@@ -109,14 +124,57 @@ class QueryEngine:
     @property
     def ann(self):
         """The FAISS index, reloaded (or rebuilt) whenever the table's rows changed since."""
+        self._refresh()
+        return self._ann
+
+    def _refresh(self) -> None:
+        """One Lance version read per query; the index and the row cache are checked and reloaded
+        only when the table changed (any commit, ``predicted_loss`` writes included)."""
         from indexer import ann
 
-        if self._ann is not None:
-            info = self._ann.info
-            if info.get("data_version") == self.db.data_version and info.get("num_rows") == self.db.count_rows():
-                return self._ann
-        self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
-        return self._ann
+        sig = self._change_signature()
+        if self._ann is not None and sig is not None and sig == self._seen_signature:
+            return
+        version = self.db.version
+        if self._ann is not None and version == self._seen_version:
+            self._seen_signature = sig
+            return
+        info = self._ann.info if self._ann is not None else {}
+        if info.get("data_version") != self.db.data_version or info.get("num_rows") != self.db.count_rows():
+            self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
+        self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+        self._cache = self._perm = None
+        if self.cache_rows:
+            self._load_cache()
+        self._seen_version, self._seen_signature = version, sig
+
+    def _change_signature(self) -> tuple | None:
+        """Modification times of the table's version folder and of meta.json: every Lance commit
+        adds a manifest to ``_versions``. Equal signatures spare the per-query version read
+        (~0.3 ms); ``None`` (another storage layout) means always read the version."""
+        try:
+            versions = self.db.path / f"{S.TABLE_NAME}.lance" / "_versions"
+            sig = os.stat(versions).st_mtime_ns, os.stat(self.db.meta_path).st_mtime_ns
+        except OSError:
+            return None
+        # File systems stamp times in coarse ticks: a commit in the same tick as the last one would
+        # leave the signature unchanged, so only a signature older than a second is trusted.
+        return sig if time.time_ns() - max(sig) > 1_000_000_000 else None
+
+    def _load_cache(self) -> None:
+        """Keep every column but the embedding in memory, ordered like the FAISS index, so the
+        rows of FAISS hits are a ``take`` instead of a LanceDB query (module doc, "Row cache")."""
+        t = self.db.read(self._columns)
+        cache_ids = np.asarray(t.column(S.ID).to_pylist(), dtype=str)
+        ann_ids = self._ann.ids
+        if len(cache_ids) != len(ann_ids):
+            return  # rows changed between the index check and this read: fetch from LanceDB
+        oc, oa = np.argsort(cache_ids, kind="stable"), np.argsort(ann_ids, kind="stable")
+        if not np.array_equal(cache_ids[oc], ann_ids[oa]):
+            return
+        perm = np.empty(len(ann_ids), dtype=np.int64)
+        perm[oa] = oc  # FAISS position p -> cache row perm[p]
+        self._cache, self._perm = t.combine_chunks(), perm  # one chunk: take() is then ~0.1 ms
 
     def _sigma(self, c: np.ndarray) -> float:
         """Std of cos(x, c) over a sample of stored rows (see module doc); c (d,) unit."""
@@ -200,9 +258,11 @@ class QueryEngine:
 
     def _pool(self, u: np.ndarray, n: int, where: str | None, exclude: set[str]) -> tuple[pa.Table, np.ndarray]:
         """(rows, similarities (m,) float64) of the pool: the n rows most similar to u (module doc)."""
-        t0 = time.perf_counter()
-        ann = self.ann  # the freshness check is part of the search's cost
+        t_check = time.perf_counter()
+        ann = self.ann  # the freshness check is part of every search's cost
         total = ann.ntotal
+        t0 = time.perf_counter()
+        self.timings["check"] = t0 - t_check
         if where:
             matching = self._count(where)
             fetch = int(math.ceil(n * 2 * total / max(matching, 1))) + len(exclude)
@@ -210,14 +270,22 @@ class QueryEngine:
             matching, fetch = total, n + len(exclude)
         rows = sims = None
         while matching and fetch <= max(self.max_ann_fetch, n + len(exclude)):
-            s, ids = ann.search(u[None, :], min(fetch, total))
-            keep = [(i, v) for i, v in zip(ids[0], s[0], strict=True) if i is not None and i not in exclude]
+            s, pos = ann.search_positions(u[None, :], min(fetch, total))
+            ok = pos[0] >= 0
+            s, pos = s[0][ok], pos[0][ok]
+            ids = ann.ids[pos]
+            if exclude:
+                keep = ~np.isin(ids, np.asarray(list(exclude), dtype=str))
+                s, pos, ids = s[keep], pos[keep], ids[keep]
             t1 = time.perf_counter()
-            got = self._fetch([i for i, _ in keep], where)
+            if where is None and self._perm is not None:
+                rows, sims = self._cache.take(self._perm[pos]), s.astype(np.float64)
+            else:
+                rows = self._fetch(ids.tolist(), where)
+                sim_of = dict(zip(ids.tolist(), s.tolist(), strict=True))
+                sims = np.array([sim_of[i] for i in rows.column(S.ID).to_pylist()], np.float64)
             self.timings["ann"] = t1 - t0
             self.timings["fetch"] = time.perf_counter() - t1
-            sim_of = dict(keep)
-            rows, sims = got, np.array([sim_of[i] for i in got.column(S.ID).to_pylist()], np.float64)
             if len(sims) >= min(n, matching - len(exclude)) or fetch >= total:
                 break
             fetch *= 4
@@ -252,18 +320,16 @@ class QueryEngine:
             self._note(f"{int(missing.sum())} of {len(pred)} candidate rows have no predicted_loss (counted as "
                        "average); rerun `llm2loss diagnose` to score them.")
         score = rank_scores(sims, pred, w)
-        ids = rows.column(S.ID).to_pylist()
-        order = rank_order(score, sims, ids)[:k]
-        cols = {name: rows.column(name).to_pylist() for name in rows.column_names}
-        meta = [c for c in rows.column_names if c not in S.CORE_COLUMNS]
+        order = rank_order(score, sims, rows.column(S.ID).to_pylist())[:k]
+        top = rows.take(order)  # only the k results are turned into Python objects
+        meta = [c for c in top.column_names if c not in S.CORE_COLUMNS]
         out = [
             SearchResult(
-                id=ids[i], image=cols[S.IMAGE][i], label=cols[S.LABEL][i], split=cols[S.SPLIT][i],
-                loss=cols[S.LOSS][i], predicted_loss=cols[S.PREDICTED_LOSS][i],
-                predicted_loss_std=cols[S.PREDICTED_LOSS_STD][i], similarity=float(sims[i]),
-                score=float(score[i]), metadata={c: cols[c][i] for c in meta},
+                id=r[S.ID], image=r[S.IMAGE], label=r[S.LABEL], split=r[S.SPLIT], loss=r[S.LOSS],
+                predicted_loss=r[S.PREDICTED_LOSS], predicted_loss_std=r[S.PREDICTED_LOSS_STD],
+                similarity=float(sims[i]), score=float(score[i]), metadata={c: r[c] for c in meta},
             )
-            for i in order
+            for i, r in zip(order, top.to_pylist(), strict=True)
         ]
         self.timings["rank"] = time.perf_counter() - t0
         return out

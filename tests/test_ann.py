@@ -67,6 +67,7 @@ def test_ivf_recall_measured_and_reached(tmp_path):
     assert info["nlist"] == min(round(4 * np.sqrt(3000)), 3000 // 39)  # faiss: >= 39 points per cell
     assert info["recall_at_10"] >= 0.95
     assert info["recall_curve"][str(info["nprobe"])] == info["recall_at_10"]
+    assert info["recall_at_100"] >= 0.95 and info["nprobe_at_100"] >= info["nprobe"]
     on_disk = json.loads((db.faiss_dir / "info.json").read_text())
     assert on_disk["nprobe"] == info["nprobe"] and on_disk["index_bytes"] > 0
     # Recall measured here independently, on fresh queries, agrees with the stored figure.

@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -212,3 +213,21 @@ def test_stale_index_is_rebuilt_or_refused(tmp_path):
     db.update_meta(data_version=db.version)
     with pytest.raises(UserError, match="stale"):
         QueryEngine(db, rebuild_if_stale=False).search("a circle")
+
+
+def test_row_cache_sees_new_predictions_and_matches_lancedb_fetch(tmp_path):
+    db = make_db(tmp_path, n=30)
+    cached, direct = seeded_engine(db), seeded_engine(db, cache_rows=False)  # the same text tower
+    a = [r.to_dict() for r in cached.search("a circle", k=8)]
+    b = [r.to_dict() for r in direct.search("a circle", k=8)]
+    assert [{**r, "score": pytest.approx(r["score"])} for r in a] == b  # pool order: float sums differ
+    time.sleep(1.1)  # old enough for the engine to trust its cheap change signature (see _refresh)
+    cached.search("a circle", k=8)
+    assert cached._seen_signature is not None
+    # `diagnose` rewrites predicted_loss (merge_insert: new Lance version, same rows, same index).
+    t = db.read([S.ID, S.PREDICTED_LOSS])
+    new = pa.array(np.arange(30, dtype=np.float32) * 10)
+    db.update_columns(t.set_column(1, S.PREDICTED_LOSS, new))
+    got = {r.id: r.predicted_loss for r in cached.search("a circle", k=30)}
+    want = dict(zip(t.column(S.ID).to_pylist(), new.to_pylist(), strict=True))
+    assert got == want
