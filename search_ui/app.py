@@ -236,7 +236,8 @@ def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
     """The page for database ``db`` (a path or an open :class:`Database`); not yet launched."""
     ctx = AppContext(db)
     ui = Handlers(ctx)
-    with gr.Blocks(title="llm2loss") as app:
+    # delete_cache: Gradio's copies of served images and downloads older than a day go, hourly.
+    with gr.Blocks(title="llm2loss", delete_cache=(3600, 86400)) as app:
         app.llm2loss_context = ctx  # serve() reads the image folders from it
         app.llm2loss_handlers = ui
         # API endpoints first, so they own the plain names (/search, ...) and the page's private events

@@ -256,3 +256,28 @@ def test_explain_endpoint(client, served):
     direct = [m.to_dict() for m in explain(served[2], top=3)]
     assert [m["description"] for m in modes] == [m["description"] for m in direct]
     assert all(set(m) >= {"description", "predicted_loss", "examples"} for m in modes)
+
+
+def test_a_long_operation_blocks_neither_queries_nor_the_page(client, served, monkeypatch):
+    """While one visitor's failure-mode search is still running, another's query and the page answer."""
+    import threading
+
+    ctx = served[0].llm2loss_context
+    started, release = threading.Event(), threading.Event()
+
+    def slow_modes(top, vocab=None, progress=None):
+        started.set()
+        assert release.wait(60), "the test never released the slow operation"
+        return []
+
+    monkeypatch.setattr(ctx, "modes", slow_modes)
+    job = gradio_client.Client(served[1], verbose=False).submit(5, api_name="/explain")
+    assert started.wait(30)
+    try:
+        res = client.predict("a blue circle", 3, 1.0, "", [], api_name="/search")
+        page = httpx.get(served[1], timeout=10)
+        assert len(res) == 3 and page.status_code == 200
+        assert not job.done()  # still held: the answers above did not wait for it
+    finally:
+        release.set()
+    assert job.result(timeout=30) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,8 @@ class AppContext:
         self._engine = None
         self._engine_lock = threading.Lock()
         self.engine_lock = threading.Lock()  # held around each query (see Handlers._query)
+        self._scratch = tempfile.TemporaryDirectory(prefix="llm2loss-ui-")
+        self.scratch = self._scratch.name  # downloads are written here before Gradio caches them
         self._modes: dict[tuple, list[dict]] = {}
         self._modes_lock = threading.Lock()
 

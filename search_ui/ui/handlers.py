@@ -295,7 +295,9 @@ class Handlers:
         if fmt_ not in ("csv", "parquet", "folder"):
             raise gr.Error(f"Unknown format '{fmt_}'; choose csv, parquet or folder.")
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "selection"
-        out_dir = Path(tempfile.mkdtemp(prefix="llm2loss-export-"))
+        # Gradio copies the returned file into its cache, so the export lives in the app's scratch
+        # folder, removed when the app ends.
+        out_dir = Path(tempfile.mkdtemp(dir=self.ctx.scratch))
         progress(0.2, desc=f"exporting {name}")
         if fmt_ == "folder":
             folder = export(self.ctx.db, out=out_dir / safe, fmt="folder", selection=name, link=False)
