@@ -122,6 +122,13 @@ def _case(name, folder, df, tmp_path):
     if name == "model outputs do not fit the labels":
         (tmp_path / "twoclass.py").write_text(TWO_CLASS_MODEL)
         return second(drop_loss=True), {"model": f"{tmp_path / 'twoclass.py'}:load"}, ["2 classes", "need 3"]
+    if name == "images differ in size without a model preprocess":
+        (tmp_path / "twoclass.py").write_text(TWO_CLASS_MODEL)
+        from PIL import Image
+
+        Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
+        src = second(_set("image", str(tmp_path / "big.png"), row=1), drop_loss=True)
+        return src, {"model": f"{tmp_path / 'twoclass.py'}:load"}, ["differ in size", "preprocess"]
     if name == "no loss source":
         return second(drop_loss=True), {}, ["second.csv", "no `loss` column"]
     if name == "two loss sources":
@@ -133,7 +140,8 @@ def _case(name, folder, df, tmp_path):
 
 CASES = ["manifest missing", "wrong type", "no image column", "image path does not exist", "corrupt image",
          "NaN loss", "infinite loss", "negative loss", "duplicate ids", "predictions ids do not match",
-         "predictions class count", "unknown label", "model outputs do not fit the labels", "no loss source",
+         "predictions class count", "unknown label", "model outputs do not fit the labels",
+         "images differ in size without a model preprocess", "no loss source",
          "two loss sources", "another CLIP model"]
 
 

@@ -137,3 +137,57 @@ def test_predictions_whole_run_errors(tmp_path, case, needle):
     with pytest.raises(UserError, match=needle) as e:
         losses_from_predictions(m, path)
     assert "p.csv" in str(e.value)
+
+
+MODEL_FILE = '''
+import torch
+
+class Reg(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3), keepdim=True)[:, :, 0, 0]  # (b, 1)
+
+class Cls(torch.nn.Module):
+    classes = ["a", "b"]
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([m, -m], dim=1)  # logits
+
+def regression():
+    return Reg(), (lambda img: torch.zeros(3, 2, 2))
+
+def classifier():
+    return Cls()
+'''
+
+
+def test_model_loss_regression_and_classification(tmp_path):
+    from indexer.losses import ModelLoss
+
+    (tmp_path / "m.py").write_text(MODEL_FILE)
+    x = torch.tensor([1.0, 2.0, 4.0]).view(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()
+    reg = ModelLoss(f"{tmp_path / 'm.py'}:regression", ["1.5", "2", "x"], task="regression", device="cpu")
+    assert reg.preprocess(None).shape == (3, 2, 2)  # the returned preprocess is used
+    values, rejects = reg(x, np.array([0, 1, 2]))
+    assert reg.task == "regression"
+    np.testing.assert_allclose(values[:2], [0.25, 0.0])
+    assert rejects == {2: ("unknown label", "label 'x' is not a number (regression)")}
+
+    cls = ModelLoss(f"{tmp_path / 'm.py'}:classifier", ["a", "b", "zebra"], device="cpu")
+    assert cls.upfront_rejects() == {2: ("unknown label", "label 'zebra' is not one of the 2 classes")}
+    values, rejects = cls(x[:2], np.array([0, 1]))
+    z = torch.tensor([[1.0, -1.0], [2.0, -2.0]])
+    ref = F.cross_entropy(z, torch.tensor([0, 1]), reduction="none").numpy()
+    np.testing.assert_allclose(values, ref, rtol=1e-6)
+    assert not rejects
+
+
+def test_model_entry_point_errors(tmp_path):
+    from indexer.losses import ModelLoss
+
+    with pytest.raises(UserError, match="is not MODULE:FUNCTION"):
+        ModelLoss("nocolon", ["a"])
+    with pytest.raises(UserError, match="importing no_such_module_xyz failed"):
+        ModelLoss("no_such_module_xyz:load", ["a"])
+    (tmp_path / "m.py").write_text(MODEL_FILE)
+    with pytest.raises(UserError, match="has no function 'nothere'"):
+        ModelLoss(f"{tmp_path / 'm.py'}:nothere", ["a"])
