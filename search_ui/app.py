@@ -294,11 +294,17 @@ def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 78
 def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int | None = 7860,
           auth: str | None = None, block: bool = True) -> gr.Blocks:
     """Build and launch the app; with ``block`` (the CLI) it runs until interrupted."""
+    parse_auth(auth)  # refuse a malformed --auth before the slow part
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, not news
     app = build_app(db)
     kwargs = launch_kwargs(app, host, port, auth)
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log.warning("listening on %s without --auth: anyone who can reach this port can use the app", host)
-    app.launch(prevent_thread_lock=True, **kwargs)
+    try:
+        app.launch(prevent_thread_lock=True, **kwargs)
+    except OSError as e:  # Gradio's "Cannot find empty port", or an address that is not ours
+        raise UserError(f"cannot listen on {host}:{port} ({str(e).splitlines()[0]}); "
+                        "pass another --port (or --host).") from e
     print(f"llm2loss UI for {Path(app.llm2loss_context.db.path)} at {app.local_url}", flush=True)
     if block:
         app.block_thread()
