@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
             page.fill("#mode-selection-name textarea", SELECTION)
             page.click("#mode-add")
+            # Notifications would cover the top of the remaining screenshots.
+            page.add_style_tag(content=".toast-wrap { display: none !important; }")
             tab("Curate")
             page.wait_for_function(
                 f"() => document.querySelector('#curate-summary')?.innerText.includes('{SELECTION}')")

@@ -44,27 +44,28 @@ def _header(ctx: AppContext) -> str:
 
 
 def _detail_panel(label: str):
-    """Components showing one clicked image: (image, fields, similar gallery, clicked, similar shown)."""
-    with gr.Row():
-        image = gr.Image(label=label, type="pil", format="png", interactive=False, height=280, scale=1)
-        fields = gr.Markdown(elem_classes=["details"])
-    similar = gr.Gallery(label="Similar hard examples", columns=8, height=200, allow_preview=False,
-                         elem_classes=["similar-gallery"])
-    return image, fields, similar, gr.State(None), gr.State([])
+    """Components showing one clicked image, hidden until a click: (image, fields, similar gallery,
+    clicked record, similar records shown, the hidden column)."""
+    with gr.Column(visible=False) as box:
+        with gr.Row():
+            image = gr.Image(label=label, type="pil", format="png", interactive=False, height=280, scale=1)
+            fields = gr.Markdown(elem_classes=["details"])
+        similar = gr.Gallery(label="Similar hard examples", columns=8, height=200, allow_preview=False,
+                             fit_columns=False, elem_classes=["similar-gallery"])
+    return image, fields, similar, gr.State(None), gr.State([]), box
 
 
 def _wire_details(ui: Handlers, gallery, shown, panel) -> None:
-    image, fields, similar, clicked, sim_shown = panel
-    gallery.select(ui.details, inputs=shown, outputs=[image, fields, similar, clicked, sim_shown],
-                   api_visibility="private")
+    image, fields, similar, clicked, sim_shown, box = panel
+    outputs = [image, fields, similar, clicked, sim_shown, box]
+    gallery.select(ui.details, inputs=shown, outputs=outputs, api_visibility="private")
     # A click on a similar example shows that one, so a person can walk from one failure to the next.
-    similar.select(ui.details, inputs=sim_shown, outputs=[image, fields, similar, clicked, sim_shown],
-                   api_visibility="private")
+    similar.select(ui.details, inputs=sim_shown, outputs=outputs, api_visibility="private")
 
 
 def _results_gallery(elem_id: str):
     return gr.Gallery(label="Results (most likely failures first)", columns=6, height=520,
-                      allow_preview=False, object_fit="contain", elem_id=elem_id)
+                      allow_preview=False, object_fit="contain", fit_columns=False, elem_id=elem_id)
 
 
 def _search_tab(ui: Handlers, sel_dropdown_holder: list):
@@ -128,7 +129,7 @@ def _modes_tab(ui: Handlers, tabs, search_q, run_search):
         name = gr.Textbox(label="Selection name", value="retrain", scale=2, elem_id="mode-selection-name")
         to_sel = gr.Button("Add its samples to selection", scale=1, elem_id="mode-add")
     md = gr.Markdown()
-    examples = gr.Gallery(label="Example images", columns=8, height=300, allow_preview=False,
+    examples = gr.Gallery(label="Example images", columns=8, height=300, allow_preview=False, fit_columns=False,
                           elem_id="mode-gallery")
     go.click(ui.explain, inputs=top, outputs=[table, choice, status, modes], api_visibility="private",
              concurrency_id="heavy", concurrency_limit=1)
@@ -149,7 +150,7 @@ def _curate_tab(ui: Handlers):
     mix = gr.Dataframe(headers=["label", "count", "share", "mean true loss"], interactive=False,
                        label="Label mix")
     gallery = gr.Gallery(label="Samples (click one to remove it)", columns=8, height=300,
-                         allow_preview=False, elem_id="curate-gallery")
+                         allow_preview=False, fit_columns=False, elem_id="curate-gallery")
     shown = gr.State([])
     with gr.Row():
         fmt_ = gr.Radio(["csv", "parquet", "folder (zip)"], value="csv", label="Download as")
