@@ -6,8 +6,11 @@ a PCA projection), each on a bootstrap sample of the other folds. Fitting theref
 training sample out-of-fold for free (``oof_prediction_``: only the members of the fold that held the
 sample out score it), and new samples are scored by all K x M members.
 
-Losses are heavy-tailed (most near 0, a few large), so members fit ``log1p(loss)``; predictions are
-mapped back to loss units with Duan's smearing factor so that their mean is not biased low.
+Losses are heavy-tailed (most near 0, a few large), so members fit ``log1p(loss)``. Back in loss
+units ``expm1`` of a log-space prediction estimates a median, below the mean; one scale factor, fitted
+by least squares on the out-of-fold predictions, removes that bias without changing any ranking
+(Duan's smearing factor was tried first: being multiplicative on 1 + loss it lifted every near-zero
+prediction, which cost R^2 on small tables).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.exceptions import ConvergenceWarning
@@ -25,7 +28,6 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 from sklearn.neural_network import MLPRegressor
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
@@ -35,6 +37,24 @@ log = logging.getLogger(__name__)
 #: Member kinds, in the order members cycle through them (member i has kind ``KINDS[i % 4]``).
 KINDS = ("rff", "hgb", "mlp", "ridge")
 _ALPHAS = np.logspace(-3, 3, 7)
+
+
+class _GlobalScale(TransformerMixin, BaseEstimator):
+    """Multiply all features by one factor so that their mean squared value is 1.
+
+    Unlike per-feature standardisation this keeps PCA's ordering of variance: standardising would
+    blow the noise in the last components up to the size of the signal in the first (measured: it
+    cost the MLP members AUROC 0.99 -> 0.90 on a 150-row table).
+    """
+
+    def fit(self, X, y=None):
+        X = validate_data(self, X)
+        self.scale_ = 1.0 / max(float(np.sqrt(np.mean(X.astype(np.float64) ** 2))), 1e-12)
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False) * self.scale_
 
 
 def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int, pca_dim: int,
@@ -49,10 +69,13 @@ def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int
         return make_pipeline(RBFSampler(gamma=gamma, n_components=n_rff, random_state=seed),
                              RidgeCV(alphas=_ALPHAS))
     if kind == "mlp":
+        # enough epochs for ~3000 gradient steps however small the data (early stopping ends big fits)
+        batch = min(256, n_samples)
+        epochs = int(np.clip(np.ceil(3000 / np.ceil(n_samples / batch)), 20, 300))
         return make_pipeline(
-            PCA(n_components=pca, random_state=seed), StandardScaler(),
-            MLPRegressor(hidden_layer_sizes=(128,), alpha=1e-3, batch_size=min(256, n_samples), learning_rate_init=2e-3,
-                         max_iter=40, early_stopping=n_samples >= 200, n_iter_no_change=4,
+            PCA(n_components=pca, random_state=seed), _GlobalScale(),
+            MLPRegressor(hidden_layer_sizes=(128,), alpha=1e-2, batch_size=batch, learning_rate_init=2e-3,
+                         max_iter=epochs, early_stopping=n_samples >= 200, n_iter_no_change=4,
                          random_state=seed),
         )
     if kind == "hgb":
@@ -95,7 +118,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
     oof_prediction_, oof_std_ : (n,) float64, loss units; the out-of-fold mean and member spread
     gamma_ : float, the RBF width (1 / median squared distance between samples)
     shift_ : float, subtracted from y before the transform (0 unless y has negatives)
-    smear_ : float, Duan's smearing factor mapping log-space predictions back to mean loss
+    scale_ : float, maps ``expm1`` of log-space predictions to mean loss (see the module doc)
     n_folds_ : int, folds actually used
     z_range_ : (float, float), the transformed targets' range; member predictions are clipped to it
     """
@@ -118,7 +141,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
 
     def _inverse(self, z):
         if self.target == "log1p":
-            return np.exp(z) * self.smear_ - 1.0 + self.shift_
+            return self.scale_ * np.expm1(z) + self.shift_
         return z
 
     # ---- fit -----------------------------------------------------------------------------------
@@ -135,7 +158,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         y = y.astype(np.float64)
         rng = check_random_state(self.random_state)
         self.shift_ = float(min(0.0, y.min()))
-        self.smear_ = 1.0
+        self.scale_ = 1.0
         z = self._forward(y)
         # Members may extrapolate wildly (an MLP far from its data, a text embedding off the image
         # manifold); a loss outside the observed range is not evidence of anything, so clip to it.
@@ -167,9 +190,10 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
             self.estimators_.append(fold_members)
         bar.close()
         if self.target == "log1p":
-            # Duan's smearing: E[y] = E[exp(z)] - 1 = exp(z_hat) * mean(exp(residual)) - 1.
-            resid = z - z_oof.mean(axis=0)
-            self.smear_ = float(np.clip(np.mean(np.exp(np.clip(resid, -20, 20))), 1e-6, 1e6))
+            # least-squares scale (no intercept, so zero stays zero) of expm1 predictions onto loss
+            p = np.expm1(z_oof).mean(axis=0)
+            denom = float(p @ p)
+            self.scale_ = float(np.clip((y - self.shift_) @ p / denom, 0.1, 10.0)) if denom > 0 else 1.0
         member_loss = self._inverse(z_oof)
         self.oof_prediction_ = member_loss.mean(axis=0)
         self.oof_std_ = member_loss.std(axis=0)

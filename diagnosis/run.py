@@ -115,18 +115,21 @@ def read_training_data(db: Database, batch_rows: int = SCORE_BATCH, progress: bo
 
 
 def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``k`` of ``loss``'s rows, drawn evenly from 20 loss-quantile strata."""
+    """Sorted indices of exactly ``k`` of ``loss``'s rows, drawn proportionally from 20 loss-quantile
+    strata (so the heavy tail is represented at its true rate, not by luck)."""
     n = len(loss)
     if k >= n:
         return np.arange(n)
     rng = np.random.default_rng(seed)
     edges = np.quantile(loss, np.linspace(0, 1, 21)[1:-1])
     strata = np.searchsorted(edges, loss, side="right")
-    picked = []
-    for s in np.unique(strata):
-        rows = np.flatnonzero(strata == s)
-        take = max(1, round(k * len(rows) / n))
-        picked.append(rng.choice(rows, size=min(take, len(rows)), replace=False))
+    labels, sizes = np.unique(strata, return_counts=True)
+    # exactly k rows: proportional shares, the remainder to the largest fractional parts
+    share = k * sizes / n
+    take = np.floor(share).astype(int)
+    take[np.argsort(-(share - take))[: k - take.sum()]] += 1
+    picked = [rng.choice(np.flatnonzero(strata == s), size=t, replace=False)
+              for s, t in zip(labels, take, strict=True)]
     return np.sort(np.concatenate(picked))
 
 

@@ -1,0 +1,133 @@
+"""`llm2loss diagnose`: predictions written on every row, quality reported, the ensemble stamped."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from diagnosis.run import diagnose, load_ensemble, score_new_rows, stratified_subsample
+from indexer import schema as S
+from indexer.errors import UserError
+from indexer.store import Database
+from tests.fakes import make_db
+
+FAST = {"members": 4, "folds": 3}
+
+
+@pytest.fixture(scope="module")
+def diagnosed(tmp_path_factory):
+    """A 150-row database (blue circles planted to fail) after one diagnose run."""
+    folder = tmp_path_factory.mktemp("diag")
+    db = make_db(folder, n=150, predicted=False)
+    report = diagnose(db, progress=False, **FAST)
+    return folder, db, report
+
+
+def _table(db):
+    return db.read([S.ID, S.LOSS, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD, "color", S.LABEL]).to_pandas()
+
+
+def test_every_row_gets_an_out_of_fold_prediction_that_finds_the_planted_failures(diagnosed):
+    _, db, report = diagnosed
+    df = _table(db)
+    assert len(df) == report.rows == 150
+    assert df[S.PREDICTED_LOSS].notna().all() and df[S.PREDICTED_LOSS_STD].notna().all()
+    assert (df[S.PREDICTED_LOSS_STD] >= 0).all()
+    bad = (df["color"] == "blue") & (df[S.LABEL] == "circle")
+    # even with random-weight CLIP features the planted group stands out
+    assert df.loc[bad, S.PREDICTED_LOSS].mean() > 2.5 * df.loc[~bad, S.PREDICTED_LOSS].mean()
+    assert report.auroc_top10 > 0.85
+    assert report.fitted_rows == 150 and report.folds == 3 and report.members == 4
+    assert report.test is not None and report.test["n"] == 38  # make_db puts every 4th row in test
+
+
+def test_the_report_matches_the_table(diagnosed):
+    from diagnosis.metrics import quality
+
+    _, db, report = diagnosed
+    df = _table(db)
+    q = quality(df[S.LOSS].to_numpy(), df[S.PREDICTED_LOSS].to_numpy())
+    assert q["spearman"] == pytest.approx(report.spearman, abs=1e-3)
+    assert q["auroc_top10"] == pytest.approx(report.auroc_top10, abs=1e-3)
+    d = report.to_dict()
+    assert {"rows", "fitted_rows", "spearman", "r2", "auroc_top10", "seconds"} <= set(d)
+    assert "Spearman" in report.summary()
+
+
+def test_ensemble_is_saved_stamped_and_old_versions_are_cleaned(diagnosed):
+    _, db, report = diagnosed
+    info = json.loads((db.diagnosis_dir / "info.json").read_text())
+    assert info["data_version"] == db.data_version == report.data_version
+    assert info["num_rows"] == 150 and info["clip"] == db.clip_identity
+    loaded = load_ensemble(db)
+    assert loaded.stale is None and loaded.image_mean.shape == (db.embed_dim,)
+    # the saved ensemble reproduces what was written for rows it scores with the full ensemble
+    ids, X = db.embeddings()
+    pred = loaded.ensemble.predict(X[:5])
+    assert pred.shape == (5,) and np.isfinite(pred).all()
+    assert len(db.table.list_versions()) <= 2  # diagnose compacted and dropped old versions
+
+
+def test_added_rows_make_the_ensemble_stale_and_are_scored_by_the_full_ensemble(diagnosed, tmp_path):
+    folder, db0, _ = diagnosed
+    shutil.copytree(db0.path, tmp_path / "db")
+    db = Database(tmp_path / "db")
+    new = db.read().slice(0, 3).to_pandas()
+    new[S.ID] = ["new0", "new1", "new2"]
+    new[S.PREDICTED_LOSS] = None
+    new[S.PREDICTED_LOSS_STD] = None
+    db.table.add(pa.Table.from_pandas(new, schema=db.table.schema, preserve_index=False))
+    db.update_meta(data_version=db.version)
+    with pytest.raises(UserError, match="stale"):
+        load_ensemble(db)
+    assert "added or removed" in load_ensemble(db, allow_stale=True).stale
+    assert score_new_rows(db, progress=False) == 3
+    df = _table(db).set_index(S.ID)
+    assert df[S.PREDICTED_LOSS].notna().all()
+    # copies of the first rows, scored by all members, agree with those rows' out-of-fold scores
+    # only roughly (different members) but exactly with the full ensemble's prediction
+    _, X = db.embeddings()
+    full = load_ensemble(db, allow_stale=True).ensemble.predict(X)
+    ids = db.ids()
+    row = {k: i for i, k in enumerate(ids)}
+    assert df.loc["new0", S.PREDICTED_LOSS] == pytest.approx(full[row["new0"]], rel=1e-5)
+
+
+def test_subsampled_fit_still_scores_every_row(tmp_path):
+    db = make_db(tmp_path, n=90, predicted=False)
+    report = diagnose(db, max_rows=45, progress=False, members=2, folds=2)
+    assert report.fitted_rows == 45
+    assert report.rows == 90
+    assert db.count_rows(f"{S.PREDICTED_LOSS} IS NULL") == 0
+
+
+def test_stratified_subsample_keeps_the_tail():
+    loss = np.random.default_rng(0).gamma(0.5, 1.0, 100_000)
+    idx = stratified_subsample(loss, 1000)
+    assert len(idx) == 1000 and len(np.unique(idx)) == len(idx)
+    tail = loss >= np.quantile(loss, 0.95)
+    assert tail[idx].mean() == pytest.approx(0.05, abs=0.006)
+
+
+def test_bad_requests_are_refused_with_one_sentence(tmp_path):
+    db = make_db(tmp_path, n=30, predicted=False)
+    with pytest.raises(UserError, match="--folds"):
+        diagnose(db, folds=1)
+    db.update_columns(pa.table({S.ID: db.ids(), S.LOSS: pa.nulls(30, pa.float32())}))
+    with pytest.raises(UserError, match="rows with a loss"):
+        diagnose(db, progress=False)
+    assert not (db.diagnosis_dir / "ensemble.joblib").exists()  # nothing half-written
+    with pytest.raises(UserError, match="no diagnosis ensemble"):
+        load_ensemble(db)
+
+
+def test_cli_prints_json_quality(diagnosed, tmp_path, capsys):
+    from search_ui.cli import main
+
+    shutil.copytree(diagnosed[1].path, tmp_path / "db")
+    rc = main(["diagnose", "--db", str(tmp_path / "db"), "--members", "2", "--folds", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["rows"] == 150 and out["auroc_top10"] > 0.8
+    assert main(["diagnose", "--db", str(tmp_path / "nope")]) == 2
