@@ -281,3 +281,15 @@ def test_a_long_operation_blocks_neither_queries_nor_the_page(client, served, mo
     finally:
         release.set()
     assert job.result(timeout=30) == []
+
+
+def test_upload_endpoint_refuses_server_paths(served):
+    """A crafted request naming a server file as the 'uploaded' image is refused, not opened."""
+    _, url, _, folder = served
+    for path in ("/etc/hostname", str(folder / "images" / "00006_blue_circle.png")):
+        r = httpx.post(f"{url.rstrip('/')}/gradio_api/call/similar_image", timeout=10,
+                       json={"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, "", 3, 0.5]})
+        answer = httpx.get(f"{url.rstrip('/')}/gradio_api/call/similar_image/{r.json()['event_id']}",
+                           timeout=30).text
+        assert "event: error" in answer and "not uploaded by a user" in answer
+        assert "results for" not in answer
