@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
 INFO_FILE = "info.json"
+#: flock(2)ed by builders (exclusive) and loaders (shared), see _folder_lock
+LOCK_FILE = ".lock"
+#: Rebuild-and-load rounds before a query gives up on a table that keeps changing under it.
+LOAD_ATTEMPTS = 5
 
 #: Tables up to this many rows get an exact (flat) index: fast enough and recall 1.
 EXACT_MAX_ROWS = 20_000
@@ -209,6 +214,32 @@ def _tune_both(index, x, nlist, target, seed) -> dict:
     return out
 
 
+@contextmanager
+def _folder_lock(db: Database, exclusive: bool):
+    """Hold ``DIR/faiss/.lock``: exclusive while building, shared while reading the stamp and files.
+
+    The three files are replaced one by one, so without it a reader racing a builder (a second query
+    engine, an ``index`` run) paired one build's index with another's ids (measured: 8 engines
+    searching during a re-index got "FAISS files disagree" and KeyError errors), and every stale
+    engine rebuilt the index itself. flock works across processes and across threads (each call
+    opens its own file description). A folder that cannot be written is read without the lock.
+    """
+    import fcntl
+
+    try:
+        db.faiss_dir.mkdir(parents=True, exist_ok=True)
+        f = open(db.faiss_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- closed below
+    except OSError as e:
+        log.debug("no FAISS folder lock in %s: %s", db.faiss_dir, e)
+        yield
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def build_index(db, force: bool = False, exact_max_rows: int = EXACT_MAX_ROWS,
                 target_recall: float = TARGET_RECALL, seed: int = 0) -> dict:
     """Build (or keep, when fresh and not ``force``) the FAISS index of ``db``; returns its info.
@@ -219,6 +250,11 @@ def build_index(db, force: bool = False, exact_max_rows: int = EXACT_MAX_ROWS,
     (the stamp) is removed first and written last, so a crash leaves an index that reads as stale.
     """
     db = _as_db(db)
+    with _folder_lock(db, exclusive=True):  # one builder at a time; the freshness check is inside
+        return _build_index(db, force, exact_max_rows, target_recall, seed)
+
+
+def _build_index(db: Database, force: bool, exact_max_rows: int, target_recall: float, seed: int) -> dict:
     status = index_status(db)
     if status["fresh"] and not force:
         log.info("FAISS index is fresh (%d rows); not rebuilding", status["num_rows"])
@@ -226,7 +262,12 @@ def build_index(db, force: bool = False, exact_max_rows: int = EXACT_MAX_ROWS,
     faiss = _faiss()
     t0 = time.perf_counter()
     stamp = _stamp(db)
+    from indexer import ann_large  # IVF-PQ, streamed, for tables whose vectors do not fit in memory
+
+    if ann_large.wants_compressed(stamp["num_rows"], stamp["embed_dim"]):
+        return ann_large.build_compressed(db, target_recall=target_recall, seed=seed)
     ids, x = db.embeddings()
+    stamp["num_rows"] = len(x)  # rows appended since _stamp are in x; a newer data_version marks it stale
     if len(x) == 0:
         raise UserError(f"the database {db.path} has no rows to index; run `llm2loss index` with a manifest first.")
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -316,6 +357,26 @@ class AnnIndex:
         out_ids[missing] = None
         return sims, out_ids
 
+    def search_subset(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search among the positions where ``mask`` ((ntotal,) bool) is True: (sims, positions)
+        as in ``search_positions``. Every IVF cell is scanned, but distances are computed only for
+        the selected vectors, so a filtered query is exact and costs little more than the filter."""
+        if self.gpu_resources is not None:
+            raise NotImplementedError("GPU indexes take no id selector")
+        faiss = _faiss()
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = max(1, min(int(k), int(mask.sum())))
+        bitmap = np.packbits(mask.astype(bool), bitorder="little")  # faiss reads bit i at byte i >> 3
+        sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        if self.info.get("kind") == "ivf":
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(self.info["nlist"]))
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        sims, pos = self.index.search(q, k, params=params)
+        sims = sims.astype(np.float32, copy=False)
+        sims[pos < 0] = -np.inf
+        return sims, pos
+
     def search_positions(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Like ``search`` but (sims (m, k) float32, FAISS positions (m, k) int64, -1 where none)."""
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -340,19 +401,27 @@ def load_index(db, rebuild_if_stale: bool = True) -> AnnIndex:
     """The fresh FAISS index of ``db``; a missing or stale one is rebuilt, or refused when
     ``rebuild_if_stale`` is False. Moved to the GPU when faiss sees one."""
     db = _as_db(db)
-    status = index_status(db)
-    if not status["fresh"]:
+    faiss = _faiss()
+    for _ in range(LOAD_ATTEMPTS):
+        # the stamp and both files are read as one set, never half from a concurrent build
+        with _folder_lock(db, exclusive=False):
+            status = index_status(db)
+            if status["fresh"]:
+                index = faiss.read_index(str(db.faiss_dir / INDEX_FILE))
+                ids = np.load(db.faiss_dir / IDS_FILE, allow_pickle=False)
+                break
         if not rebuild_if_stale:
             raise UserError(
                 f"the FAISS index in {db.faiss_dir} is stale ({status['reason']}); rebuild it with "
                 "indexer.ann.build_index(db) (the query engine and `llm2loss index` do so by default)."
             )
         log.info("rebuilding the FAISS index: %s", status["reason"])
-        build_index(db, force=True)
-        status = index_status(db)
-    faiss = _faiss()
-    index = faiss.read_index(str(db.faiss_dir / INDEX_FILE))
-    ids = np.load(db.faiss_dir / IDS_FILE, allow_pickle=False)
+        build_index(db)  # not forced: whoever held the lock before us may have rebuilt it already
+    else:
+        raise UserError(
+            f"the table in {db.path} kept changing while its FAISS index was rebuilt (an `llm2loss index` "
+            "run is writing it); query again when that run has finished."
+        )
     if index.ntotal != len(ids) or len(ids) != status["num_rows"]:
         raise UserError(
             f"the FAISS files in {db.faiss_dir} disagree ({index.ntotal} vectors, {len(ids)} ids); "

@@ -22,19 +22,13 @@ component alone ``u = c`` and ``sim`` is the plain cosine similarity.
 
 Filters
 -------
-``where`` is LanceDB SQL over any column. The pool is then the N most similar *matching* rows: FAISS
-is asked for N / (share of matching rows) * 2 neighbours, growing while too few match, and a
-filtered exact scan in LanceDB takes over when that would exceed ``max_ann_fetch``; so k results
-come back whenever k rows match.
-
-Row cache
----------
-With ``cache_rows`` (the default) the engine keeps every column except the embedding in memory
-(about 75 bytes a row plus the metadata: ~7 MiB at 100k rows), permuted into FAISS order, so an
-unfiltered query's rows are an Arrow ``take`` (~0.1 ms) instead of a LanceDB ``id IN (...)`` query
-(~8 ms at 100k rows, BTREE index or not; see BENCHMARKS.md). It is reloaded when the table's Lance
-version changes, so freshly written ``predicted_loss`` values are seen by the next query. Filtered
-queries still ask LanceDB, which evaluates the SQL.
+``where`` is LanceDB SQL over any column. The pool is then the N most similar *matching* rows, so k
+results come back whenever k rows match: LanceDB evaluates the filter to a set of rows (once per
+filter and table version) and FAISS searches exactly among them with an id selector (see
+:mod:`search_ui.rowcache`, which also keeps the small columns in memory so fetching a query's rows
+costs ~0.1 ms). Without the row cache (``cache_rows=False``, or a GPU index), FAISS is asked for
+N / (share of matching rows) * 2 neighbours, growing while too few match, and LanceDB's exact
+filtered scan takes over beyond ``max_ann_fetch``.
 """
 
 from __future__ import annotations
@@ -43,6 +37,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +55,27 @@ from search_ui.ranking import (
     rank_order,
     rank_scores,
 )
+from search_ui.rowcache import RowCache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
 SIGMA_SAMPLE_ROWS = 2048
+
+
+@dataclass
+class _Pool:
+    """The candidate pool: ids, similarities and predicted losses, (m,) each (NaN: not predicted);
+    ``rows(idx)`` gives the full rows (every column but the embedding) at pool indices ``idx``."""
+
+    ids: list[str]
+    sims: np.ndarray
+    pred: np.ndarray
+    rows: Callable[[np.ndarray], pa.Table]
+
+    @staticmethod
+    def empty() -> _Pool:
+        return _Pool([], np.zeros(0), np.zeros(0), lambda idx: pa.table({}))
 
 
 def parse_weighted(item, default: float = 1.0) -> tuple[object, float]:
@@ -91,7 +103,7 @@ class QueryEngine:
     (default: cuda when present). ``rebuild_if_stale``: rebuild a stale FAISS index (True) or
     refuse it with a UserError (False); either way a stale one is never served. ``max_ann_fetch``:
     most FAISS neighbours fetched for a filtered query before a filtered scan takes over.
-    ``cache_rows``: keep the non-vector columns in memory for fast fetches (module doc).
+    ``cache_rows``: keep the non-vector columns in memory (:mod:`search_ui.rowcache`).
     After each query, ``notes`` holds warnings worth showing a person and ``timings`` the seconds
     spent in encode / ann / fetch / rank / total.
     """
@@ -106,7 +118,7 @@ class QueryEngine:
         self._ann = None
         self._sample = None
         self.cache_rows = cache_rows
-        self._cache = self._perm = None
+        self._rows: RowCache | None = None
         self._seen_version = self._seen_signature = None
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
@@ -143,9 +155,7 @@ class QueryEngine:
         if info.get("data_version") != self.db.data_version or info.get("num_rows") != self.db.count_rows():
             self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
         self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
-        self._cache = self._perm = None
-        if self.cache_rows:
-            self._load_cache()
+        self._rows = RowCache.load(self.db, self._ann.ids, self._columns) if self.cache_rows else None
         self._seen_version, self._seen_signature = version, sig
 
     def _change_signature(self) -> tuple | None:
@@ -160,21 +170,6 @@ class QueryEngine:
         # File systems stamp times in coarse ticks: a commit in the same tick as the last one would
         # leave the signature unchanged, so only a signature older than a second is trusted.
         return sig if time.time_ns() - max(sig) > 1_000_000_000 else None
-
-    def _load_cache(self) -> None:
-        """Keep every column but the embedding in memory, ordered like the FAISS index, so the
-        rows of FAISS hits are a ``take`` instead of a LanceDB query (module doc, "Row cache")."""
-        t = self.db.read(self._columns)
-        cache_ids = np.asarray(t.column(S.ID).to_pylist(), dtype=str)
-        ann_ids = self._ann.ids
-        if len(cache_ids) != len(ann_ids):
-            return  # rows changed between the index check and this read: fetch from LanceDB
-        oc, oa = np.argsort(cache_ids, kind="stable"), np.argsort(ann_ids, kind="stable")
-        if not np.array_equal(cache_ids[oc], ann_ids[oa]):
-            return
-        perm = np.empty(len(ann_ids), dtype=np.int64)
-        perm[oa] = oc  # FAISS position p -> cache row perm[p]
-        self._cache, self._perm = t.combine_chunks(), perm  # one chunk: take() is then ~0.1 ms
 
     def _sigma(self, c: np.ndarray) -> float:
         """Std of cos(x, c) over a sample of stored rows (see module doc); c (d,) unit."""
@@ -248,21 +243,63 @@ class QueryEngine:
         try:
             return self.db.count_rows(where)
         except Exception as e:  # lance raises various errors for bad SQL
-            msg = str(e).splitlines()[0][:160]
-            raise UserError(f"--where {where!r} is not a valid filter ({msg}); write LanceDB SQL over the "
-                            "table's columns, e.g. \"split = 'test' AND loss > 1\".") from e
+            raise self._bad_where(where, e) from e
+
+    @staticmethod
+    def _bad_where(where: str, e: Exception) -> UserError:
+        msg = str(e).splitlines()[0][:160]
+        return UserError(f"--where {where!r} is not a valid filter ({msg}); write LanceDB SQL over the "
+                         "table's columns, e.g. \"split = 'test' AND loss > 1\".")
 
     def _fetch(self, ids: list[str], where: str | None = None) -> pa.Table:
         clause = _sql_in(ids) if ids else "false"
         return self.db.read(self._columns, where=f"({clause}) AND ({where})" if where else clause)
 
-    def _pool(self, u: np.ndarray, n: int, where: str | None, exclude: set[str]) -> tuple[pa.Table, np.ndarray]:
-        """(rows, similarities (m,) float64) of the pool: the n rows most similar to u (module doc)."""
+    def _pool(self, u: np.ndarray, n: int, where: str | None, exclude: set[str]) -> _Pool:
+        """The n rows most similar to u (among those matching ``where``, without ``exclude``)."""
         t_check = time.perf_counter()
         ann = self.ann  # the freshness check is part of every search's cost
-        total = ann.ntotal
+        self.timings["check"] = time.perf_counter() - t_check
+        if self._rows is not None and ann.gpu_resources is None:
+            return self._pool_cached(ann, u, n, where, exclude)
+        return self._pool_lancedb(ann, u, n, where, exclude)
+
+    def _pool_cached(self, ann, u, n, where, exclude) -> _Pool:
+        """FAISS over the whole index, or exactly over the rows matching ``where`` (an id selector),
+        with rows from the in-memory cache."""
         t0 = time.perf_counter()
-        self.timings["check"] = t0 - t_check
+        cache = self._rows
+        drop = cache.positions_of(exclude) if exclude else np.zeros(0, np.int64)
+        if where:
+            try:
+                mask = cache.where_mask(where)
+            except UserError:
+                raise
+            except Exception as e:  # lance raises various errors for bad SQL
+                raise self._bad_where(where, e) from e
+            if len(drop):
+                mask = mask.copy()
+                mask[drop] = False
+            t0, self.timings["filter"] = time.perf_counter(), time.perf_counter() - t0
+            if not mask.any():
+                return _Pool.empty()
+            s, pos = ann.search_subset(u[None, :], n, mask)
+        else:
+            s, pos = ann.search_positions(u[None, :], n + len(drop))
+        s, pos = s[0], pos[0]
+        keep = (pos >= 0) & ~np.isin(pos, drop)
+        s, pos = s[keep][:n], pos[keep][:n]
+        t1 = time.perf_counter()
+        pool = _Pool(ann.ids[pos].tolist(), s.astype(np.float64), cache.predicted_loss(pos),
+                     lambda idx: cache.rows(pos[idx]))
+        self.timings["ann"], self.timings["fetch"] = t1 - t0, time.perf_counter() - t1
+        return pool
+
+    def _pool_lancedb(self, ann, u, n, where, exclude) -> _Pool:
+        """Without the cache: FAISS then ``id IN (...)`` queries, growing while too few rows match
+        ``where``, and LanceDB's exact filtered scan beyond ``max_ann_fetch``."""
+        t0 = time.perf_counter()
+        total = ann.ntotal
         if where:
             matching = self._count(where)
             fetch = int(math.ceil(n * 2 * total / max(matching, 1))) + len(exclude)
@@ -270,22 +307,13 @@ class QueryEngine:
             matching, fetch = total, n + len(exclude)
         rows = sims = None
         while matching and fetch <= max(self.max_ann_fetch, n + len(exclude)):
-            s, pos = ann.search_positions(u[None, :], min(fetch, total))
-            ok = pos[0] >= 0
-            s, pos = s[0][ok], pos[0][ok]
-            ids = ann.ids[pos]
-            if exclude:
-                keep = ~np.isin(ids, np.asarray(list(exclude), dtype=str))
-                s, pos, ids = s[keep], pos[keep], ids[keep]
+            s, ids = ann.search(u[None, :], min(fetch, total))
+            keep = [(i, v) for i, v in zip(ids[0], s[0], strict=True) if i is not None and i not in exclude]
             t1 = time.perf_counter()
-            if where is None and self._perm is not None:
-                rows, sims = self._cache.take(self._perm[pos]), s.astype(np.float64)
-            else:
-                rows = self._fetch(ids.tolist(), where)
-                sim_of = dict(zip(ids.tolist(), s.tolist(), strict=True))
-                sims = np.array([sim_of[i] for i in rows.column(S.ID).to_pylist()], np.float64)
-            self.timings["ann"] = t1 - t0
-            self.timings["fetch"] = time.perf_counter() - t1
+            rows = self._fetch([i for i, _ in keep], where)
+            sim_of = dict(keep)
+            sims = np.array([sim_of[i] for i in rows.column(S.ID).to_pylist()], np.float64)
+            self.timings["ann"], self.timings["fetch"] = t1 - t0, time.perf_counter() - t1
             if len(sims) >= min(n, matching - len(exclude)) or fetch >= total:
                 break
             fetch *= 4
@@ -304,14 +332,15 @@ class QueryEngine:
         if len(sims) > n:
             top = np.argsort(-sims, kind="stable")[:n]
             rows, sims = rows.take(top), sims[top]
-        return rows, sims
+        pred = rows.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
+        return _Pool(rows.column(S.ID).to_pylist(), sims, pred, rows.take)
 
-    def _rank(self, rows: pa.Table, sims: np.ndarray, k: int, weight: float | None) -> list[SearchResult]:
+    def _rank(self, pool: _Pool, k: int, weight: float | None) -> list[SearchResult]:
         t0 = time.perf_counter()
         w = DEFAULT_WEIGHT if weight is None else float(weight)
         if not 0.0 <= w <= 1.0:
             raise UserError(f"--weight {w} is outside [0, 1]; use 0 for similarity only, 1 for predicted loss only.")
-        pred = rows.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
+        sims, pred = pool.sims, pool.pred
         missing = ~np.isfinite(pred)
         if len(pred) and missing.all() and w > 0:
             self._note("no predicted_loss on these rows: ranked by similarity only; run `llm2loss diagnose` "
@@ -320,8 +349,8 @@ class QueryEngine:
             self._note(f"{int(missing.sum())} of {len(pred)} candidate rows have no predicted_loss (counted as "
                        "average); rerun `llm2loss diagnose` to score them.")
         score = rank_scores(sims, pred, w)
-        order = rank_order(score, sims, rows.column(S.ID).to_pylist())[:k]
-        top = rows.take(order)  # only the k results are turned into Python objects
+        order = rank_order(score, sims, pool.ids)[:k]
+        top = pool.rows(order)  # only the k results are turned into Python objects
         meta = [c for c in top.column_names if c not in S.CORE_COLUMNS]
         out = [
             SearchResult(
@@ -342,8 +371,7 @@ class QueryEngine:
         u = self.query_vector(positives, negatives)
         self.timings["encode"] = time.perf_counter() - t0
         n = max(int(candidates or default_candidates(k)), int(k))
-        rows, sims = self._pool(u, n, where, set(exclude))
-        out = self._rank(rows, sims, int(k), weight)
+        out = self._rank(self._pool(u, n, where, set(exclude)), int(k), weight)
         self.timings["total"] = time.perf_counter() - t0
         return out
 

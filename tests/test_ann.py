@@ -86,6 +86,26 @@ def test_ivf_recall_measured_and_reached(tmp_path):
     assert np.mean([len(set(wide[i]) & set(id_arr[truth[i]])) / 10 for i in range(200)]) >= max(recall, 0.99)  # float ties aside, exhaustive
 
 
+def test_subset_search_is_exact_among_selected_rows(tmp_path):
+    db, x, ids = synthetic_db(tmp_path / "db", n=2000)
+    ann.build_index(db, exact_max_rows=500)
+    index = ann.load_index(db)
+    assert index.info["kind"] == "ivf"
+    rng = np.random.default_rng(3)
+    mask = rng.random(2000) < 0.05
+    q = x[:3] + 0.1
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    sims, pos = index.search_subset(q, 20, mask)
+    pos_of = {i: p for p, i in enumerate(index.ids.tolist())}
+    xf = x[[ids.index(i) for i in index.ids.tolist()]]  # vectors in FAISS order
+    for j in range(3):
+        allowed = np.flatnonzero(mask)
+        want = allowed[np.argsort(-(xf[allowed] @ q[j]), kind="stable")[:20]]
+        assert set(pos[j].tolist()) == set(want.tolist())
+        np.testing.assert_allclose(sims[j], np.sort(xf[allowed] @ q[j])[::-1][:20], rtol=1e-5, atol=1e-6)
+    assert len(pos_of) == 2000
+
+
 def test_stale_index_is_rebuilt_or_refused(tmp_path):
     db = make_db(tmp_path, n=30)
     ann.build_index(db)

@@ -98,9 +98,10 @@ def test_zscore_and_score_edge_cases():
     np.testing.assert_allclose(rank_scores(np.array([0.1, 0.3]), np.array([np.nan, np.nan]), 0.5), [-0.5, 0.5])
 
 
-@pytest.mark.parametrize("max_fetch", [10_000, 1])  # FAISS with post-filter, and the filtered scan
-def test_where_filter_returns_k_matching_rows(db, table, max_fetch):
-    engine = QueryEngine(db, max_ann_fetch=max_fetch)
+# Row cache + FAISS id selector; without the cache: FAISS with post-filter, and LanceDB's filtered scan.
+@pytest.mark.parametrize("cache,max_fetch", [(True, 4096), (False, 10_000), (False, 1)])
+def test_where_filter_returns_k_matching_rows(db, table, cache, max_fetch):
+    engine = QueryEngine(db, max_ann_fetch=max_fetch, cache_rows=cache)
     where = "split = 'test' AND label = 'circle'"
     assert db.count_rows(where) == 10
     results = engine.search("a blue circle", k=10, where=where, candidates=40)
@@ -128,6 +129,14 @@ def test_similar_stored_id_excludes_itself(engine, table):
     # The random tiny CLIP maps all images within ~1e-4 cosine of each other, so z(similarity)
     # magnifies float32 rounding (FAISS) against this float64 brute force.
     np.testing.assert_allclose([r.score for r in results], score, atol=2e-2)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_similar_with_filter_excludes_itself(db, table, cache):
+    engine = QueryEngine(db, cache_rows=cache)
+    results = engine.similar("s00000", k=50, where="label = 'circle'", weight=0.0)
+    assert len(results) == 39 and all(r.label == "circle" for r in results)
+    assert "s00000" not in {r.id for r in results}
 
 
 def test_similar_new_image_file_is_embedded_on_the_fly(engine, db, tmp_path):
