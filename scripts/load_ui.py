@@ -17,6 +17,7 @@ Prints one JSON document on stdout (progress on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     finally:
-        app.close()
+        with contextlib.redirect_stdout(sys.stderr):  # Gradio announces the shutdown on stdout
+            app.close()
         if tmp is not None:
             tmp.cleanup()
     return 0
