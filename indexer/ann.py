@@ -357,10 +357,10 @@ class AnnIndex:
         out_ids[missing] = None
         return sims, out_ids
 
-    def search_subset(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search among the positions where ``mask`` ((ntotal,) bool) is True: (sims, positions)
-        as in ``search_positions``. Every IVF cell is scanned, but distances are computed only for
-        the selected vectors, so a filtered query is exact and costs little more than the filter."""
+    def search_subset(self, queries: np.ndarray, k: int, mask: np.ndarray,
+                      nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Search among the positions where ``mask`` ((ntotal,) bool) is True: (sims, positions) as
+        in ``search_positions``. IVF probes ``nprobe`` cells (default: all of them, which is exact)."""
         if self.gpu_resources is not None:
             raise NotImplementedError("GPU indexes take no id selector")
         faiss = _faiss()
@@ -369,7 +369,7 @@ class AnnIndex:
         bitmap = np.packbits(mask.astype(bool), bitorder="little")  # faiss reads bit i at byte i >> 3
         sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
         if self.info.get("kind") == "ivf":
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(self.info["nlist"]))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=int(min(nprobe or self.info["nlist"], self.info["nlist"])))
         else:
             params = faiss.SearchParameters(sel=sel)
         sims, pos = self.index.search(q, k, params=params)

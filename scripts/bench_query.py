@@ -36,6 +36,7 @@ from indexer.clip import ClipSpec  # noqa: E402
 from indexer.configs import TINY_CLIP  # noqa: E402
 from indexer.store import Database  # noqa: E402
 
+REPS = 3
 MODELS = {"tiny": ClipSpec(model=str(TINY_CLIP)), "vit": ClipSpec(model="ViT-B-32")}
 COLORS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -115,29 +116,42 @@ def bench_model(name: str, spec: ClipSpec, rows: int, queries: int, root: Path) 
     for p in phrases[:3]:  # warm-up: first calls allocate
         engine.search(p, k=10)
         index.search(clip.encode_text([p]), 10)
-    parts = {k: [] for k in ("encode", "check", "ann", "fetch", "rank", "total")}
+    parts = {k: [] for k in ("encode", "check", "ann", "fetch", "rank", "other", "total")}
     bare_enc, bare_ann, bare_total = [], [], []
+    measured = ("encode", "check", "ann", "fetch", "rank")
     for p in phrases[3:]:
-        t0 = time.perf_counter()
-        u = clip.encode_text([p])
-        t1 = time.perf_counter()
-        index.search(u, 10)
-        t2 = time.perf_counter()
-        bare_enc.append(t1 - t0)
-        bare_ann.append(t2 - t1)
-        bare_total.append(t2 - t0)
-        engine.search(p, k=10)
-        for k in parts:
-            parts[k].append(engine.timings[k])
+        # Alternate bare and engine REPS times and keep each one's fastest run: on a shared machine
+        # the minimum is the least noisy estimate of what the code itself costs.
+        best_bare, best_engine = None, None
+        for _ in range(REPS):
+            t0 = time.perf_counter()
+            u = clip.encode_text([p])
+            t1 = time.perf_counter()
+            index.search(u, 10)
+            t2 = time.perf_counter()
+            if best_bare is None or t2 - t0 < best_bare[2]:
+                best_bare = (t1 - t0, t2 - t1, t2 - t0)
+            engine.search(p, k=10)
+            if best_engine is None or engine.timings["total"] < best_engine["total"]:
+                best_engine = dict(engine.timings)
+        bare_enc.append(best_bare[0])
+        bare_ann.append(best_bare[1])
+        bare_total.append(best_bare[2])
+        for k in (*measured, "total"):
+            parts[k].append(best_engine[k])
+        parts["other"].append(best_engine["total"] - sum(best_engine[k] for k in measured))
 
     # Filtered queries (25% and ~6% of rows match).
     filt = {}
     for where in ("split = 'test'", "split = 'test' AND color = 'blue' AND label = 'star'"):
-        ts = []
-        for p in phrases[3:13]:
+        ts, beyond = [], []
+        for j, p in enumerate(phrases[3:13]):
             engine.search(p, k=10, where=where)
+            if j == 0:  # the filter is evaluated by LanceDB once, then remembered
+                first = engine.timings.get("filter", 0.0)
             ts.append(engine.timings["total"])
-        filt[where] = (ms(ts), db.count_rows(where))
+            beyond.append(engine.timings["total"] - engine.timings["encode"])
+        filt[where] = (ms(ts), ms(beyond), 1000 * first, db.count_rows(where))
 
     # Recall of the 100-row candidate pool against exact search.
     _, x = db.embeddings()
@@ -150,7 +164,7 @@ def bench_model(name: str, spec: ClipSpec, rows: int, queries: int, root: Path) 
         "name": name, "dim": dim, "rows": rows, "info": info, "parts": {k: ms(v) for k, v in parts.items()},
         "bare": {"encode": ms(bare_enc), "ann": ms(bare_ann), "total": ms(bare_total)},
         "ratio": ms(parts["total"]) / ms(bare_total), "fetch_plain": fetch_plain, "fetch_btree": fetch_btree,
-        "filtered": filt, "pool_recall": pool_recall, "nprobe_100": index.nprobe_for(100),
+        "filtered": filt, "queries": len(phrases) - 3, "pool_recall": pool_recall, "nprobe_100": index.nprobe_for(100),
         "threads": (torch.get_num_threads(), faiss.omp_get_max_threads()),
     }
 
@@ -167,21 +181,24 @@ def report(r: dict) -> str:
         f"(stored, midpoint, mean-removed rows) and {r['pool_recall']:.3f} for this run's text queries, which "
         "from a random-weight text tower are random directions, the worst case for IVF.",
         "",
-        "| part | engine (ms, median) | bare encode + FAISS k=10 (ms) |",
+        "| part | engine (ms) | bare encode + FAISS k=10 (ms) |",
         "|---|---|---|",
         f"| text encoding (+ query vector) | {p['encode']:.2f} | {b['encode']:.2f} |",
         f"| index freshness check | {p['check']:.2f} | - |",
         f"| ANN search (100 candidates) | {p['ann']:.2f} | {b['ann']:.2f} |",
-        f"| row fetch from LanceDB (100 ids, BTREE on id) | {p['fetch']:.2f} | - |",
+        f"| row fetch (in-memory row cache, FAISS order) | {p['fetch']:.2f} | - |",
         f"| ranking | {p['rank']:.2f} | - |",
+        f"| rest (Python glue between the parts) | {p['other']:.2f} | - |",
         f"| **whole query** | **{p['total']:.2f}** | **{b['total']:.2f}** |",
         "",
-        f"Ratio engine / bare: **{r['ratio']:.2f}x** (goal <= 1.3x).",
+        f"Ratio engine / bare: **{r['ratio']:.2f}x** (goal <= 1.3x). Each cell: median over {r['queries']} "
+        f"distinct queries of the fastest of {REPS} interleaved runs.",
         f"Row fetch of 100 ids by `id IN (...)`: {r['fetch_plain']:.1f} ms without a scalar index, "
         f"{r['fetch_btree']:.1f} ms with the BTREE index `build_index` creates.",
     ]
-    for where, (t, m) in r["filtered"].items():
-        lines.append(f"Filtered query `--where \"{where}\"` ({m:,} matching rows): {t:.1f} ms whole query.")
+    for where, (t, beyond, first, m) in r["filtered"].items():
+        lines.append(f"Filtered query `--where \"{where}\"` ({m:,} matching rows): {t:.1f} ms whole query, "
+                     f"{beyond:.1f} ms beyond text encoding; evaluating the filter the first time: {first:.1f} ms.")
     return "\n".join(lines)
 
 

@@ -24,11 +24,12 @@ Filters
 -------
 ``where`` is LanceDB SQL over any column. The pool is then the N most similar *matching* rows, so k
 results come back whenever k rows match: LanceDB evaluates the filter to a set of rows (once per
-filter and table version) and FAISS searches exactly among them with an id selector (see
-:mod:`search_ui.rowcache`, which also keeps the small columns in memory so fetching a query's rows
-costs ~0.1 ms). Without the row cache (``cache_rows=False``, or a GPU index), FAISS is asked for
-N / (share of matching rows) * 2 neighbours, growing while too few match, and LanceDB's exact
-filtered scan takes over beyond ``max_ann_fetch``.
+filter and table version) and FAISS searches among them with an id selector, probing as many IVF
+cells as an unfiltered search N / (share of matching rows) deep, and every cell when that finds
+fewer than N (see :mod:`search_ui.rowcache`, which also keeps the small columns in memory so that
+fetching a query's rows costs ~0.1 ms). Without the row cache (``cache_rows=False``, or a GPU
+index), FAISS is asked for N / (share of matching rows) * 2 neighbours, growing while too few
+match, and LanceDB's exact filtered scan takes over beyond ``max_ann_fetch``.
 """
 
 from __future__ import annotations
@@ -281,9 +282,15 @@ class QueryEngine:
                 mask = mask.copy()
                 mask[drop] = False
             t0, self.timings["filter"] = time.perf_counter(), time.perf_counter() - t0
-            if not mask.any():
+            matching = int(mask.sum())
+            if not matching:
                 return _Pool.empty()
-            s, pos = ann.search_subset(u[None, :], n, mask)
+            # Probe as many cells as an unfiltered search deep enough to hold n matching rows would;
+            # all cells (exact) when that finds fewer than n.
+            depth = int(math.ceil(n * len(mask) / matching))
+            s, pos = ann.search_subset(u[None, :], n, mask, nprobe=ann.nprobe_for(depth) or None)
+            if int((pos[0] >= 0).sum()) < min(n, matching):
+                s, pos = ann.search_subset(u[None, :], n, mask)
         else:
             s, pos = ann.search_positions(u[None, :], n + len(drop))
         s, pos = s[0], pos[0]

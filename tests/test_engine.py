@@ -240,3 +240,19 @@ def test_row_cache_sees_new_predictions_and_matches_lancedb_fetch(tmp_path):
     got = {r.id: r.predicted_loss for r in cached.search("a circle", k=30)}
     want = dict(zip(t.column(S.ID).to_pylist(), new.to_pylist(), strict=True))
     assert got == want
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_filters_on_an_ivf_index_still_return_k_rows(tmp_path, cache):
+    from indexer import ann
+    from tests.test_ann import synthetic_db
+
+    db, x, ids = synthetic_db(tmp_path / "db", n=3000)
+    ann.build_index(db, exact_max_rows=1000)
+    engine = QueryEngine(db, cache_rows=cache)
+    few = ",".join(f"'{i}'" for i in ids[::200])  # 15 rows spread over the whole index
+    got = engine.similar(ids[1], k=10, where=f"id IN ({few})", weight=0.0)
+    want = sorted(ids[::200], key=lambda i: -float(x[ids.index(i)] @ x[1]))[:10]
+    assert [r.id for r in got] == want  # so selective a filter is searched exactly
+    assert len(engine.similar(ids[1], k=30, where="loss < 0.25", weight=0.0)) == 30
+    assert len(engine.similar(ids[1], k=10, where=f"id IN ({few})", candidates=15)) == 10
