@@ -213,7 +213,8 @@ def plot_map(h: HealthData):
     ax = fig.add_subplot()
     colour, what = (h.pred, "predicted loss") if h.has_predictions else (h.loss, "true loss")
     order = np.argsort(np.nan_to_num(colour, nan=-np.inf))  # worst drawn last, on top
-    sc = ax.scatter(h.xy[order, 0], h.xy[order, 1], c=colour[order], s=10, cmap="inferno_r",
+    size = float(np.clip(4000 / max(len(h.ids), 1), 3, 40))  # dots stay visible, crowds stay readable
+    sc = ax.scatter(h.xy[order, 0], h.xy[order, 1], c=colour[order], s=size, cmap="inferno_r",
                     linewidths=0, plotnonfinite=True)
     fig.colorbar(sc, ax=ax, label=what)
     ax.set_xlabel(f"PC 1 ({h.explained[0]:.0%} of variance)")
