@@ -62,7 +62,7 @@ def _none_if_blank(s: str | None) -> str | None:
 
 def details_markdown(rec: dict) -> str:
     """A two-column table of a record's fields, core ones first."""
-    core = ["id", "label", "split", "loss", "predicted_loss", "predicted_loss_std", "similarity", "score"]
+    core = [S.ID, S.LABEL, S.SPLIT, S.LOSS, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD, "similarity", "score"]
     keys = [k for k in core if k in rec] + [k for k in rec if k not in core and k != S.IMAGE]
     lines = ["| field | value |", "|---|---|"]
     for k in keys:
