@@ -48,19 +48,18 @@ def _clip_spec(args):
 def cmd_index(args) -> int:
     from indexer.pipeline import clip_spec_from_args, index_dataset
 
-    report = index_dataset(
-        args.source,
-        args.db,
-        # --clip unset: the model recorded in --db, else ViT-B-32 (see clip_spec_from_args)
-        clip=clip_spec_from_args(args.clip, args.pretrained, args.clip_checkpoint),
-        predictions=args.predictions,
-        model=args.model,
-        task=args.task,
-        batch_size=args.batch_size,
-        device=args.device,
-        workers=args.workers,
-        strict=args.strict,
-    )
+    # --clip unset: the model recorded in --db, else ViT-B-32 (see clip_spec_from_args)
+    common = dict(clip=clip_spec_from_args(args.clip, args.pretrained, args.clip_checkpoint),
+                  predictions=args.predictions, model=args.model, task=args.task, batch_size=args.batch_size,
+                  device=args.device, strict=args.strict)
+    if args.engine == "ray":
+        from indexer.ray_engine import index_dataset_ray
+
+        report = index_dataset_ray(args.source, args.db, address=args.address, **common)
+    else:
+        if args.address is not None:
+            raise UserError("--address is for --engine ray; add --engine ray or drop --address.")
+        report = index_dataset(args.source, args.db, workers=args.workers, **common)
     print(report.summary())
     return 0
 
@@ -224,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
     s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
     s.add_argument("--strict", action="store_true", help="fail on the first bad row instead of rejecting it")
+    s.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="`ray`: run on a Ray cluster (needs the `ray` extra; see docs/RAY.md)")
+    s.add_argument("--address", default=None, help="with --engine ray: the cluster's address "
+                   "(HOST:PORT, ray://HOST:PORT or `auto`; default: a local Ray)")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("diagnose", help="fit the diagnosis ensemble and write predicted_loss onto every row")
