@@ -56,7 +56,8 @@ def _format(out: Path, fmt: str | None) -> str:
 
 
 def mode_ids(db: Database, mode: str | int, k: int) -> list[str]:
-    """Example ids of failure mode ``mode`` (1-based number, or its description) from ``explain``."""
+    """The first ``k`` members (highest predicted loss first) of failure mode ``mode`` from
+    ``explain``: its 1-based number, or its description (exact, else a unique substring)."""
     from diagnosis.explain import explain  # lazily: diagnosis is only needed for --mode
 
     text = str(mode).strip()
@@ -75,7 +76,8 @@ def mode_ids(db: Database, mode: str | int, k: int) -> list[str]:
             why = "matches no" if not found else "matches several"
             raise UserError(f"--mode {text!r} {why} failure mode ({listing}); pass its number or full description.")
         chosen = found[0]
-    return [str(i) for i in chosen.examples][:k]
+    # ``ids``: every member, most likely failures first; ``examples`` only the first few.
+    return [str(i) for i in (getattr(chosen, "ids", None) or chosen.examples)][:k]
 
 
 def selection_ids(db: Database, query=None, ids=None, mode=None, selection=None, k: int = 100,

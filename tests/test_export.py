@@ -103,3 +103,25 @@ def test_query_export_and_bad_requests(db, tmp_path):
     with pytest.raises(UserError, match="not an empty folder"):
         export(db, tmp_path / "full", ids=["s00001"])
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_mode_export_by_number_or_description(db, tmp_path, monkeypatch):
+    import diagnosis.explain
+    from diagnosis.explain import FailureMode
+
+    def mode(desc, ids):
+        return FailureMode(description=desc, predicted_loss=1.0, predicted_loss_std=0.1, examples=ids[:1],
+                           size=len(ids), mean_loss=1.0, mean_predicted_loss=1.0, share_of_loss=0.1,
+                           phrases=[desc], source="words", ids=ids)
+
+    modes = [mode("a blue circle", ["s00006", "s00015", "s00024"]), mode("a small star", ["s00001"]),
+             mode("a blue square", ["s00007"])]
+    monkeypatch.setattr(diagnosis.explain, "explain", lambda db, top=10, **kw: modes[:top])
+    out = export(db, tmp_path / "m.csv", mode="1", k=2)
+    assert [r[S.ID] for r in read_source(out).table.to_pylist()] == ["s00006", "s00015"]
+    out = export(db, tmp_path / "m2.csv", mode="small star")
+    assert [r[S.ID] for r in read_source(out).table.to_pylist()] == ["s00001"]
+    with pytest.raises(UserError, match="matches several"):
+        export(db, tmp_path / "m3.csv", mode="blue")
+    with pytest.raises(UserError, match="out of range"):
+        export(db, tmp_path / "m3.csv", mode="7")
