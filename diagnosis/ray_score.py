@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Rows per ensemble call inside an actor: (8192, 512) float32 = 16 MiB.
 SCORE_BATCH = 8192
+#: CPUs reserved by each read/write task: the actors take 90% of the cluster's CPUs.
+IO_CPUS = 0.05
 
 
 class EnsembleScorer:
@@ -90,13 +92,14 @@ def score_new_rows_ray(db, address: str | None = None, actors: int | None = None
     t0 = time.perf_counter()
     uri = db.table.to_lance().uri
     version = db.version  # read this version even if a commit lands meanwhile
-    ds = ray.data.read_lance(uri, version=version, columns=[S.ID, S.EMBEDDING], filter=where)
+    # read and write tasks are light (I/O); they must not wait for CPUs the actors hold
+    ds = ray.data.read_lance(uri, version=version, columns=[S.ID, S.EMBEDDING], filter=where, num_cpus=IO_CPUS)
     ds = ds.map_batches(EnsembleScorer, batch_size=batch_rows, batch_format="pyarrow", concurrency=actors,
                         num_cpus=per_actor, fn_constructor_kwargs={"ensemble": [ray.put(loaded.ensemble)],
                                                                    "threads": max(1, int(per_actor))})
     staging = Path(tempfile.mkdtemp(dir=db.path, prefix=".scores-"))
     try:
-        ds.write_parquet(str(staging))
+        ds.write_parquet(str(staging), ray_remote_args={"num_cpus": IO_CPUS})
         written = _write_back(db, staging, todo, version, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -89,16 +89,16 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     """Join the Ray cluster at ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``), or start a
     local one when ``address`` is None; a Ray already initialised in this process is used as it is."""
     ray = ray_module()
-    if ray.is_initialized():
-        return ray
-    try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UserError(f"--address {address}: could not join a Ray cluster there ({short_error(e)}); start one "
-                        "with `ray start --head` and pass its address, or leave --address out for a local one.") from e
+    if not ray.is_initialized():
+        try:
+            if address is None:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise UserError(f"--address {address}: could not join a Ray cluster there ({short_error(e)}); start one "
+                            "with `ray start --head` and pass its address, or leave --address out for a local "
+                            "one.") from e
     # Ray Data's console progress bars would flood stderr; this module shows one bar of its own.
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
