@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +122,7 @@ class QueryEngine:
         self.cache_rows = cache_rows
         self._rows: RowCache | None = None
         self._seen_version = self._seen_signature = None
+        self._reload_lock = threading.Lock()
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
@@ -148,16 +150,18 @@ class QueryEngine:
         sig = self._change_signature()
         if self._ann is not None and sig is not None and sig == self._seen_signature:
             return
-        version = self.db.version
-        if self._ann is not None and version == self._seen_version:
-            self._seen_signature = sig
-            return
-        info = self._ann.info if self._ann is not None else {}
-        if info.get("data_version") != self.db.data_version or info.get("num_rows") != self.db.count_rows():
-            self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
-        self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
-        self._rows = RowCache.load(self.db, self._ann.ids, self._columns) if self.cache_rows else None
-        self._seen_version, self._seen_signature = version, sig
+        with self._reload_lock:  # the web UI queries from several threads
+            version = self.db.version
+            if self._ann is not None and version == self._seen_version:
+                self._seen_signature = sig
+                return
+            info = self._ann.info if self._ann is not None else {}
+            if info.get("data_version") != self.db.data_version or info.get("num_rows") != self.db.count_rows():
+                self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
+            self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+            self._rows = RowCache.load(self.db, self._ann.ids, self._columns) if self.cache_rows else None
+            self._state = (self._ann, self._rows)  # swapped as one, for queries running meanwhile
+            self._seen_version, self._seen_signature = version, sig
 
     def _change_signature(self) -> tuple | None:
         """Modification times of the table's version folder and of meta.json: every Lance commit
@@ -259,17 +263,17 @@ class QueryEngine:
     def _pool(self, u: np.ndarray, n: int, where: str | None, exclude: set[str]) -> _Pool:
         """The n rows most similar to u (among those matching ``where``, without ``exclude``)."""
         t_check = time.perf_counter()
-        ann = self.ann  # the freshness check is part of every search's cost
+        self._refresh()  # the freshness check is part of every search's cost
+        ann, cache = self._state
         self.timings["check"] = time.perf_counter() - t_check
-        if self._rows is not None and ann.gpu_resources is None:
-            return self._pool_cached(ann, u, n, where, exclude)
+        if cache is not None and ann.gpu_resources is None:
+            return self._pool_cached(ann, cache, u, n, where, exclude)
         return self._pool_lancedb(ann, u, n, where, exclude)
 
-    def _pool_cached(self, ann, u, n, where, exclude) -> _Pool:
+    def _pool_cached(self, ann, cache: RowCache, u, n, where, exclude) -> _Pool:
         """FAISS over the whole index, or exactly over the rows matching ``where`` (an id selector),
         with rows from the in-memory cache."""
         t0 = time.perf_counter()
-        cache = self._rows
         drop = cache.positions_of(exclude) if exclude else np.zeros(0, np.int64)
         if where:
             try:
