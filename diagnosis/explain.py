@@ -4,8 +4,8 @@ Two views, merged where they find the same samples:
 
 * **words** -- every phrase of a vocabulary is scored by the ensemble (on its gap-corrected text
   embedding, see :mod:`diagnosis.text`); the worst phrases are failure modes. A phrase's group is its
-  nearest images (by CLIP similarity) that are predicted to fail (``predicted_loss`` in the table's
-  top decile); its examples are the group's worst.
+  nearest images (by CLIP similarity) that are predicted to fail (:func:`failing`); its examples are
+  the group's worst.
 * **images** -- the samples predicted to fail are clustered (k-means on the unit sphere); each cluster
   is a failure group, named by the phrases nearest its centroid (both sides centred on their
   modality's mean, so the shared offset does not decide the name).
@@ -38,7 +38,8 @@ from indexer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FAIL_QUANTILE = 0.90  # "predicted to fail": predicted_loss in the table's top 10%
+FAIL_QUANTILE = 0.90
+FAIL_RATIO = 2.0
 SAME_GROUP = 0.5  # overlap coefficient above which two modes are one
 N_EXAMPLES = 10
 MAX_CLUSTER_ROWS = 20000  # k-means runs on a sample of the failing rows; all are then assigned
@@ -130,6 +131,13 @@ def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) ->
     return best_i
 
 
+def failing(pred: np.ndarray) -> np.ndarray:
+    """(n,) bool: "predicted to fail" = predicted loss in the top decile or at least twice the mean,
+    whichever takes more rows (a failure group bigger than 10% of the table is kept whole)."""
+    thr = min(float(np.quantile(pred, FAIL_QUANTILE)), FAIL_RATIO * float(np.mean(pred)))
+    return pred >= thr
+
+
 def _overlap(a: set, b: set) -> float:
     return len(a & b) / max(1, min(len(a), len(b))) if a and b else 0.0
 
@@ -215,7 +223,7 @@ def _image_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, image_mean,
     rows = np.flatnonzero(fail)
     if len(rows) < 10:
         return []
-    k = int(np.clip(round(np.sqrt(len(rows) / 20)), 2, 12))
+    k = int(np.clip(round(np.sqrt(len(rows) / 20)), 1, 12))  # ~20 x k^2 failing rows per k clusters
     rng = np.random.default_rng(seed)
     fit_rows = rows if len(rows) <= MAX_CLUSTER_ROWS else rng.choice(rows, MAX_CLUSTER_ROWS, replace=False)
     km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(t.X[fit_rows])
@@ -255,7 +263,7 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
     phrases, generic = resolve_vocabulary(db, vocab)
     t = _read_table(db)
     phrases, T, pred, std, _ = score_vocabulary(scorer, phrases, generic, correct_gap)
-    fail = t.pred >= np.quantile(t.pred, FAIL_QUANTILE)
+    fail = failing(t.pred)
     m = neighbours or int(np.clip(0.02 * len(t.ids), 50, 2000))
     m = min(m, len(t.ids))
     modes = _word_modes(t, phrases, T, pred, std, fail, m, candidates=max(4 * top, 40))

@@ -1,0 +1,157 @@
+"""Scoring words across the modality gap, vocabularies, and `llm2loss explain`."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from diagnosis.ensemble import DiagnosisEnsemble
+from diagnosis.explain import explain
+from diagnosis.run import diagnose
+from diagnosis.text import Scorer, estimate_gap, score_text, text_to_image_space
+from diagnosis.vocab import (
+    compose_pairs,
+    default_vocabulary,
+    generic_concepts,
+    generic_singles,
+    read_vocab_file,
+)
+from indexer import schema as S
+from indexer.errors import UserError
+from tests.fakes import make_db
+
+
+def _unit(a):
+    return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+
+def test_gap_correction_moves_text_among_images_and_ranks_concepts_better():
+    """Images and captions of 8 concepts in two cones (a shared offset per modality, as in CLIP);
+    the ensemble, fitted on images, scores the captions."""
+    rng = np.random.default_rng(0)
+    d, k = 32, 8
+    concepts = _unit(rng.normal(size=(k, d)))
+    u_img, u_txt = _unit(rng.normal(size=(2, d)))
+    cl = rng.integers(0, k, 1200)
+    X = _unit(1.5 * u_img + concepts[cl] + 0.3 * rng.normal(size=(1200, d))).astype(np.float32)
+    concept_loss = np.linspace(3.0, 0.1, k)
+    y = rng.gamma(2.0, concept_loss[cl] / 2)
+    T = _unit(1.5 * u_txt + concepts + 0.05 * rng.normal(size=(k, d))).astype(np.float32)
+    ens = DiagnosisEnsemble(n_members=4, n_folds=3, n_rff=256, random_state=0).fit(X, y)
+
+    gap = estimate_gap(X, T)
+    Tc = text_to_image_space(T, gap)
+    np.testing.assert_allclose(np.linalg.norm(Tc, axis=1), 1.0, rtol=1e-5)
+    mean_img = _unit(X.mean(axis=0))
+    assert (Tc @ mean_img).mean() > (T @ mean_img).mean() + 0.3  # now among the images
+    raw, corrected = ens.predict(T), ens.predict(Tc)
+    assert spearmanr(corrected, concept_loss).statistic > spearmanr(raw, concept_loss).statistic
+    assert spearmanr(corrected, concept_loss).statistic > 0.95
+    # and on the right scale: raw captions get squashed towards the average loss
+    err = lambda p: np.abs(np.log1p(p) - np.log1p(concept_loss)).mean()  # noqa: E731
+    assert err(corrected) < 0.5 * err(raw)
+    assert np.argmax(corrected) == 0
+
+
+def test_gap_helpers_accept_means_and_none():
+    X = _unit(np.random.default_rng(1).normal(size=(10, 4)))
+    np.testing.assert_allclose(estimate_gap(X.mean(0), X[:3].mean(0)), estimate_gap(X, X[:3]), rtol=1e-6)
+    np.testing.assert_allclose(text_to_image_space(X[:2], None), X[:2].astype(np.float32))
+
+
+def test_vocabularies(tmp_path):
+    f = tmp_path / "v.txt"
+    f.write_text("# a comment\na red circle\n\na red circle\na blue square\n")
+    assert read_vocab_file(f) == ["a red circle", "a blue square"]
+    with pytest.raises(UserError, match="does not exist"):
+        read_vocab_file(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(UserError, match="no phrases"):
+        read_vocab_file(tmp_path / "empty.txt")
+    cats = generic_concepts()
+    assert {"objects", "scenes", "colours", "lighting", "viewpoints", "textures"} <= set(cats)
+    assert all(len(v) >= 8 for v in cats.values())
+    assert compose_pairs(["a dog"], ["in the snow", "at night"]) == ["a dog in the snow", "a dog at night"]
+    assert "a photo at night" in generic_singles()
+
+
+@pytest.fixture(scope="module")
+def explained_db(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("explain")
+    db = make_db(folder, n=150, predicted=False)
+    diagnose(db, members=4, folds=3, progress=False)
+    return folder, db
+
+
+def test_default_vocabulary_is_the_dataset_vocab_txt_else_generic(explained_db):
+    folder, db = explained_db
+    assert default_vocabulary(db) == generic_singles()
+    (folder / "vocab.txt").write_text("a blue circle\na red square\n")
+    try:
+        assert default_vocabulary(db) == ["a blue circle", "a red square"]
+    finally:
+        (folder / "vocab.txt").unlink()
+
+
+def test_score_text_matches_the_scorer_and_the_gap_changes_scores(explained_db):
+    _, db = explained_db
+    phrases = ["a blue circle", "a red square"]
+    pred, std = score_text(db, phrases)
+    assert pred.shape == std.shape == (2,) and (std >= 0).all()
+    sc = Scorer(db)
+    np.testing.assert_allclose(sc.score_text(phrases)[0], pred)
+    assert not np.allclose(sc.score_text(phrases, correct_gap=False)[0], pred)
+    # the default vocabulary's text mean is cached beside the ensemble
+    assert list(db.diagnosis_dir.glob("text_mean_*.npy"))
+
+
+def test_explain_names_the_planted_failure_group(explained_db, tmp_path):
+    _, db = explained_db
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(f"a {c} {s}" for c in ("red", "green", "blue")
+                               for s in ("circle", "square", "triangle")))
+    modes = explain(db, vocab=str(vocab), top=20)
+    assert len(modes) < 20  # 9 phrases: near-duplicates fold together
+    preds = [m.predicted_loss for m in modes]
+    assert preds == sorted(preds, reverse=True)
+    table = db.read([S.ID, S.LOSS, "color", S.LABEL]).to_pandas().set_index(S.ID)
+    mean_loss = table[S.LOSS].mean()
+    for m in modes:
+        d = m.to_dict()
+        assert {"description", "predicted_loss", "examples", "size", "mean_loss", "mean_predicted_loss",
+                "share_of_loss", "phrases", "source"} <= set(d) and "ids" not in d
+        assert set(m.examples) <= set(table.index) and len(m.examples) <= 10
+        assert m.size == len(m.ids) and set(m.examples) <= set(m.ids)
+        assert 0 <= m.share_of_loss <= 1 and m.source in ("words", "images", "both")
+        assert m.description in m.phrases
+    assert len({m.description for m in modes}) == len(modes)
+    # the group discovered from the images is the planted one: blue circles, ~9x the mean loss
+    # (random-weight CLIP features blur it, so some neighbours come along)
+    found = [m for m in modes if m.source in ("images", "both") and m.mean_loss > 3 * mean_loss]
+    assert found
+    best = max(found, key=lambda m: m.share_of_loss)
+    blue_circle = (table["color"] == "blue") & (table[S.LABEL] == "circle")
+    assert blue_circle[best.ids].mean() > 0.5
+    assert blue_circle[best.ids].sum() > 0.6 * blue_circle.sum()
+    assert best.share_of_loss > 0.5
+
+
+def test_explain_with_the_generic_vocabulary_composes_pairs(explained_db):
+    _, db = explained_db
+    modes = explain(db, top=3)
+    assert len(modes) == 3
+    assert any(" " in m.description for m in modes)
+
+
+def test_explain_cli_json_and_bad_input(explained_db, tmp_path, capsys):
+    from search_ui.cli import main
+
+    _, db = explained_db
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("a blue circle\na red square\na green triangle\n")
+    assert main(["explain", "--db", str(db.path), "--vocab", str(vocab), "--top", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and 1 <= len(out) <= 2 and {"description", "examples"} <= set(out[0])
+    assert main(["explain", "--db", str(db.path), "--vocab", str(tmp_path / "none.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
