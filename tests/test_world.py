@@ -198,12 +198,12 @@ def test_cache_reuses_and_a_spec_change_rebuilds(world, monkeypatch):
 
 
 def test_interrupted_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    from indexer.world import blackbox
+    from indexer.world import tiny_clip
 
-    def boom(*a, **k):
+    def boom(*a, **k):  # after the images are on disk: a half-built world exists at this point
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(blackbox, "train_blackbox", boom)
+    monkeypatch.setattr(tiny_clip, "train_clip", boom)
     with pytest.raises(KeyboardInterrupt):
         build_world(TINY, cache_dir=tmp_path, progress=False)
     assert list((tmp_path / "worlds").iterdir()) == []

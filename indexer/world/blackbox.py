@@ -37,14 +37,14 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_blackbox(images: np.ndarray, labels: np.ndarray, classes: int, epochs: int, batch_size: int,
-                   lr: float, seed: int, progress: bool = True) -> SmallCNN:
+                   lr: float, seed: int, width: int = 24, progress: bool = True) -> SmallCNN:
     """Fit :class:`SmallCNN` on (n, S, S, 3) uint8 ``images`` and (n,) int64 ``labels``.
 
     No augmentation and no reweighting: the model should learn the training split's biases, the
     way a real model trained on biased data does.
     """
     torch.manual_seed(seed)
-    model = SmallCNN(classes)
+    model = SmallCNN(classes, width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n = len(images)
     steps = epochs * ((n + batch_size - 1) // batch_size)

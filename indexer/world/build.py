@@ -201,7 +201,7 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     is_train = (rows["split"] == "train").to_numpy()
     bb = spec["blackbox"]
     cnn = blackbox.train_blackbox(images[is_train], y[is_train], len(labels), bb["epochs"], bb["batch_size"],
-                                  bb["lr"], seed, progress)
+                                  bb["lr"], seed, bb["width"], progress)
     torch.save(cnn.state_dict(), out / "blackbox.pt")
     loss, pred = blackbox.per_sample_loss(cnn, images, y)
     rows["loss"] = loss

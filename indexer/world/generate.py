@@ -27,7 +27,7 @@ RGB = {
     "orange": (250, 135, 15),
 }
 #: Circumradius of an object as a fraction of the image side.
-RADIUS = {"small": 0.13, "large": 0.30}
+RADIUS = {"small": 0.2, "large": 0.3}
 
 #: (words for "on a ... background", short word) per background.
 BG_WORDS = {
@@ -75,9 +75,9 @@ def sample_rows(n: int, seed: int, split: str) -> pd.DataFrame:
 
 def _nuisances(df: pd.DataFrame, rng: np.random.Generator) -> None:
     n = len(df)
-    # Centre in [0.35, 0.65] of the side keeps a large object fully inside the image.
-    df["x"] = rng.uniform(0.35, 0.65, n).round(4)
-    df["y"] = rng.uniform(0.35, 0.65, n).round(4)
+    # Centre in [0.38, 0.62] of the side keeps a large object (nearly) inside the image.
+    df["x"] = rng.uniform(0.38, 0.62, n).round(4)
+    df["y"] = rng.uniform(0.38, 0.62, n).round(4)
     df["rotation"] = rng.uniform(0, 360, n).round(1)
     df["render_seed"] = rng.integers(0, 2**31 - 1, n)
     df["template"] = rng.choice(len(TEMPLATES), n, p=TEMPLATE_P)

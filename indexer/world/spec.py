@@ -5,8 +5,8 @@ A spec is a JSON object (see ``default_spec.json``)::
     {"seed": 0, "n_train": 16000, "n_test": 4000, "image_size": 64, "task": "shape",
      "slices": [{"name": "blue circles", "kind": "correlation",
                  "where": {"shape": "circle", "color": "blue"}, "strength": 0.95}, ...],
-     "clip": {"steps": 400, "batch_size": 256, "n_images": 16000},
-     "blackbox": {"epochs": 4, "batch_size": 128}}
+     "clip": {"steps": 450, "batch_size": 256, "n_images": 16000},
+     "blackbox": {"epochs": 6, "batch_size": 128, "width": 24}}
 
 Slice kinds (all planted in the black-box model's *training* split only; the test split is drawn
 uniformly and independently, so every group is present there at its natural rate):
@@ -51,8 +51,8 @@ GENERATOR_VERSION = 1
 DEFAULT_SPEC_PATH = Path(__file__).with_name("default_spec.json")
 
 _TOP_KEYS = {"seed", "n_train", "n_test", "image_size", "task", "slices", "clip", "blackbox", "name"}
-_CLIP_DEFAULTS = {"steps": 400, "batch_size": 256, "n_images": 16000, "lr": 2e-3}
-_BLACKBOX_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 3e-3}
+_CLIP_DEFAULTS = {"steps": 450, "batch_size": 256, "n_images": 16000, "lr": 2e-3}
+_BLACKBOX_DEFAULTS = {"epochs": 6, "batch_size": 128, "lr": 3e-3, "width": 24}
 
 
 def slug(name: str) -> str:

@@ -1,0 +1,158 @@
+"""Build full-size offline worlds and record their quality numbers in BENCHMARKS.md ("Offline world").
+
+For the default spec it times ``llm2loss demo --no-serve`` twice in a fresh cache (first run from
+scratch, second run reusing everything); for the other specs it builds the world alone. Printed and
+recorded per world: tiny-CLIP zero-shot accuracy per attribute and text->image recall@10 on the
+held-out split, the black-box CNN's accuracy, and each planted slice's mean loss / world mean.
+
+    nice -n 10 .venv/bin/python scripts/eval_world.py [--cache-dir DIR] [--only default] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from indexer.world import ATTRIBUTES, build_world, default_spec  # noqa: E402
+
+SPECS = {
+    "default": default_spec(),
+    "color-task": {
+        **default_spec(), "seed": 1, "task": "color",
+        "slices": [
+            {"name": "green stars", "kind": "correlation", "where": {"color": "green", "shape": "star"},
+             "strength": 0.95},
+            {"name": "yellow on light", "kind": "rare", "where": {"color": "yellow", "background": "light"},
+             "rate": 0.003},
+            {"name": "small purples", "kind": "noisy_label", "where": {"color": "purple", "size": "small"},
+             "noise": 0.5},
+        ],
+    },
+    "shape-seed2": {
+        **default_spec(), "seed": 2,
+        "slices": [
+            {"name": "dark triangles", "kind": "correlation", "where": {"shape": "triangle", "background": "dark"},
+             "strength": 0.95},
+            {"name": "noisy crosses", "kind": "rare", "where": {"shape": "cross", "background": "noisy"},
+             "rate": 0.003},
+            {"name": "red squares", "kind": "noisy_label", "where": {"shape": "square", "color": "red"},
+             "noise": 0.5},
+        ],
+    },
+}
+
+
+def time_demo(cache: Path, log_dir: Path) -> list[dict]:
+    """Run ``llm2loss demo --no-serve`` twice in ``cache``; wall and CPU seconds of each run."""
+    env = {**os.environ, "LLM2LOSS_CACHE": str(cache)}
+    runs = []
+    for i in (1, 2):
+        before = os.times()
+        t = time.perf_counter()
+        with open(log_dir / f"demo_run{i}.out", "w") as out, open(log_dir / f"demo_run{i}.err", "w") as err:
+            rc = subprocess.run([sys.executable, "-m", "search_ui.cli", "demo", "--no-serve"], env=env,
+                                stdout=out, stderr=err, cwd=ROOT).returncode
+        after = os.times()
+        runs.append({"run": i, "rc": rc, "wall_s": time.perf_counter() - t,
+                     "cpu_s": (after.children_user + after.children_system)
+                     - (before.children_user + before.children_system)})
+        print(f"demo run {i}: exit {rc}, {runs[-1]['wall_s']:.1f}s wall, {runs[-1]['cpu_s']:.1f}s CPU", flush=True)
+    return runs
+
+
+def world_row(name: str, w) -> dict:
+    q = w.quality
+    return {"name": name, "task": w.spec["task"], "seed": w.spec["seed"], "rows": q["rows"],
+            "zero_shot": q["clip"]["zero_shot"], "recall_at_10": q["clip"]["recall_at_10"],
+            "cnn_acc": q["blackbox"]["accuracy"], "seconds": q["seconds"],
+            "slices": [{"name": s["name"], "kind": s["kind"], "planted": s["planted"], "ratio": s["loss_ratio"]}
+                       for s in w.slices]}
+
+
+def markdown(rows: list[dict], demo: list[dict] | None, demo_summary: str) -> str:
+    today = datetime.date.today().isoformat()
+    out = [
+        "## Offline world",
+        "",
+        f"Machine: 2-core CPU, 24 GiB, no GPU (shared with other jobs while measured); {today}. "
+        "Produced by `nice -n 10 .venv/bin/python scripts/eval_world.py`. Quality is measured on the "
+        "held-out test split (drawn uniformly, no planting). Zero-shot: the attribute read off the "
+        "best-matching full caption among all 240 attribute combinations. Recall@10: per attribute "
+        "combination, the canonical caption's top-10 retrieved test images, share of min(10, matching) "
+        "that match all four attributes. Loss ratio: the slice's mean black-box loss / the world's "
+        "mean loss (all rows; train and test in brackets).",
+        "",
+        "| world | task | seed | rows | zero-shot shape / color / size / background | recall@10 | "
+        "CNN acc train / test | build s (CLIP, CNN) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        zs = " / ".join(f"{r['zero_shot'][a]:.3f}" for a in ATTRIBUTES)
+        s = r["seconds"]
+        out.append(f"| {r['name']} | {r['task']} | {r['seed']} | {r['rows']} | {zs} | {r['recall_at_10']:.3f} | "
+                   f"{r['cnn_acc']['train']:.3f} / {r['cnn_acc']['test']:.3f} | "
+                   f"{s['total']:.0f} ({s['clip']:.0f}, {s['blackbox']:.0f}) |")
+    out += ["", "| world | slice | kind | planted in train | loss ratio all (train, test) |", "|---|---|---|---|---|"]
+    for r in rows:
+        for sl in r["slices"]:
+            p = {k: round(v, 4) for k, v in sl["planted"].items() if k in ("rate", "strength", "noise")}
+            ratio = sl["ratio"]
+            out.append(f"| {r['name']} | {sl['name']} | {sl['kind']} | {p} | "
+                       f"{ratio['all']:.2f}x ({ratio['train']:.2f}x, {ratio['test']:.2f}x) |")
+    if demo:
+        out += ["", "`llm2loss demo --no-serve` in a fresh cache (default spec):", ""]
+        for d in demo:
+            label = "first run (from scratch)" if d["run"] == 1 else "second run (cache reused)"
+            out.append(f"- {label}: {d['wall_s']:.1f} s wall, {d['cpu_s']:.1f} s CPU, exit {d['rc']}")
+        if demo_summary:
+            out += ["", "Its summary (first run):", "", "```", demo_summary.strip(), "```"]
+    return "\n".join(out) + "\n"
+
+
+def record(section: str, path: Path) -> None:
+    """Replace this section of BENCHMARKS.md (other sections untouched), re-reading the file first."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"^## Offline world\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache-dir", default=None, help="where worlds are built (default: a fresh temp folder)")
+    ap.add_argument("--only", action="append", choices=list(SPECS), help="specs to build (default: all)")
+    ap.add_argument("--no-demo", action="store_true", help="build the default world without timing the demo")
+    ap.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args()
+    cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="llm2loss-eval-"))
+    log_dir = cache / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rows, demo, demo_summary = [], None, ""
+    for name in args.only or list(SPECS):
+        if name == "default" and not args.no_demo:
+            demo = time_demo(cache, log_dir)
+            demo_summary = (log_dir / "demo_run1.out").read_text()
+        t = time.perf_counter()
+        w = build_world(SPECS[name], cache_dir=cache)
+        print(f"\n== {name} ({time.perf_counter() - t:.1f}s) ==\n{w.summary()}", flush=True)
+        rows.append(world_row(name, w))
+        (log_dir / "eval_world.json").write_text(json.dumps({"worlds": rows, "demo": demo}, indent=2))
+    section = markdown(rows, demo, demo_summary)
+    print("\n" + section)
+    if not args.no_record:
+        record(section, ROOT / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
