@@ -32,6 +32,9 @@ class ImageBatch:
 class ImageDataset(Dataset):
     """Item ``i``: the image at ``paths[i]`` (manifest row ``rows[i]``) through each transform.
 
+    ``paths`` is a sequence of str or an Arrow string array (compact, and shared with forked
+    workers without copying).
+
     Returns ``(row, tensors | None, failure | None)``; a failure is ``(reason, detail)``.
     """
 
@@ -48,6 +51,7 @@ class ImageDataset(Dataset):
 
         row = int(self.rows[i])
         path = self.paths[i]
+        path = path.as_py() if hasattr(path, "as_py") else path  # an Arrow string array's scalar
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's EXIF/palette warnings would flood stderr

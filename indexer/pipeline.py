@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from indexer import schema as S
 from indexer.clip import ClipSpec, clip_spec_from_args, load_clip, resolve_clip, resolve_device
@@ -50,6 +51,7 @@ _Snapshot = FolderSnapshot
 #: Rows per Lance commit by default: large enough that fragments stay few, small enough that a kill
 #: loses little and memory stays flat (1024 x 512 float32 = 2 MiB of embeddings).
 COMMIT_ROWS = 1024
+_SCAN_ROWS = 65536  # manifest rows turned into Python objects at a time
 
 
 @dataclass
@@ -167,13 +169,14 @@ def _write_rejects(path: Path, manifest: Manifest, rejects: Rejects) -> Path | N
     if not rejects:
         path.unlink(missing_ok=True)
         return None
-    ids, images = manifest.column(S.ID), manifest.column(S.IMAGE)
+    rows = sorted(rejects)
+    part = manifest.table.select([S.ID, S.IMAGE]).take(pa.array(rows, pa.int64()))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", S.ID, S.IMAGE, "reason", "detail"])
-        for row in sorted(rejects):
-            w.writerow([row + 1, ids[row], images[row], *rejects[row]])
+        for row, rid, img in zip(rows, part.column(S.ID).to_pylist(), part.column(S.IMAGE).to_pylist(), strict=True):
+            w.writerow([row + 1, rid, img, *rejects[row]])
     os.replace(tmp, path)
     return path
 
@@ -202,6 +205,41 @@ class IndexPlan:
     t_start: float
 
 
+def _rows_to_do(manifest: Manifest, existing: Database | None, row_losses: RowLosses | None,
+                model_loss: ModelLoss | None) -> tuple[list[int], Rejects, int]:
+    """(rows to embed in order, rows rejected up front, rows already stored).
+
+    Ids and paths stay in Arrow buffers (tens of bytes a row) rather than Python lists of str
+    (hundreds), so what the run holds per row stays small next to the models.
+    """
+    ids = manifest.table.column(S.ID)
+    if existing is not None and existing.has_table():
+        stored = existing.read([S.ID]).column(S.ID).combine_chunks()
+        is_stored = np.asarray(pc.is_in(ids, value_set=stored).to_numpy(zero_copy_only=False), dtype=bool)
+    else:
+        is_stored = np.zeros(len(manifest), dtype=bool)
+    upfront: Rejects = dict(row_losses.rejects) if row_losses else {}
+    if model_loss is not None:
+        upfront.update(model_loss.upfront_rejects())
+    images = manifest.table.column(S.IMAGE)
+    todo: list[int] = []
+    rejects: Rejects = {}
+    for off in range(0, len(manifest), _SCAN_ROWS):
+        for j, img in enumerate(images.slice(off, _SCAN_ROWS).to_pylist()):
+            r = off + j
+            if is_stored[r]:
+                continue
+            if not img:
+                rejects[r] = ("image not found", "the `image` cell is empty")
+            elif not os.path.isfile(img):
+                rejects[r] = ("image not found", f"{img} does not exist")
+            elif r in upfront:
+                rejects[r] = upfront[r]
+            else:
+                todo.append(r)
+    return todo, rejects, int(is_stored.sum())
+
+
 def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, model: str | None = None,
                   task: str = "auto", batch_size: int = 64, device: str | None = "auto",
                   strict: bool = False) -> IndexPlan:
@@ -226,24 +264,7 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
     model_loss = ModelLoss(model, manifest.column(S.LABEL), task, device) if model is not None else None
 
     # ---- rows to do -------------------------------------------------------------------------------
-    stored = set(existing.ids().tolist()) if existing is not None and existing.has_table() else set()
-    ids, images = manifest.column(S.ID), manifest.column(S.IMAGE)
-    upfront: Rejects = dict(row_losses.rejects) if row_losses else {}
-    if model_loss is not None:
-        upfront.update(model_loss.upfront_rejects())
-    todo, rejects, already = [], {}, 0
-    for r, (rid, img) in enumerate(zip(ids, images, strict=True)):
-        if rid in stored:
-            already += 1
-        elif not img:
-            rejects[r] = ("image not found", "the `image` cell is empty")
-        elif not os.path.isfile(img):
-            rejects[r] = ("image not found", f"{img} does not exist")
-        elif r in upfront:
-            rejects[r] = upfront[r]
-        else:
-            todo.append(r)
-    del stored
+    todo, rejects, already = _rows_to_do(manifest, existing, row_losses, model_loss)
     if strict and rejects:
         r = min(rejects)
         raise UserError(_reject_message(manifest, r, *rejects[r]))
@@ -324,7 +345,6 @@ def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], cl
     from tqdm import tqdm
 
     schema = database.table.schema
-    images = manifest.column(S.IMAGE)
     transforms = [clip_model.preprocess] + ([model_loss.preprocess] if model_loss is not None else [])
     buf_rows: list[np.ndarray] = []
     buf_emb: list[np.ndarray] = []
@@ -344,7 +364,8 @@ def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], cl
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not progress, desc="indexing")
-    batches = image_batches([images[r] for r in todo], todo, transforms, batch_size, workers)
+    paths = manifest.table.column(S.IMAGE).take(pa.array(todo, pa.int64())).combine_chunks()
+    batches = image_batches(paths, todo, transforms, batch_size, workers)
     pending = 0
     try:
         for batch in batches:
