@@ -80,13 +80,17 @@ def world_row(name: str, w) -> dict:
                        for s in w.slices]}
 
 
-def markdown(rows: list[dict], demo: list[dict] | None, demo_summary: str) -> str:
+MACHINE = "2-core CPU, 24 GiB, no GPU"
+
+
+def markdown(rows: list[dict], demo: list[dict] | None, demo_summary: str, machine: str = MACHINE,
+             notes: list[str] = ()) -> str:
     today = datetime.date.today().isoformat()
     out = [
         "## Offline world",
         "",
-        f"Machine: 2-core CPU, 24 GiB, no GPU (shared with other jobs while measured); {today}. "
-        "Produced by `nice -n 10 .venv/bin/python scripts/eval_world.py`. Quality is measured on the "
+        f"Machine: {machine}; {today}. "
+        "Produced by `scripts/eval_world.py`. Quality is measured on the "
         "held-out test split (drawn uniformly, no planting). Zero-shot: the attribute read off the "
         "best-matching full caption among all 240 attribute combinations. Recall@10: per attribute "
         "combination, the canonical caption's top-10 retrieved test images, share of min(10, matching) "
@@ -117,6 +121,8 @@ def markdown(rows: list[dict], demo: list[dict] | None, demo_summary: str) -> st
             out.append(f"- {label}: {d['wall_s']:.1f} s wall, {d['cpu_s']:.1f} s CPU, exit {d['rc']}")
         if demo_summary:
             out += ["", "Its summary (first run):", "", "```", demo_summary.strip(), "```"]
+    if notes:
+        out += ["", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
 
 
@@ -134,7 +140,22 @@ def main() -> None:
     ap.add_argument("--only", action="append", choices=list(SPECS), help="specs to build (default: all)")
     ap.add_argument("--no-demo", action="store_true", help="build the default world without timing the demo")
     ap.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="build nothing: write the section from eval_world.json files of earlier runs")
+    ap.add_argument("--machine", default=MACHINE, help="machine description for the record")
+    ap.add_argument("--note", action="append", default=[], help="a finding to add under the tables (repeatable)")
     args = ap.parse_args()
+    if args.merge:
+        rows, demo = [], None
+        for f in args.merge:
+            d = json.loads(Path(f).read_text())
+            rows += d["worlds"]
+            demo = demo or d.get("demo")
+        section = markdown(rows, demo, "", args.machine, args.note)
+        print(section)
+        if not args.no_record:
+            record(section, ROOT / "BENCHMARKS.md")
+        return
     cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="llm2loss-eval-"))
     log_dir = cache / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +169,7 @@ def main() -> None:
         print(f"\n== {name} ({time.perf_counter() - t:.1f}s) ==\n{w.summary()}", flush=True)
         rows.append(world_row(name, w))
         (log_dir / "eval_world.json").write_text(json.dumps({"worlds": rows, "demo": demo}, indent=2))
-    section = markdown(rows, demo, demo_summary)
+    section = markdown(rows, demo, demo_summary, args.machine, args.note)
     print("\n" + section)
     if not args.no_record:
         record(section, ROOT / "BENCHMARKS.md")
