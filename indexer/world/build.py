@@ -172,6 +172,7 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     rows = pd.concat([finish_rows(train, spec, "train"), finish_rows(sample_rows(spec["n_test"], seed, "test"),
                                                                       spec, "test")], ignore_index=True)
     size = spec["image_size"]
+    log.info("world %s: rendering %d images of %d px", h, len(rows), size)
     images = render_all(rows, size)
     rows["id"] = [f"{s}-{i:06d}" for s, i in zip(rows["split"], rows.groupby("split").cumcount(), strict=True)]
     rows["image"] = [f"images/{s}/{i}.png" for s, i in zip(rows["split"], rows["id"], strict=True)]
@@ -183,6 +184,7 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     t = time.perf_counter()
     (out / "tiny-clip.json").write_bytes(config_bytes)
     cfg = spec["clip"]
+    log.info("world %s: training the tiny CLIP (%d steps of %d captions)", h, cfg["steps"], cfg["batch_size"])
     pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), spec, "clip")
     _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
     pool_px = tiny_clip.preprocess_images(render_all(pool, size), preprocess)
@@ -200,6 +202,7 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     y = np.asarray([labels.index(v) for v in rows["label"]])
     is_train = (rows["split"] == "train").to_numpy()
     bb = spec["blackbox"]
+    log.info("world %s: training the black-box CNN for '%s' (%d epochs)", h, task, bb["epochs"])
     cnn = blackbox.train_blackbox(images[is_train], y[is_train], len(labels), bb["epochs"], bb["batch_size"],
                                   bb["lr"], seed, bb["width"], progress)
     torch.save(cnn.state_dict(), out / "blackbox.pt")
