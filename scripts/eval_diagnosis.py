@@ -1,0 +1,223 @@
+"""Evaluate diagnosis + explain on offline worlds with planted slices (issue 4, "Measured").
+
+For each world spec (the default and two others below): build the world (cached), index it with its
+tiny CLIP, run ``diagnose``, then for every planted slice whose true mean loss is at least 2x the
+world's mean, print side by side:
+
+* ``p@10`` -- precision@10 of a search for the slice's description ranked by predicted failure
+  (the engine's documented score, ``search_ui.ranking.rank_scores`` over a pool of the 100 most
+  similar rows, weight 0.5); a hit is a slice member whose true loss is above the world's 90th
+  percentile. Columns: ensemble, single ridge, similarity only (weight 0).
+* ``explain rank`` -- rank of the first failure mode whose description names the slice's attribute
+  values, in ``explain`` with and without the modality-gap correction; and the rank of the slice's
+  phrase among all vocabulary phrases scored by the ensemble (gap-corrected / raw) and by a single
+  ridge (gap-corrected).
+* per world: AUROC of out-of-fold ``predicted_loss`` for the top 10% of true losses on the test
+  split, with Spearman rho, for the ensemble and a single ridge.
+
+Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--work DIR] [--specs default,b,c] [--out FILE.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from diagnosis.ensemble import DiagnosisEnsemble
+from diagnosis.explain import explain
+from diagnosis.metrics import quality
+from diagnosis.run import diagnose, load_ensemble, read_training_data
+from diagnosis.text import Scorer
+from diagnosis.vocab import read_vocab_file
+from indexer.store import Database
+
+log = logging.getLogger("eval_diagnosis")
+
+#: Two more worlds: another seed and slices on the shape task; and a colour task.
+SPECS = {
+    "b": {"seed": 1, "n_train": 16000, "n_test": 4000, "task": "shape", "name": "shape-b",
+          "slices": [
+              {"name": "red squares", "kind": "correlation", "where": {"shape": "square", "color": "red"},
+               "strength": 0.95},
+              {"name": "large crosses", "kind": "rare", "where": {"shape": "cross", "size": "large"},
+               "rate": 0.003},
+              {"name": "noisy stars", "kind": "noisy_label", "where": {"shape": "star", "background": "noisy"},
+               "noise": 0.5}]},
+    "c": {"seed": 2, "n_train": 16000, "n_test": 4000, "task": "color", "name": "color-c",
+          "slices": [
+              {"name": "yellow stars", "kind": "correlation", "where": {"color": "yellow", "shape": "star"},
+               "strength": 0.95},
+              {"name": "small purples", "kind": "rare", "where": {"color": "purple", "size": "small"},
+               "rate": 0.003},
+              {"name": "green on dark", "kind": "noisy_label", "where": {"color": "green", "background": "dark"},
+               "noise": 0.5}]},
+}
+
+
+def names_slice(text: str, where: dict) -> bool:
+    """True when ``text`` contains every attribute value of the slice as a word."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return all(str(v).lower() in words for v in where.values())
+
+
+def first_rank(texts: list[str], where: dict) -> int | None:
+    return next((i + 1 for i, t in enumerate(texts) if names_slice(t, where)), None)
+
+
+def search_p10(X, q, pred, hit, k=10, weight=0.5):
+    from search_ui.ranking import default_candidates, rank_scores
+
+    sims = X @ q
+    pool = np.argpartition(-sims, default_candidates(k))[: default_candidates(k)]
+    score = rank_scores(sims[pool], pred[pool] if pred is not None else np.full(len(pool), np.nan), weight)
+    order = pool[np.lexsort((-sims[pool], -score))][:k]
+    return float(hit[order].mean())
+
+
+def ensure_db(world, work: Path, progress: bool) -> Database:
+    from indexer.clip import ClipSpec
+    from indexer.pipeline import index_dataset
+
+    path = work / world.hash / "db"
+    db = None
+    if (path / "meta.json").exists():
+        db = Database(path)
+        if not db.has_table() or db.count_rows() != len(world.rows()):
+            db = None
+    if db is None:
+        clip = ClipSpec(model=str(world.clip_config), checkpoint=str(world.clip_checkpoint))
+        t = time.perf_counter()
+        rep = index_dataset(world.manifest, path, clip=clip, device="cpu", progress=progress)
+        log.info("indexed %s in %.0fs: %s", world.hash, time.perf_counter() - t, rep.summary())
+        db = Database(path)
+    try:
+        if load_ensemble(db).stale is None:
+            return db
+    except Exception:  # noqa: BLE001 - none yet or stale: fit
+        pass
+    t = time.perf_counter()
+    log.info("%s", diagnose(db, progress=progress).summary())
+    log.info("diagnosed in %.0fs", time.perf_counter() - t)
+    return db
+
+
+def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
+    from indexer.world import build_world
+    from indexer.world.vocab import describe
+
+    t0 = time.perf_counter()
+    world = build_world(spec, progress=progress)
+    db = ensure_db(world, work, progress)
+    rows = world.rows().set_index("id")
+    ids, X, loss, is_test = read_training_data(db, progress=False)
+    rows = rows.loc[ids]
+    pred = np.asarray(db.read(["id", "predicted_loss"]).to_pandas().set_index("id").loc[ids, "predicted_loss"],
+                      dtype=np.float64)
+    # single ridge, scored out-of-fold the same way (5 folds, no bootstrap)
+    ridge = DiagnosisEnsemble(n_members=1, n_folds=5, kinds=("ridge",), bootstrap=False, random_state=0).fit(X, loss)
+    q_ens, q_ridge = quality(loss[is_test], pred[is_test]), quality(loss[is_test], ridge.oof_prediction_[is_test])
+
+    scorer = Scorer(db)
+    vocab = read_vocab_file(world.vocab)
+    T = scorer.encode_text(vocab)
+    gap = scorer.gap(T)
+    word_scores = {
+        "ensemble+gap": scorer.score_text_embeddings(T, True, gap)[0],
+        "ensemble raw": scorer.score_text_embeddings(T, False)[0],
+        "ridge+gap": ridge.predict(scorer.to_image_space(T, True, gap)),
+    }
+    ranked = {k: [vocab[i] for i in np.argsort(-v, kind="stable")] for k, v in word_scores.items()}
+    modes_gap = [m.description for m in explain(db, top=30)]
+    modes_raw = [m.description for m in explain(db, top=30, correct_gap=False)]
+
+    mean_loss, p90 = float(loss.mean()), float(np.quantile(loss, 0.9))
+    slices = []
+    for s in world.slices:
+        member = rows[s["column"]].to_numpy(bool)
+        ratio = float(loss[member].mean() / mean_loss) if member.any() else 0.0
+        if ratio < 2.0:
+            slices.append({"slice": s["name"], "loss_ratio": round(ratio, 2), "eligible": False})
+            continue
+        desc = describe(s["where"])
+        q = scorer.encode_text([desc])[0]
+        hit = member & (loss > p90)
+        slices.append({
+            "slice": s["name"], "kind": s["kind"], "description": desc, "loss_ratio": round(ratio, 2),
+            "eligible": True, "members": int(member.sum()), "failing_members": int(hit.sum()),
+            "p@10": {"ensemble": search_p10(X, q, pred, hit), "ridge": search_p10(X, q, ridge.oof_prediction_, hit),
+                     "similarity only": search_p10(X, q, None, hit, weight=0.0)},
+            "explain rank": {"explain (gap)": first_rank(modes_gap, s["where"]),
+                             "explain (no gap)": first_rank(modes_raw, s["where"]),
+                             **{f"words {k}": first_rank(v, s["where"]) for k, v in ranked.items()}},
+        })
+    return {"world": name, "hash": world.hash, "rows": len(ids), "test_rows": int(is_test.sum()),
+            "mean_loss": mean_loss, "test": {"ensemble": q_ens, "ridge": q_ridge},
+            "gap": {"norm": float(np.linalg.norm(gap)),
+                    "cos_text_to_image_mean": {
+                        "raw": float((T @ _unit(scorer.image_mean)).mean()),
+                        "corrected": float((scorer.to_image_space(T, True, gap) @ _unit(scorer.image_mean)).mean())}},
+            "diagnosis": load_ensemble(db).info.get("quality"), "slices": slices,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+def markdown(results: list[dict]) -> str:
+    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only | explain rank gap / no gap "
+           "| word rank ens+gap / ens raw / ridge+gap |", "|---|---|---|---|---|"]
+    for r in results:
+        for s in r["slices"]:
+            if not s["eligible"]:
+                out.append(f"| {r['world']} | {s['slice']} (loss ratio {s['loss_ratio']}x: below 2x, not scored) | | | |")
+                continue
+            p, e = s["p@10"], s["explain rank"]
+            out.append(
+                f"| {r['world']} | {s['slice']} ({s['kind']}, {s['loss_ratio']}x) | {p['ensemble']:.1f} / "
+                f"{p['ridge']:.1f} / {p['similarity only']:.1f} | {e['explain (gap)']} / {e['explain (no gap)']} | "
+                f"{e['words ensemble+gap']} / {e['words ensemble raw']} / {e['words ridge+gap']} |")
+    out += ["", "| world | rows (test) | test AUROC top-10% ensemble / ridge | test Spearman ensemble / ridge "
+            "| gap norm | cos(text, mean image) raw -> corrected |", "|---|---|---|---|---|---|"]
+    for r in results:
+        te, tr = r["test"]["ensemble"], r["test"]["ridge"]
+        g = r["gap"]
+        out.append(f"| {r['world']} | {r['rows']} ({r['test_rows']}) | {te['auroc_top10']:.3f} / {tr['auroc_top10']:.3f} "
+                   f"| {te['spearman']:.3f} / {tr['spearman']:.3f} | {g['norm']:.2f} | "
+                   f"{g['cos_text_to_image_mean']['raw']:.2f} -> {g['cos_text_to_image_mean']['corrected']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", default="default,b,c", help="comma list of: default, b, c, or JSON spec paths")
+    ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import torch
+
+    torch.set_num_threads(2)
+    work = Path(args.work)
+    results = []
+    for name in args.specs.split(","):
+        spec = None if name == "default" else SPECS.get(name, name)
+        r = evaluate(name, spec, work, not args.quiet)
+        results.append(r)
+        print(json.dumps(r, indent=1, default=float), file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
