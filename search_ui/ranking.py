@@ -40,7 +40,7 @@ def zscore(x: np.ndarray) -> np.ndarray:
     """(n,) -> (n,) float64 standardised over its finite entries; NaN entries become 0."""
     x = np.asarray(x, dtype=np.float64)
     ok = np.isfinite(x)
-    if ok.all():  # the common case, without masking (this runs on every query)
+    if x.size and ok.all():  # the common case, without masking (this runs on every query)
         sd = x.std()
         return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
     out = np.zeros_like(x)
