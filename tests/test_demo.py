@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from search_ui.cli import main
@@ -29,7 +31,10 @@ def test_first_run_indexes_diagnoses_and_explains(first_run, capsys):
     _, s = first_run
     assert s["rows"] == 420 and s["index"] == {"indexed": True, "reused": False, "rows": 420}
     assert s["diagnosis"] and not s["diagnosis"]["reused"] and s["diagnosis"]["rows"] == 420
-    assert s["modes"] and all("description" in m for m in s["modes"])
+    assert s["modes"]
+    # explain names modes from the world's own vocab.txt (beside the manifest) by default
+    vocab = set((Path(s["world"]) / "vocab.txt").read_text().splitlines())
+    assert all(m["description"] in vocab for m in s["modes"])
     assert s["not_available"] == []
     assert [sl["name"] for sl in s["slices"]] == ["blue circles", "small stars"]
     assert any('search "a blue circle"' in q for q in s["queries"])
