@@ -240,7 +240,8 @@ def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
     ctx = AppContext(db)
     ui = Handlers(ctx)
     # delete_cache: Gradio's copies of served images and downloads older than a day go, hourly.
-    with gr.Blocks(title="llm2loss", delete_cache=(3600, 86400)) as app:
+    # analytics off: the app must not phone home (and machines without network must not wait on it).
+    with gr.Blocks(title="llm2loss", delete_cache=(3600, 86400), analytics_enabled=False) as app:
         app.llm2loss_context = ctx  # serve() reads the image folders from it
         app.llm2loss_handlers = ui
         # API endpoints first, so they own the plain names (/search, ...) and the page's private events
