@@ -52,6 +52,8 @@ LOAD_ATTEMPTS = 5
 #: Tables up to this many rows get an exact (flat) index: fast enough and recall 1.
 EXACT_MAX_ROWS = 20_000
 TARGET_RECALL = 0.95
+#: Probe this many times the cells tuned on the held query families (text queries are harder).
+NPROBE_MARGIN = 2
 RECALL_QUERIES = 500
 
 
@@ -201,15 +203,25 @@ def _build_faiss(x: np.ndarray, exact_max_rows: int, target_recall: float, seed:
 
 
 def _tune_both(index, x, nlist, target, seed) -> dict:
-    """nprobe for recall@10 (the stored default) and for recall@100 (the query engine's pool)."""
+    """nprobe for recall@10 (the stored default) and for recall@100 (the query engine's pool).
+
+    Each is the tuned value times ``NPROBE_MARGIN`` (recall re-measured there): on the offline
+    world's trained tiny CLIP (4,500 rows, 115 cells), real text queries reached recall@10 0.93 at
+    the value tuned on the held families and 0.975 at twice it (recall@100: 0.96 and 0.997).
+    """
     out = {}
     start = 1
     for k, suffix in ((10, ""), (100, "_at_100")):
-        nprobe, rec, curve = _tune_nprobe(index, x, nlist, target, seed, k=k, start=start)
+        tuned, rec, curve = _tune_nprobe(index, x, nlist, target, seed, k=k, start=start)
         if rec < target:
-            log.warning("IVF recall@%d %.3f stays below %.2f even at nprobe=%d", k, rec, target, nprobe)
-        out.update({f"nprobe{suffix}": nprobe, f"recall_at_{k}": round(rec, 4), f"recall_curve{suffix}": curve})
-        start = nprobe
+            log.warning("IVF recall@%d %.3f stays below %.2f even at nprobe=%d", k, rec, target, tuned)
+        nprobe = min(nlist, tuned * NPROBE_MARGIN)
+        if nprobe != tuned:
+            _, rec, more = _tune_nprobe(index, x, nlist, 0.0, seed, k=k, start=nprobe)
+            curve.update(more)
+        out.update({f"nprobe{suffix}": nprobe, f"recall_at_{k}": round(rec, 4), f"recall_curve{suffix}": curve,
+                    f"nprobe_tuned{suffix}": tuned})
+        start = tuned
     return out
 
 
