@@ -94,7 +94,8 @@ def score_new_rows_ray(db, address: str | None = None, actors: int | None = None
     version = db.version  # read this version even if a commit lands meanwhile
     # read and write tasks are light (I/O); they must not wait for CPUs the actors hold
     ds = ray.data.read_lance(uri, version=version, columns=[S.ID, S.EMBEDDING], filter=where, num_cpus=IO_CPUS)
-    ds = ds.map_batches(EnsembleScorer, batch_size=batch_rows, batch_format="pyarrow", concurrency=actors,
+    ds = ds.map_batches(EnsembleScorer, batch_size=batch_rows, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=per_actor, fn_constructor_kwargs={"ensemble": [ray.put(loaded.ensemble)],
                                                                    "threads": max(1, int(per_actor))})
     staging = Path(tempfile.mkdtemp(dir=db.path, prefix=".scores-"))

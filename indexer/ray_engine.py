@@ -322,7 +322,8 @@ def _run(ray, plan: IndexPlan, database: Database, committer: _Committer, device
     labels = manifest.column(S.LABEL) if plan.model_loss is not None else None
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        ClipEmbedder, batch_size=batch_size, batch_format="pyarrow", concurrency=actors,
+        ClipEmbedder, batch_size=batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor, num_gpus=1 if device.startswith("cuda") else 0,
         fn_constructor_kwargs={"spec": plan.spec.to_dict(), "device": device,
                                "model_entry": plan.model_loss.entry if plan.model_loss else None,
