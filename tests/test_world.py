@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -240,3 +243,14 @@ def test_manifest_is_indexed_by_the_ordinary_path(world, tmp_path):
     rows = world.rows().set_index("id")
     assert np.allclose(t.loc[rows.index, "loss"], rows["loss"], atol=1e-6)
     assert (t.loc[rows.index, "slice_blue_circles"] == rows["slice_blue_circles"]).all()
+
+
+def test_a_killed_builds_temp_folder_is_removed_by_the_next_build(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    worlds = tmp_path / "worlds"
+    half = worlds / f".tmp-abc-{int(dead.stdout)}-x1"  # what SIGKILL mid-build leaves
+    (half / "images").mkdir(parents=True)
+    alive = worlds / f".tmp-abc-{os.getpid()}-x2"  # a build still running
+    alive.mkdir()
+    world_build._remove_abandoned(worlds)
+    assert not half.exists() and alive.exists()
