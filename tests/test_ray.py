@@ -179,3 +179,22 @@ def test_missing_cluster_address_is_one_sentence(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(UserError, match=r"--address 10\.0\.0\.1:6379: could not join a Ray cluster"):
         ray_engine.connect("10.0.0.1:6379")
+
+
+def test_model_losses_equal_single_machine(local_ray, tmp_path, tiny_clip_spec):
+    """``--model``: each actor runs the user's model over its images; losses as on one machine."""
+    from tests.test_index import MODEL_SRC
+
+    df = make_images(tmp_path, 12)
+    df.drop(columns=["loss"]).to_csv(tmp_path / "noloss.csv", index=False)
+    (tmp_path / "mymodel.py").write_text(MODEL_SRC)
+    entry = f"{tmp_path / 'mymodel.py'}:load"
+    index_dataset(tmp_path / "noloss.csv", tmp_path / "one", clip=tiny_clip_spec, model=entry, batch_size=4,
+                  workers=0, progress=False)
+    r = index_dataset_ray(tmp_path / "noloss.csv", tmp_path / "ray", clip=tiny_clip_spec, model=entry, batch_size=4,
+                          actors=2, progress=False)
+    assert r.rows_written == 12
+    a, b = _rows(tmp_path / "ray"), _rows(tmp_path / "one")
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(a[S.LOSS], b[S.LOSS], rtol=1e-5)
+    assert np.isfinite(a[S.LOSS]).all() and a[S.LOSS].std() > 0
