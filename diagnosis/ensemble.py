@@ -69,15 +69,17 @@ def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int
         return make_pipeline(RBFSampler(gamma=gamma, n_components=n_rff, random_state=seed),
                              RidgeCV(alphas=_ALPHAS))
     if kind == "mlp":
-        # enough epochs for ~3000 gradient steps however small the data (early stopping ends big fits)
-        batch = min(256, n_samples)
+        head = [PCA(n_components=pca, random_state=seed), _GlobalScale()]
+        if n_samples < 2000:
+            # small data: full-batch L-BFGS converges to a nearby optimum, where hundreds of tiny
+            # Adam steps would amplify last-bit float differences into visibly different fits
+            return make_pipeline(*head, MLPRegressor(hidden_layer_sizes=(128,), alpha=1e-2, solver="lbfgs",
+                                                     max_iter=300, random_state=seed))
+        batch = 256
         epochs = int(np.clip(np.ceil(3000 / np.ceil(n_samples / batch)), 20, 300))
-        return make_pipeline(
-            PCA(n_components=pca, random_state=seed), _GlobalScale(),
-            MLPRegressor(hidden_layer_sizes=(128,), alpha=1e-2, batch_size=batch, learning_rate_init=2e-3,
-                         max_iter=epochs, early_stopping=n_samples >= 200, n_iter_no_change=4,
-                         random_state=seed),
-        )
+        return make_pipeline(*head, MLPRegressor(
+            hidden_layer_sizes=(128,), alpha=1e-2, batch_size=batch, learning_rate_init=2e-3,
+            max_iter=epochs, early_stopping=True, n_iter_no_change=4, random_state=seed))
     if kind == "hgb":
         return make_pipeline(
             PCA(n_components=min(pca, 32), random_state=seed),
@@ -147,7 +149,8 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
     # ---- fit -----------------------------------------------------------------------------------
     def fit(self, X, y):
         """Fit K x M members on (n, d) float embeddings and (n,) losses; returns self."""
-        X, y = validate_data(self, X, y, y_numeric=True, dtype=[np.float32, np.float64])
+        # float32 embeddings stay float32 (half the memory at 1M rows); anything else becomes float64
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=[np.float64, np.float32], order="C")
         n, d = X.shape
         if n < 2:
             raise ValueError(f"DiagnosisEnsemble needs at least 2 samples to fit out-of-fold, got {n} sample.")
@@ -203,7 +206,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
     def member_predictions(self, X):
         """(n_folds_, n_members, n) float64: every member's prediction in loss units."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32], order="C")
         out = np.empty((len(self.estimators_), len(self.estimators_[0]), X.shape[0]))
         with _one_openmp_thread():
             for k, members in enumerate(self.estimators_):
