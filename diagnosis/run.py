@@ -36,6 +36,8 @@ DEFAULT_MEMBERS = 5
 DEFAULT_FOLDS = 5
 DEFAULT_MAX_ROWS = 200_000
 MIN_ROWS = 20
+#: Split values meaning "the model did not train on this row".
+HELD_OUT_SPLITS = ("test", "val", "valid", "validation", "holdout", "heldout", "dev")
 ENSEMBLE_FILE = "ensemble.joblib"
 INFO_FILE = "info.json"
 IMAGE_MEAN_FILE = "image_mean.npy"
@@ -67,6 +69,7 @@ class DiagnoseReport:
     seconds: float
     data_version: int
     test: dict | None = None
+    fit_split: str = "all"
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -75,8 +78,8 @@ class DiagnoseReport:
     def summary(self) -> str:
         lines = [
             f"diagnosed {self.rows} rows in {self.seconds:.1f}s: {self.members} members x {self.folds} folds "
-            f"fitted on {self.fitted_rows} rows"
-            + ("" if self.fitted_rows == self.rows_with_loss else " (subsample; the rest scored by the full ensemble)"),
+            f"fitted on {self.fitted_rows} {'held-out ' if self.fit_split == 'held-out' else ''}rows"
+            + ("" if self.fitted_rows == self.rows_with_loss else " (the rest scored by the full ensemble)"),
             f"out-of-fold quality on {self.rows_with_loss} rows: Spearman {self.spearman:.3f}, "
             f"R^2 {self.r2:.3f}, AUROC(top 10% losses) {self.auroc_top10:.3f}",
         ]
@@ -91,12 +94,12 @@ class DiagnoseReport:
 
 def read_training_data(db: Database, batch_rows: int = SCORE_BATCH, progress: bool = True):
     """Stream the table: ids (n,) object, X (n, d) float32, loss (n,) float64 (NaN where null),
-    is_test (n,) bool."""
+    split (n,) object (None where null)."""
     n, d = db.count_rows(), db.embed_dim
     ids = np.empty(n, dtype=object)
     X = np.empty((n, d), dtype=np.float32)
     loss = np.full(n, np.nan)
-    is_test = np.zeros(n, dtype=bool)
+    split = np.empty(n, dtype=object)
     bar = _bar(n, progress, "reading embeddings")
     i = 0
     for b in db.iter_batches([S.ID, S.EMBEDDING, S.LOSS, S.SPLIT], batch_rows):
@@ -107,11 +110,11 @@ def read_training_data(db: Database, batch_rows: int = SCORE_BATCH, progress: bo
             raise UserError(f"{emb.null_count} rows of {db.path} have no embedding; re-run `llm2loss index`.")
         X[i : i + m] = np.asarray(emb.values.to_numpy()).reshape(m, d)
         loss[i : i + m] = b.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
-        is_test[i : i + m] = np.asarray(b.column(S.SPLIT).to_pylist(), dtype=object) == "test"
+        split[i : i + m] = b.column(S.SPLIT).to_pylist()
         i += m
         bar.update(m)
     bar.close()
-    return ids[:i], X[:i], loss[:i], is_test[:i]
+    return ids[:i], X[:i], loss[:i], split[:i]
 
 
 def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -134,11 +137,13 @@ def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def diagnose(db, members: int | None = None, folds: int | None = None, max_rows: int | None = None,
-             progress: bool = True, random_state: int = 0) -> DiagnoseReport:
+             progress: bool = True, random_state: int = 0, fit_split: str = "auto") -> DiagnoseReport:
     """Fit the diagnosis ensemble on ``db`` and write ``predicted_loss``/``predicted_loss_std``.
 
     ``members`` per fold (default 5), ``folds`` (default 5), ``max_rows``: fit on at most this many
-    rows (default 200,000; every row is still scored). Refuses a table with fewer than 20 losses.
+    rows (default 200,000; every row is still scored). ``fit_split``: ``"auto"`` fits on the
+    held-out rows (split test/val/...) when the table also has training rows, ``"held-out"`` always,
+    ``"all"`` on every row with a loss. Refuses a table with fewer than 20 losses.
     """
     t0 = time.perf_counter()
     db = open_db(db)
@@ -154,7 +159,8 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
     data_version, clip = db.data_version, db.clip_identity
     timings = {}
 
-    ids, X, loss, is_test = read_training_data(db, progress=progress)
+    ids, X, loss, split = read_training_data(db, progress=progress)
+    is_test = split == "test"
     timings["read_s"] = time.perf_counter() - t0
     has_loss = np.isfinite(loss)
     n_loss = int(has_loss.sum())
@@ -165,10 +171,26 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
         )
     if (loss[has_loss] < 0).any():
         log.warning("some losses are negative; the log1p target is shifted to cover them")
-    with_loss = np.flatnonzero(has_loss)
+    held_out = np.isin(split, HELD_OUT_SPLITS)
+    if fit_split == "auto":
+        # A model's losses on its own training rows measure memorisation, not failure: a planted
+        # spurious correlation has LOW training loss and high loss elsewhere. When the table has
+        # both training and held-out rows, fit on the held-out ones and score the rest.
+        use_held_out = (held_out & has_loss).sum() >= MIN_ROWS and (has_loss & (split == "train")).any()
+    elif fit_split in ("held-out", "all"):
+        use_held_out = fit_split == "held-out"
+    else:
+        raise UserError(f"fit split {fit_split!r} is unknown; use 'auto', 'held-out' or 'all'.")
+    if use_held_out and (held_out & has_loss).sum() < MIN_ROWS:
+        raise UserError(f"{db.path} has fewer than {MIN_ROWS} held-out rows with a loss; fit on 'all' rows.")
+    fit_pool = has_loss & held_out if use_held_out else has_loss
+    if use_held_out:
+        log.info("fitting on the %d held-out rows (split in %s); training rows are scored, not fitted",
+                 int(fit_pool.sum()), sorted(HELD_OUT_SPLITS))
+    with_loss = np.flatnonzero(fit_pool)
     fit_rows = with_loss[stratified_subsample(loss[with_loss], max_rows, random_state)]
-    if len(fit_rows) < n_loss:
-        log.info("fitting on a stratified subsample of %d of %d rows", len(fit_rows), n_loss)
+    if len(fit_rows) < len(with_loss):
+        log.info("fitting on a stratified subsample of %d of %d rows", len(fit_rows), len(with_loss))
 
     t = time.perf_counter()
     ens = DiagnosisEnsemble(n_members=members, n_folds=folds, random_state=random_state, verbose=progress)
@@ -209,7 +231,7 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
         path=str(db.diagnosis_dir), rows=len(ids), fitted_rows=len(fit_rows), rows_with_loss=n_loss,
         members=members, folds=ens.n_folds_, spearman=q["spearman"], r2=q["r2"],
         auroc_top10=q["auroc_top10"], seconds=seconds, data_version=data_version, test=q_test,
-        timings={k: round(v, 2) for k, v in timings.items()},
+        timings={k: round(v, 2) for k, v in timings.items()}, fit_split="held-out" if use_held_out else "all",
     )
     _save(db, ens, image_mean, report, clip)
     return report
@@ -245,6 +267,7 @@ def _save(db: Database, ens: DiagnosisEnsemble, image_mean: np.ndarray, report: 
         "members": report.members,
         "folds": report.folds,
         "fitted_rows": report.fitted_rows,
+        "fit_split": report.fit_split,
         "quality": {"spearman": report.spearman, "r2": report.r2, "auroc_top10": report.auroc_top10,
                     "test": report.test},
         "files": {"ensemble": ENSEMBLE_FILE, "image_mean": IMAGE_MEAN_FILE},

@@ -15,7 +15,7 @@ world's mean, print side by side:
 * per world: AUROC of out-of-fold ``predicted_loss`` for the top 10% of true losses on the test
   split, with Spearman rho, for the ensemble and a single ridge.
 
-Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--work DIR] [--specs default,b,c] [--out FILE.json]``
+Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--work DIR] [--specs default,b,c] [--small] [--out FILE.json]``
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ SPECS = {
               {"name": "green on dark", "kind": "noisy_label", "where": {"color": "green", "background": "dark"},
                "noise": 0.5}]},
 }
+
+
+#: ``--small``: the sizes of the demo's quick world (4,500 rows), for a shared 2-core machine.
+SMALL = {"n_train": 3000, "n_test": 1500, "image_size": 48, "clip": {"steps": 150, "batch_size": 128, "n_images": 3000},
+         "blackbox": {"epochs": 4, "batch_size": 128, "width": 24}}
 
 
 def names_slice(text: str, where: dict) -> bool:
@@ -116,13 +121,18 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
     world = build_world(spec, progress=progress)
     db = ensure_db(world, work, progress)
     rows = world.rows().set_index("id")
-    ids, X, loss, is_test = read_training_data(db, progress=False)
+    ids, X, loss, split = read_training_data(db, progress=False)
+    is_test = split == "test"
     rows = rows.loc[ids]
     pred = np.asarray(db.read(["id", "predicted_loss"]).to_pandas().set_index("id").loc[ids, "predicted_loss"],
                       dtype=np.float64)
-    # single ridge, scored out-of-fold the same way (5 folds, no bootstrap)
-    ridge = DiagnosisEnsemble(n_members=1, n_folds=5, kinds=("ridge",), bootstrap=False, random_state=0).fit(X, loss)
-    q_ens, q_ridge = quality(loss[is_test], pred[is_test]), quality(loss[is_test], ridge.oof_prediction_[is_test])
+    # single ridge, fitted on the same rows as diagnose (held-out ones) and scored out-of-fold there
+    fit = is_test if load_ensemble(db).info.get("fit_split") == "held-out" else np.isfinite(loss)
+    ridge = DiagnosisEnsemble(n_members=1, n_folds=5, kinds=("ridge",), bootstrap=False, random_state=0)
+    ridge.fit(X[fit], loss[fit])
+    ridge_pred = ridge.predict(X)
+    ridge_pred[fit] = ridge.oof_prediction_
+    q_ens, q_ridge = quality(loss[is_test], pred[is_test]), quality(loss[is_test], ridge_pred[is_test])
 
     scorer = Scorer(db)
     vocab = read_vocab_file(world.vocab)
@@ -151,7 +161,7 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
         slices.append({
             "slice": s["name"], "kind": s["kind"], "description": desc, "loss_ratio": round(ratio, 2),
             "eligible": True, "members": int(member.sum()), "failing_members": int(hit.sum()),
-            "p@10": {"ensemble": search_p10(X, q, pred, hit), "ridge": search_p10(X, q, ridge.oof_prediction_, hit),
+            "p@10": {"ensemble": search_p10(X, q, pred, hit), "ridge": search_p10(X, q, ridge_pred, hit),
                      "similarity only": search_p10(X, q, None, hit, weight=0.0)},
             "explain rank": {"explain (gap)": first_rank(modes_gap, s["where"]),
                              "explain (no gap)": first_rank(modes_raw, s["where"]),
@@ -201,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--small", action="store_true", help="build worlds b and c at the demo's quick size")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
@@ -210,6 +221,8 @@ def main(argv=None) -> int:
     results = []
     for name in args.specs.split(","):
         spec = None if name == "default" else SPECS.get(name, name)
+        if args.small and isinstance(spec, dict):
+            spec = {**spec, **SMALL}
         r = evaluate(name, spec, work, not args.quiet)
         results.append(r)
         print(json.dumps(r, indent=1, default=float), file=sys.stderr)

@@ -13,7 +13,7 @@ from indexer.errors import UserError
 from indexer.store import Database
 from tests.fakes import make_db
 
-FAST = {"members": 4, "folds": 3}
+FAST = {"members": 4, "folds": 3, "fit_split": "all"}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_added_rows_make_the_ensemble_stale_and_are_scored_by_the_full_ensemble(
 
 def test_subsampled_fit_still_scores_every_row(tmp_path):
     db = make_db(tmp_path, n=90, predicted=False)
-    report = diagnose(db, max_rows=45, progress=False, members=2, folds=2)
+    report = diagnose(db, max_rows=45, progress=False, members=2, folds=2, fit_split="all")
     assert report.fitted_rows == 45
     assert report.rows == 90
     assert db.count_rows(f"{S.PREDICTED_LOSS} IS NULL") == 0
@@ -129,5 +129,18 @@ def test_cli_prints_json_quality(diagnosed, tmp_path, capsys):
     shutil.copytree(diagnosed[1].path, tmp_path / "db")
     rc = main(["diagnose", "--db", str(tmp_path / "db"), "--members", "2", "--folds", "2", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["rows"] == 150 and out["auroc_top10"] > 0.8
+    # the table has train and test rows: by default only the held-out (test) ones are fitted
+    assert rc == 0 and out["rows"] == 150 and out["fit_split"] == "held-out" and out["fitted_rows"] == 38
     assert main(["diagnose", "--db", str(tmp_path / "nope")]) == 2
+
+
+def test_training_losses_are_not_fitted_when_held_out_rows_exist(tmp_path):
+    """A model's losses on its own training rows reflect memorisation; with a held-out split present,
+    the ensemble learns from held-out rows and scores the training rows with the full ensemble."""
+    db = make_db(tmp_path, n=120, predicted=False)
+    report = diagnose(db, members=2, folds=2, progress=False)
+    assert report.fit_split == "held-out" and report.fitted_rows == 30 and report.rows == 120
+    assert db.count_rows(f"{S.PREDICTED_LOSS} IS NULL") == 0
+    assert json.loads((db.diagnosis_dir / "info.json").read_text())["fit_split"] == "held-out"
+    with pytest.raises(UserError, match="fit split"):
+        diagnose(db, fit_split="train", progress=False)

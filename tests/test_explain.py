@@ -80,7 +80,7 @@ def test_vocabularies(tmp_path):
 def explained_db(tmp_path_factory):
     folder = tmp_path_factory.mktemp("explain")
     db = make_db(folder, n=150, predicted=False)
-    diagnose(db, members=4, folds=3, progress=False)
+    diagnose(db, members=4, folds=3, progress=False, fit_split="all")
     return folder, db
 
 
