@@ -172,28 +172,46 @@ def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
 
 
 def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_gap: bool = True,
-                     refine: int = 8):
+                     refine: int = 8, correction: str = "neighbours", X: np.ndarray | None = None,
+                     k: int = 100):
     """Encode and score phrases; for the generic list, also pairs of the worst objects and modifiers.
 
-    Returns (phrases, raw text embeddings (m, d), predicted loss (m,), spread (m,), gap (d,) | None).
+    ``correction``: ``"neighbours"`` scores each phrase at the mean of its ``k`` nearest images ``X``
+    (:func:`diagnosis.text.neighbour_projection`), ``"shift"`` at its embedding moved by the mean
+    image-minus-text offset; ``correct_gap=False`` scores raw text embeddings.
+    Returns (phrases, raw text embeddings (m, d), predicted loss (m,), spread (m,)).
     """
+    from diagnosis.text import neighbour_projection
+
+    if correct_gap and correction == "neighbours" and X is None:
+        raise ValueError("the neighbours correction needs the image embeddings X")
+    gap = None
+
+    def score(T):
+        nonlocal gap
+        if not correct_gap:
+            return scorer.score_text_embeddings(T, False)
+        if correction == "neighbours":
+            return scorer.score_images(neighbour_projection(T, X, k))
+        gap = scorer.gap(T) if gap is None else gap
+        return scorer.score_text_embeddings(T, True, gap)
+
     T = scorer.encode_text(phrases)
-    gap = scorer.gap(T) if correct_gap else None
-    pred, std = scorer.score_text_embeddings(T, correct_gap, gap)
+    pred, std = score(T)
     if generic:
         objects = list(generic_concepts()["objects"])
         mods = generic_modifiers()
-        score = dict(zip(phrases, pred, strict=True))
-        top_o = sorted(objects, key=lambda p: -score.get(p, -np.inf))[:refine]
-        top_m = sorted(mods, key=lambda m: -score.get(f"a photo {m}", -np.inf))[:refine]
+        by_phrase = dict(zip(phrases, pred, strict=True))
+        top_o = sorted(objects, key=lambda p: -by_phrase.get(p, -np.inf))[:refine]
+        top_m = sorted(mods, key=lambda m: -by_phrase.get(f"a photo {m}", -np.inf))[:refine]
         pairs = [p for p in dict.fromkeys(compose_pairs(top_o, mods) + compose_pairs(objects, top_m))
-                 if p not in score]
+                 if p not in by_phrase]
         if pairs:
             T2 = scorer.encode_text(pairs)
-            p2, s2 = scorer.score_text_embeddings(T2, correct_gap, gap)
+            p2, s2 = score(T2)
             phrases, T = phrases + pairs, np.vstack([T, T2])
             pred, std = np.concatenate([pred, p2]), np.concatenate([std, s2])
-    return phrases, T, pred, std, gap
+    return phrases, T, pred, std
 
 
 def _word_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, neighbours: int, candidates: int):
@@ -246,12 +264,14 @@ def _image_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, image_mean,
 
 
 def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours: int | None = None,
-            images: bool = True) -> list[FailureMode]:
+            images: bool = True, correction: str = "neighbours") -> list[FailureMode]:
     """The ``top`` worst failure modes of ``db``, worst (highest predicted loss) first.
 
     ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else the
     generic concepts composed into pairs). ``neighbours``: images considered near a phrase (default
     2% of the table, between 50 and 2000). ``images``: also discover groups by clustering.
+    ``correction``: how phrases cross the modality gap, ``"neighbours"`` (default: at the mean of the
+    4% most similar images, 20 to 200) or ``"shift"`` (the mean offset; see :mod:`diagnosis.text`);
     ``correct_gap=False`` scores raw text embeddings (for measuring what the correction buys).
     """
     from diagnosis.run import open_db
@@ -262,7 +282,9 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
     scorer = Scorer(db)
     phrases, generic = resolve_vocabulary(db, vocab)
     t = _read_table(db)
-    phrases, T, pred, std, _ = score_vocabulary(scorer, phrases, generic, correct_gap)
+    k_proj = int(np.clip(0.04 * len(t.ids), 20, 200))
+    phrases, T, pred, std = score_vocabulary(scorer, phrases, generic, correct_gap, correction=correction,
+                                             X=t.X, k=k_proj)
     fail = failing(t.pred)
     m = neighbours or int(np.clip(0.02 * len(t.ids), 50, 2000))
     m = min(m, len(t.ids))

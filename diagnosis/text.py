@@ -57,6 +57,23 @@ def text_to_image_space(text_emb: np.ndarray, gap: np.ndarray | None) -> np.ndar
     return _normalise(t + gap)
 
 
+def neighbour_projection(text_emb: np.ndarray, image_emb: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+    """(m, d) text embeddings -> (m, d): the normalised mean of each phrase's ``k`` most similar images.
+
+    A per-phrase gap correction: where the global shift keeps a phrase's direction within the text
+    cone (which a small CLIP may encode poorly), this lands the phrase exactly on the image manifold,
+    at the images CLIP retrieves for it. Measured on the offline world (BENCHMARKS.md, Diagnosis):
+    the planted slice's phrase ranked 94th of 121 with the shift and 1st-4th with this.
+    """
+    from diagnosis.explain import _top_neighbours
+
+    T = np.atleast_2d(np.asarray(text_emb, dtype=np.float32))
+    k = max(1, min(int(k), len(image_emb)))
+    nn = _top_neighbours(image_emb, T, k, block)
+    proj = np.stack([image_emb[rows].mean(axis=0) for rows in nn])
+    return _normalise(proj)
+
+
 class Scorer:
     """The fitted ensemble of a database, ready to score images and phrases.
 

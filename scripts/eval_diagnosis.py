@@ -9,9 +9,9 @@ world's mean, print side by side:
   similar rows, weight 0.5); a hit is a slice member whose true loss is above the world's 90th
   percentile. Columns: ensemble, single ridge, similarity only (weight 0).
 * ``explain rank`` -- rank of the first failure mode whose description names the slice's attribute
-  values, in ``explain`` with and without the modality-gap correction; and the rank of the slice's
-  phrase among all vocabulary phrases scored by the ensemble (gap-corrected / raw) and by a single
-  ridge (gap-corrected).
+  values, in ``explain`` with the neighbour-projection gap correction (default), the mean-shift one,
+  and none; and the rank of the slice's phrase among all vocabulary phrases scored by the ensemble
+  (neighbours / shift / raw) and by a single ridge (neighbours).
 * per world: AUROC of out-of-fold ``predicted_loss`` for the top 10% of true losses on the test
   split, with Spearman rho, for the ensemble and a single ridge.
 
@@ -138,14 +138,19 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
     vocab = read_vocab_file(world.vocab)
     T = scorer.encode_text(vocab)
     gap = scorer.gap(T)
+    from diagnosis.text import neighbour_projection
+
+    k_proj = int(np.clip(0.04 * len(ids), 20, 200))  # as explain does
+    P = neighbour_projection(T, X, k_proj)
     word_scores = {
-        "ensemble+gap": scorer.score_text_embeddings(T, True, gap)[0],
+        "ensemble+nn": scorer.score_images(P)[0],
+        "ensemble+shift": scorer.score_text_embeddings(T, True, gap)[0],
         "ensemble raw": scorer.score_text_embeddings(T, False)[0],
-        "ridge+gap": ridge.predict(scorer.to_image_space(T, True, gap)),
+        "ridge+nn": ridge.predict(P),
     }
     ranked = {k: [vocab[i] for i in np.argsort(-v, kind="stable")] for k, v in word_scores.items()}
-    modes_gap = [m.description for m in explain(db, top=30)]
-    modes_raw = [m.description for m in explain(db, top=30, correct_gap=False)]
+    modes = {c: [m.description for m in explain(db, top=30, **kw)] for c, kw in
+             {"nn": {}, "shift": {"correction": "shift"}, "no gap": {"correct_gap": False}}.items()}
 
     mean_loss, p90 = float(loss.mean()), float(np.quantile(loss, 0.9))
     slices = []
@@ -163,8 +168,7 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
             "eligible": True, "members": int(member.sum()), "failing_members": int(hit.sum()),
             "p@10": {"ensemble": search_p10(X, q, pred, hit), "ridge": search_p10(X, q, ridge_pred, hit),
                      "similarity only": search_p10(X, q, None, hit, weight=0.0)},
-            "explain rank": {"explain (gap)": first_rank(modes_gap, s["where"]),
-                             "explain (no gap)": first_rank(modes_raw, s["where"]),
+            "explain rank": {**{f"explain ({c})": first_rank(v, s["where"]) for c, v in modes.items()},
                              **{f"words {k}": first_rank(v, s["where"]) for k, v in ranked.items()}},
         })
     return {"world": name, "hash": world.hash, "rows": len(ids), "test_rows": int(is_test.sum()),
@@ -182,8 +186,8 @@ def _unit(v):
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only | explain rank gap / no gap "
-           "| word rank ens+gap / ens raw / ridge+gap |", "|---|---|---|---|---|"]
+    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only | explain rank nn / shift / no gap "
+           "| word rank ens+nn / ens+shift / ens raw / ridge+nn |", "|---|---|---|---|---|"]
     for r in results:
         for s in r["slices"]:
             if not s["eligible"]:
@@ -192,8 +196,9 @@ def markdown(results: list[dict]) -> str:
             p, e = s["p@10"], s["explain rank"]
             out.append(
                 f"| {r['world']} | {s['slice']} ({s['kind']}, {s['loss_ratio']}x) | {p['ensemble']:.1f} / "
-                f"{p['ridge']:.1f} / {p['similarity only']:.1f} | {e['explain (gap)']} / {e['explain (no gap)']} | "
-                f"{e['words ensemble+gap']} / {e['words ensemble raw']} / {e['words ridge+gap']} |")
+                f"{p['ridge']:.1f} / {p['similarity only']:.1f} | {e['explain (nn)']} / {e['explain (shift)']} / "
+                f"{e['explain (no gap)']} | {e['words ensemble+nn']} / {e['words ensemble+shift']} / "
+                f"{e['words ensemble raw']} / {e['words ridge+nn']} |")
     out += ["", "| world | rows (test) | test AUROC top-10% ensemble / ridge | test Spearman ensemble / ridge "
             "| gap norm | cos(text, mean image) raw -> corrected |", "|---|---|---|---|---|---|"]
     for r in results:
