@@ -318,7 +318,8 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
     ``clip``: the CLIP model (``None``, or a spec whose ``model`` is ``None``: the one recorded in
     ``db``, else ViT-B-32). ``predictions``: a predictions file; ``model``: ``MODULE:FUNCTION`` (at
     most one, and neither when the manifest has losses). ``task``: see :mod:`indexer.losses`.
-    ``batch_size``: images per forward pass. ``workers``: decoding processes (default: cores - 1).
+    ``batch_size``: images per forward pass. ``workers``: decoding processes (default: cores - 1
+    with a GPU, 0 on the CPU: see :func:`indexer.images.default_workers`).
     ``strict``: fail on the first bad row instead of rejecting it. ``commit_rows``: rows per Lance
     commit (default ``max(batch_size, 1024)``). Returns what was done (see :class:`IndexReport`).
     """
@@ -365,7 +366,7 @@ def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], cl
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not progress, desc="indexing")
     paths = manifest.table.column(S.IMAGE).take(pa.array(todo, pa.int64())).combine_chunks()
-    batches = image_batches(paths, todo, transforms, batch_size, workers)
+    batches = image_batches(paths, todo, transforms, batch_size, workers, device=clip_model.device)
     pending = 0
     try:
         for batch in batches:

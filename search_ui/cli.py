@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how losses are computed from --predictions/--model (default: auto)")
     s.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when present")
-    s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
+    s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1 with a GPU, 0 on the CPU where the model uses every core)")
     s.add_argument("--strict", action="store_true", help="fail on the first bad row instead of rejecting it")
     s.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="`ray`: run on a Ray cluster (needs the `ray` extra; see docs/RAY.md)")
