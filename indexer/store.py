@@ -70,7 +70,10 @@ class Database:
             )
         if create:
             self.path.mkdir(parents=True, exist_ok=True)
-        self._conn = lancedb.connect(str(self.path))
+        # Every read checks for a newer table version: another process (a `diagnose` while the UI
+        # serves) may commit and then clean up the old version's files, which a handle pinned to
+        # that version would then fail to read ("Not found: ...lance").
+        self._conn = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
         self._table = None
 
     # ---- files -------------------------------------------------------------------------------
