@@ -65,6 +65,25 @@ def cmd_index(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
+    if args.address and args.engine != "ray":
+        raise UserError("--address is for --engine ray; add --engine ray or drop --address.")
+    if args.score_new:
+        if args.engine == "ray":
+            from diagnosis.ray_score import score_new_rows_ray
+
+            written = score_new_rows_ray(args.db, address=args.address)
+        else:
+            from diagnosis.run import score_new_rows
+
+            written = score_new_rows(args.db)
+        if args.json:
+            _print_json({"scored_rows": written})
+        else:
+            print(f"scored {written} new rows with the fitted ensemble")
+        return 0
+    if args.engine == "ray":
+        raise UserError("--engine ray scores new rows with a fitted ensemble; add --score-new "
+                        "(fitting runs on one machine, on a subsample: see --max-rows).")
     from diagnosis.run import diagnose
 
     report = diagnose(args.db, members=args.members, folds=args.folds, max_rows=args.max_rows)
@@ -235,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folds", type=int, default=None, help="out-of-fold splits (default 5)")
     s.add_argument("--max-rows", type=int, default=None,
                    help="fit on at most this many rows (stratified subsample); all rows are still scored")
+    s.add_argument("--score-new", action="store_true",
+                   help="do not refit: score rows added since the last fit with the saved ensemble")
+    s.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="with --score-new, `ray` scores on a Ray cluster (needs the `ray` extra)")
+    s.add_argument("--address", default=None, help="with --engine ray: the cluster's address (default: a local Ray)")
     s.add_argument("--json", action="store_true", help="print the quality report as JSON")
     s.set_defaults(func=cmd_diagnose)
 

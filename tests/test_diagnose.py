@@ -144,3 +144,26 @@ def test_training_losses_are_not_fitted_when_held_out_rows_exist(tmp_path):
     assert json.loads((db.diagnosis_dir / "info.json").read_text())["fit_split"] == "held-out"
     with pytest.raises(UserError, match="fit split"):
         diagnose(db, fit_split="train", progress=False)
+
+
+def test_cli_score_new_scores_only_the_added_rows(diagnosed, tmp_path, capsys):
+    from search_ui.cli import main
+
+    _, db0, _ = diagnosed
+    shutil.copytree(db0.path, tmp_path / "db")
+    db = Database(tmp_path / "db")
+    before = _table(db).set_index(S.ID)[S.PREDICTED_LOSS]
+    new = db.read().slice(0, 2).to_pandas()
+    new[S.ID] = ["late0", "late1"]
+    new[S.PREDICTED_LOSS] = None
+    new[S.PREDICTED_LOSS_STD] = None
+    db.table.add(pa.Table.from_pandas(new, schema=db.table.schema, preserve_index=False))
+    db.update_meta(data_version=db.version)
+    assert main(["diagnose", "--db", str(db.path), "--score-new", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"scored_rows": 2}
+    after = _table(db).set_index(S.ID)[S.PREDICTED_LOSS]
+    assert after[["late0", "late1"]].notna().all()
+    assert after[before.index].equals(before)  # the fitted rows keep their out-of-fold scores
+    # --engine ray means scoring on Ray, never a distributed refit
+    assert main(["diagnose", "--db", str(db.path), "--engine", "ray"]) == 2
+    assert "--score-new" in capsys.readouterr().err
