@@ -63,8 +63,9 @@ def rank_scores(similarity: np.ndarray, predicted_loss: np.ndarray, weight: floa
 
 def rank_order(score: np.ndarray, similarity: np.ndarray, ids: list[str]) -> np.ndarray:
     """Positions sorted by score desc, then similarity desc, then id (deterministic ties)."""
-    id_rank = np.argsort(np.argsort(np.asarray(ids, dtype=object)))
-    return np.lexsort((id_rank, -np.asarray(similarity, np.float64), -np.asarray(score, np.float64)))
+    # lexsort takes the unicode id array as its last-priority key directly (no double argsort)
+    return np.lexsort((np.asarray(ids, dtype=str), -np.asarray(similarity, np.float64),
+                       -np.asarray(score, np.float64)))
 
 
 def _num(x) -> float | None:
