@@ -37,28 +37,12 @@ from diagnosis.run import diagnose, load_ensemble, read_training_data
 from diagnosis.text import Scorer
 from diagnosis.vocab import read_vocab_file
 from indexer.store import Database
+from indexer.world import benchmark_specs
 
 log = logging.getLogger("eval_diagnosis")
 
-#: Two more worlds: another seed and slices on the shape task; and a colour task.
-SPECS = {
-    "b": {"seed": 1, "n_train": 16000, "n_test": 4000, "task": "shape", "name": "shape-b",
-          "slices": [
-              {"name": "red squares", "kind": "correlation", "where": {"shape": "square", "color": "red"},
-               "strength": 0.95},
-              {"name": "large crosses", "kind": "rare", "where": {"shape": "cross", "size": "large"},
-               "rate": 0.003},
-              {"name": "noisy stars", "kind": "noisy_label", "where": {"shape": "star", "background": "noisy"},
-               "noise": 0.5}]},
-    "c": {"seed": 2, "n_train": 16000, "n_test": 4000, "task": "color", "name": "color-c",
-          "slices": [
-              {"name": "yellow stars", "kind": "correlation", "where": {"color": "yellow", "shape": "star"},
-               "strength": 0.95},
-              {"name": "small purples", "kind": "rare", "where": {"color": "purple", "size": "small"},
-               "rate": 0.003},
-              {"name": "green on dark", "kind": "noisy_label", "where": {"color": "green", "background": "dark"},
-               "noise": 0.5}]},
-}
+#: The same worlds as scripts/eval_world.py, so one cached build serves both scripts.
+SPECS = benchmark_specs()
 
 
 #: ``--small``: the sizes of the demo's quick world (4,500 rows), for a shared 2-core machine.
@@ -212,11 +196,12 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default="default,b,c", help="comma list of: default, b, c, or JSON spec paths")
+    ap.add_argument("--specs", default=",".join(SPECS),
+                    help=f"comma list of: {', '.join(SPECS)}, or JSON spec paths (default: all three)")
     ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--small", action="store_true", help="build worlds b and c at the demo's quick size")
+    ap.add_argument("--small", action="store_true", help="build the named worlds at the demo's quick size")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
@@ -225,7 +210,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     results = []
     for name in args.specs.split(","):
-        spec = None if name == "default" else SPECS.get(name, name)
+        spec = SPECS.get(name, name)
         if args.small and isinstance(spec, dict):
             spec = {**spec, **SMALL}
         r = evaluate(name, spec, work, not args.quiet)

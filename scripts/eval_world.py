@@ -24,33 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indexer.world import ATTRIBUTES, build_world, default_spec  # noqa: E402
+from indexer.world import ATTRIBUTES, benchmark_specs, build_world  # noqa: E402
 
-SPECS = {
-    "default": default_spec(),
-    "color-task": {
-        **default_spec(), "seed": 1, "task": "color",
-        "slices": [
-            {"name": "green stars", "kind": "correlation", "where": {"color": "green", "shape": "star"},
-             "strength": 0.95},
-            {"name": "yellow on light", "kind": "rare", "where": {"color": "yellow", "background": "light"},
-             "rate": 0.003},
-            {"name": "small purples", "kind": "noisy_label", "where": {"color": "purple", "size": "small"},
-             "noise": 0.5},
-        ],
-    },
-    "shape-seed2": {
-        **default_spec(), "seed": 2,
-        "slices": [
-            {"name": "dark triangles", "kind": "correlation", "where": {"shape": "triangle", "background": "dark"},
-             "strength": 0.95},
-            {"name": "noisy crosses", "kind": "rare", "where": {"shape": "cross", "background": "noisy"},
-             "rate": 0.003},
-            {"name": "red squares", "kind": "noisy_label", "where": {"shape": "square", "color": "red"},
-             "noise": 0.5},
-        ],
-    },
-}
+SPECS = benchmark_specs()
 
 
 def time_demo(cache: Path, log_dir: Path) -> list[dict]:

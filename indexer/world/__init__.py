@@ -6,6 +6,7 @@ the built-in one. See :mod:`indexer.world.spec` for the spec's keys and slice ki
 """
 
 from indexer.world.build import World, build_world, cache_root
-from indexer.world.spec import ATTRIBUTES, default_spec, load_spec, slug
+from indexer.world.spec import ATTRIBUTES, benchmark_specs, default_spec, load_spec, slug
 
-__all__ = ["ATTRIBUTES", "World", "build_world", "cache_root", "default_spec", "load_spec", "slug"]
+__all__ = ["ATTRIBUTES", "World", "benchmark_specs", "build_world", "cache_root", "default_spec", "load_spec",
+           "slug"]

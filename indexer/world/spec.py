@@ -66,6 +66,36 @@ def default_spec() -> dict:
     return json.loads(DEFAULT_SPEC_PATH.read_text())
 
 
+def benchmark_specs() -> dict[str, dict]:
+    """The worlds the evaluation scripts measure (fresh copies): the default spec, a colour-task
+    world and a shape world with another seed and other slices (BENCHMARKS.md "Offline world")."""
+    return {
+        "default": default_spec(),
+        "color-task": {
+            **default_spec(), "seed": 1, "task": "color",
+            "slices": [
+                {"name": "green stars", "kind": "correlation", "where": {"color": "green", "shape": "star"},
+                 "strength": 0.95},
+                {"name": "yellow on light", "kind": "rare", "where": {"color": "yellow", "background": "light"},
+                 "rate": 0.003},
+                {"name": "small purples", "kind": "noisy_label", "where": {"color": "purple", "size": "small"},
+                 "noise": 0.5},
+            ],
+        },
+        "shape-seed2": {
+            **default_spec(), "seed": 2,
+            "slices": [
+                {"name": "dark triangles", "kind": "correlation",
+                 "where": {"shape": "triangle", "background": "dark"}, "strength": 0.95},
+                {"name": "noisy crosses", "kind": "rare", "where": {"shape": "cross", "background": "noisy"},
+                 "rate": 0.003},
+                {"name": "red squares", "kind": "noisy_label", "where": {"shape": "square", "color": "red"},
+                 "noise": 0.5},
+            ],
+        },
+    }
+
+
 def load_spec(spec: dict | str | Path | None) -> dict:
     """``None`` -> the default; a path -> its JSON; a dict -> itself. Returns a validated copy."""
     if spec is None:
