@@ -2,13 +2,19 @@
 
 Two views, merged where they find the same samples:
 
-* **words** -- every phrase of a vocabulary is scored by the ensemble (on its gap-corrected text
-  embedding, see :mod:`diagnosis.text`); the worst phrases are failure modes. A phrase's group is its
+* **words** -- every phrase of a vocabulary is scored across the modality gap: by default its
+  predicted loss is the mean of the ensemble's (out-of-fold) predictions on the images CLIP retrieves
+  for it (its "neighbourhood"); ``correction="projection"`` scores the ensemble at the mean of those
+  images, ``"shift"`` at the text embedding moved by the mean offset (see :mod:`diagnosis.text`).
+  The neighbourhood mean never asks the ensemble about a point off the image manifold (the mean of
+  many images is one: there the projection scored "a blue object" 2.3, above every group's true loss),
+  and ranks the planted slices best (BENCHMARKS.md). The worst phrases are failure modes. A phrase's group is its
   nearest images (by CLIP similarity) that are predicted to fail (:func:`failing`); its examples are
   the group's worst.
 * **images** -- the samples predicted to fail are clustered (k-means on the unit sphere); each cluster
   is a failure group, named by the phrases nearest its centroid (both sides centred on their
-  modality's mean, so the shared offset does not decide the name).
+  modality's mean, so the shared offset does not decide the name). A cluster whose best name is
+  already one of a word mode's phrases is that mode (merged, like an overlapping one).
 
 Two modes are the same when their groups overlap (overlap coefficient |A n B| / min(|A|, |B|) >= 0.5):
 near-duplicate phrases fold into the worst one, and a word mode absorbs the image group it matches
@@ -43,13 +49,14 @@ FAIL_RATIO = 2.0
 SAME_GROUP = 0.5  # overlap coefficient above which two modes are one
 N_EXAMPLES = 10
 MAX_CLUSTER_ROWS = 20000  # k-means runs on a sample of the failing rows; all are then assigned
+_BLOCK_CELLS = 1 << 23  # query x row similarities computed at once by _top_neighbours
 
 
 @dataclass
 class FailureMode:
     """A named group of samples the model fails on.
 
-    ``predicted_loss`` (loss units) is the ensemble's score of the description itself;
+    ``predicted_loss`` (loss units) is the score of the description itself (see :func:`explain`);
     ``mean_loss`` / ``mean_predicted_loss`` average the group's samples (``mean_loss`` is None
     without true losses); ``share_of_loss`` is the group's fraction of the table's total loss;
     ``ids`` lists every member (``examples``: the worst few, for display).
@@ -92,6 +99,7 @@ class _Table:
     X: np.ndarray  # (n, d) float32, L2-normalised
     loss: np.ndarray  # (n,) float64, NaN where unknown
     pred: np.ndarray  # (n,) float64, the stored out-of-fold predicted_loss
+    std: np.ndarray  # (n,) float64, the stored predicted_loss_std
 
     @property
     def total_loss(self) -> float:
@@ -103,21 +111,26 @@ def _read_table(db) -> _Table:
 
     ids, X, loss, _ = read_training_data(db, progress=False)
     pred = np.full(len(ids), np.nan)
+    std = np.full(len(ids), np.nan)
     pos = {k: i for i, k in enumerate(ids)}
-    for b in db.iter_batches([S.ID, S.PREDICTED_LOSS]):
+    for b in db.iter_batches([S.ID, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]):
         rows = [pos[k] for k in b.column(S.ID).to_pylist()]
         pred[rows] = b.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False)
+        std[rows] = b.column(S.PREDICTED_LOSS_STD).to_numpy(zero_copy_only=False)
+    del pos
     if np.isnan(pred).any():
         raise UserError(
             f"{int(np.isnan(pred).sum())} rows of {db.path} have no predicted_loss; "
             f"run `llm2loss diagnose --db {db.path}` first."
         )
-    return _Table(ids, X, loss, pred)
+    return _Table(ids, X, loss, pred, np.nan_to_num(std))
 
 
 def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) -> np.ndarray:
     """(q, m) row indices of the ``m`` rows of X most cosine-similar to each row of Q, streamed over
-    row blocks so memory stays O(block x q)."""
+    row blocks so memory stays O((block + m) x q): the block shrinks as queries grow, so ~1,000
+    phrases against 1M rows hold ~100 MB of similarities at a time, not 1.5 GB (issue 7)."""
+    block = max(1024, min(int(block), _BLOCK_CELLS // max(1, len(Q))))
     best_s = np.full((len(Q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(Q), 0), dtype=np.int64)
     for s in range(0, len(X), block):
@@ -171,28 +184,42 @@ def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
     return list(dict.fromkeys(phrases)), False
 
 
+CORRECTIONS = ("neighbourhood", "projection", "shift")
+
+
+def neighbourhood_size(n: int) -> int:
+    """Images a phrase is judged by: the 0.5% of the table CLIP finds most alike, 20 to 200."""
+    return int(np.clip(0.005 * n, 20, 200))
+
+
 def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_gap: bool = True,
-                     refine: int = 8, correction: str = "neighbours", X: np.ndarray | None = None,
+                     refine: int = 8, correction: str = "neighbourhood", table: _Table | None = None,
                      k: int = 100):
     """Encode and score phrases; for the generic list, also pairs of the worst objects and modifiers.
 
-    ``correction``: ``"neighbours"`` scores each phrase at the mean of its ``k`` nearest images ``X``
-    (:func:`diagnosis.text.neighbour_projection`), ``"shift"`` at its embedding moved by the mean
-    image-minus-text offset; ``correct_gap=False`` scores raw text embeddings.
-    Returns (phrases, raw text embeddings (m, d), predicted loss (m,), spread (m,)).
+    ``correction``: ``"neighbourhood"`` scores each phrase by the mean stored predicted loss (and
+    spread) of its ``k`` most similar images in ``table``; ``"projection"`` by the ensemble at the
+    mean of those images (:func:`diagnosis.text.neighbour_projection`); ``"shift"`` by the ensemble at
+    its embedding moved by the mean image-minus-text offset; ``correct_gap=False`` scores raw text
+    embeddings. Returns (phrases, raw text embeddings (m, d), predicted loss (m,), spread (m,)).
     """
     from diagnosis.text import neighbour_projection
 
-    if correct_gap and correction == "neighbours" and X is None:
-        raise ValueError("the neighbours correction needs the image embeddings X")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if correct_gap and correction != "shift" and table is None:
+        raise ValueError(f"the {correction} correction needs the table's embeddings")
     gap = None
 
     def score(T):
         nonlocal gap
         if not correct_gap:
             return scorer.score_text_embeddings(T, False)
-        if correction == "neighbours":
-            return scorer.score_images(neighbour_projection(T, X, k))
+        if correction == "neighbourhood":
+            nn = _top_neighbours(table.X, T, k)
+            return table.pred[nn].mean(axis=1), table.std[nn].mean(axis=1)
+        if correction == "projection":
+            return scorer.score_images(neighbour_projection(T, table.X, k))
         gap = scorer.gap(T) if gap is None else gap
         return scorer.score_text_embeddings(T, True, gap)
 
@@ -264,14 +291,15 @@ def _image_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, image_mean,
 
 
 def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours: int | None = None,
-            images: bool = True, correction: str = "neighbours") -> list[FailureMode]:
+            images: bool = True, correction: str = "neighbourhood") -> list[FailureMode]:
     """The ``top`` worst failure modes of ``db``, worst (highest predicted loss) first.
 
     ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else the
     generic concepts composed into pairs). ``neighbours``: images considered near a phrase (default
     2% of the table, between 50 and 2000). ``images``: also discover groups by clustering.
-    ``correction``: how phrases cross the modality gap, ``"neighbours"`` (default: at the mean of the
-    4% most similar images, 20 to 200) or ``"shift"`` (the mean offset; see :mod:`diagnosis.text`);
+    ``correction``: how phrases cross the modality gap: ``"neighbourhood"`` (default: the mean
+    predicted loss of the phrase's :func:`neighbourhood_size` most similar images), ``"projection"``
+    (the ensemble at their mean) or ``"shift"`` (the mean offset; see :mod:`diagnosis.text`);
     ``correct_gap=False`` scores raw text embeddings (for measuring what the correction buys).
     """
     from diagnosis.run import open_db
@@ -282,9 +310,8 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
     scorer = Scorer(db)
     phrases, generic = resolve_vocabulary(db, vocab)
     t = _read_table(db)
-    k_proj = int(np.clip(0.04 * len(t.ids), 20, 200))
     phrases, T, pred, std = score_vocabulary(scorer, phrases, generic, correct_gap, correction=correction,
-                                             X=t.X, k=k_proj)
+                                             table=t, k=neighbourhood_size(len(t.ids)))
     fail = failing(t.pred)
     m = neighbours or int(np.clip(0.02 * len(t.ids), 50, 2000))
     m = min(m, len(t.ids))
@@ -293,7 +320,10 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
         phrase_index = {p: i for i, p in enumerate(phrases)}
         for g in _image_modes(t, phrases, T, pred, std, fail, scorer.image_mean):
             match = max(modes, key=lambda w: _overlap(w["rows"], g["rows"]), default=None)
-            if match is not None and _overlap(match["rows"], g["rows"]) >= SAME_GROUP:
+            if match is None or _overlap(match["rows"], g["rows"]) < SAME_GROUP:
+                # the same best name as a word mode's phrase: the same failure, seen from the images
+                match = next((w for w in modes if g["phrases"][0] in w["phrases"]), None)
+            if match is not None:
                 match["rows"] |= g["rows"]
                 match["phrases"] += [p for p in g["phrases"] if p not in match["phrases"]]
                 match["source"] = "both"

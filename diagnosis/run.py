@@ -32,7 +32,7 @@ from indexer.store import Database, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MEMBERS = 5
+DEFAULT_MEMBERS = 4  # one of each default kind (diagnosis.ensemble.KINDS)
 DEFAULT_FOLDS = 5
 DEFAULT_MAX_ROWS = 200_000
 MIN_ROWS = 20
@@ -140,7 +140,7 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
              progress: bool = True, random_state: int = 0, fit_split: str = "auto") -> DiagnoseReport:
     """Fit the diagnosis ensemble on ``db`` and write ``predicted_loss``/``predicted_loss_std``.
 
-    ``members`` per fold (default 5), ``folds`` (default 5), ``max_rows``: fit on at most this many
+    ``members`` per fold (default 4), ``folds`` (default 5), ``max_rows``: fit on at most this many
     rows (default 200,000; every row is still scored). ``fit_split``: ``"auto"`` fits on the
     held-out rows (split test/val/...) when the table also has training rows, ``"held-out"`` always,
     ``"all"`` on every row with a loss. Refuses a table with fewer than 20 losses.

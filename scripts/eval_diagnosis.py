@@ -9,9 +9,10 @@ world's mean, print side by side:
   similar rows, weight 0.5); a hit is a slice member whose true loss is above the world's 90th
   percentile. Columns: ensemble, single ridge, similarity only (weight 0).
 * ``explain rank`` -- rank of the first failure mode whose description names the slice's attribute
-  values, in ``explain`` with the neighbour-projection gap correction (default), the mean-shift one,
-  and none; and the rank of the slice's phrase among all vocabulary phrases scored by the ensemble
-  (neighbours / shift / raw) and by a single ridge (neighbours).
+  values, in ``explain`` with each way of crossing the modality gap: the neighbourhood mean
+  (default), the projection, the mean shift, and none; and the rank of the slice's phrase among all
+  vocabulary phrases scored by the ensemble that way, and by a single ridge (neighbourhood mean of
+  the ridge's predictions).
 * per world: AUROC of out-of-fold ``predicted_loss`` for the top 10% of true losses on the test
   split, with Spearman rho, for the ensemble and a single ridge.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from diagnosis.ensemble import DiagnosisEnsemble
-from diagnosis.explain import explain
+from diagnosis.explain import _read_table, _top_neighbours, explain, neighbourhood_size
 from diagnosis.metrics import quality
 from diagnosis.run import diagnose, load_ensemble, read_training_data
 from diagnosis.text import Scorer
@@ -124,17 +125,21 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
     gap = scorer.gap(T)
     from diagnosis.text import neighbour_projection
 
-    k_proj = int(np.clip(0.04 * len(ids), 20, 200))  # as explain does
-    P = neighbour_projection(T, X, k_proj)
+    k = neighbourhood_size(len(ids))  # as explain does
+    table = _read_table(db)
+    assert (table.ids == ids).all(), "explain's table and the evaluation read rows in different orders"
+    near = _top_neighbours(X, T, k)
     word_scores = {
-        "ensemble+nn": scorer.score_images(P)[0],
-        "ensemble+shift": scorer.score_text_embeddings(T, True, gap)[0],
+        "ensemble neighbourhood": table.pred[near].mean(axis=1),
+        "ensemble projection": scorer.score_images(neighbour_projection(T, X, k))[0],
+        "ensemble shift": scorer.score_text_embeddings(T, True, gap)[0],
         "ensemble raw": scorer.score_text_embeddings(T, False)[0],
-        "ridge+nn": ridge.predict(P),
+        "ridge neighbourhood": ridge_pred[near].mean(axis=1),
     }
     ranked = {k: [vocab[i] for i in np.argsort(-v, kind="stable")] for k, v in word_scores.items()}
     modes = {c: [m.description for m in explain(db, top=30, **kw)] for c, kw in
-             {"nn": {}, "shift": {"correction": "shift"}, "no gap": {"correct_gap": False}}.items()}
+             {"neighbourhood": {}, "projection": {"correction": "projection"}, "shift": {"correction": "shift"},
+              "no gap": {"correct_gap": False}}.items()}
 
     mean_loss, p90 = float(loss.mean()), float(np.quantile(loss, 0.9))
     slices = []
@@ -170,8 +175,9 @@ def _unit(v):
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only | explain rank nn / shift / no gap "
-           "| word rank ens+nn / ens+shift / ens raw / ridge+nn |", "|---|---|---|---|---|"]
+    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only | explain rank neighbourhood / "
+           "projection / shift / no gap | word rank ensemble neighbourhood / projection / shift / raw; ridge "
+           "neighbourhood |", "|---|---|---|---|---|"]
     for r in results:
         for s in r["slices"]:
             if not s["eligible"]:
@@ -180,9 +186,10 @@ def markdown(results: list[dict]) -> str:
             p, e = s["p@10"], s["explain rank"]
             out.append(
                 f"| {r['world']} | {s['slice']} ({s['kind']}, {s['loss_ratio']}x) | {p['ensemble']:.1f} / "
-                f"{p['ridge']:.1f} / {p['similarity only']:.1f} | {e['explain (nn)']} / {e['explain (shift)']} / "
-                f"{e['explain (no gap)']} | {e['words ensemble+nn']} / {e['words ensemble+shift']} / "
-                f"{e['words ensemble raw']} / {e['words ridge+nn']} |")
+                f"{p['ridge']:.1f} / {p['similarity only']:.1f} | {e['explain (neighbourhood)']} / "
+                f"{e['explain (projection)']} / {e['explain (shift)']} / {e['explain (no gap)']} | "
+                f"{e['words ensemble neighbourhood']} / {e['words ensemble projection']} / "
+                f"{e['words ensemble shift']} / {e['words ensemble raw']}; {e['words ridge neighbourhood']} |")
     out += ["", "| world | rows (test) | test AUROC top-10% ensemble / ridge | test Spearman ensemble / ridge "
             "| gap norm | cos(text, mean image) raw -> corrected |", "|---|---|---|---|---|---|"]
     for r in results:

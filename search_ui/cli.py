@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("diagnose", help="fit the diagnosis ensemble and write predicted_loss onto every row")
     db_arg(s)
-    s.add_argument("--members", type=int, default=None, help="ensemble members (default 5)")
+    s.add_argument("--members", type=int, default=None, help="ensemble members per fold, cycling through knn, rff, hgb, mlp (default 4)")
     s.add_argument("--folds", type=int, default=None, help="out-of-fold splits (default 5)")
     s.add_argument("--max-rows", type=int, default=None,
                    help="fit on at most this many rows (stratified subsample); all rows are still scored")

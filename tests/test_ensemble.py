@@ -5,13 +5,43 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from diagnosis.ensemble import DiagnosisEnsemble
+from diagnosis.ensemble import DiagnosisEnsemble, NeighboursRegressor
 from diagnosis.metrics import auroc_top, quality
 
 
-@parametrize_with_checks([DiagnosisEnsemble(n_members=4, n_folds=2, n_rff=64, pca_dim=8, random_state=0)])
+@parametrize_with_checks([DiagnosisEnsemble(n_members=4, n_folds=2, n_rff=64, pca_dim=8, random_state=0),
+                          NeighboursRegressor(n_neighbors=3)])
 def test_sklearn_contract(estimator, check):
     check(estimator)
+
+
+def test_neighbours_member_learns_an_interaction_a_linear_model_cannot():
+    # "blue but not a square" fails: loss = a AND NOT b on two binary attributes; the best linear fit
+    # predicts the (a, b) = (1, 1) cell halfway up, the neighbours member gets every cell right
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 2000), rng.integers(0, 2, 2000)
+    X = np.c_[a, b, 0.05 * rng.normal(size=(2000, 6))].astype(np.float32)
+    y = (a & (1 - b)).astype(float)
+    knn = NeighboursRegressor(n_neighbors=10).fit(X[:1500], y[:1500])
+    lin = DiagnosisEnsemble(n_members=1, n_folds=2, kinds=("ridge",), target="identity",
+                            random_state=0).fit(X[:1500], y[:1500])
+    cell = (a[1500:] == 1) & (b[1500:] == 1)
+    assert np.abs(knn.predict(X[1500:]) - y[1500:]).max() < 1e-9
+    assert lin.predict(X[1500:])[cell].mean() > 0.2
+
+
+def test_neighbours_member_ivf_path_agrees_with_exact_and_survives_pickling():
+    import pickle
+
+    X, y, _ = planted(n=3000)
+    exact = NeighboursRegressor(n_neighbors=10).fit(X, y)
+    ivf = NeighboursRegressor(n_neighbors=10, exact_max_rows=1000, nprobe=64).fit(X, y)
+    Xt, _, _ = planted(n=500, fresh=True)
+    p = exact.predict(Xt)
+    assert np.corrcoef(p, ivf.predict(Xt))[0, 1] > 0.99
+    again = pickle.loads(pickle.dumps(exact))
+    assert "index" not in again._cache  # the FAISS index is not pickled, it is rebuilt from X_
+    np.testing.assert_allclose(again.predict(Xt), p)
 
 
 def planted(n=1500, d=64, k=8, bad=(0, 1), seed=0, fresh=False):

@@ -38,7 +38,10 @@ def test_gap_correction_moves_text_among_images_and_ranks_concepts_better():
     concept_loss = np.linspace(3.0, 0.1, k)
     y = rng.gamma(2.0, concept_loss[cl] / 2)
     T = _unit(1.5 * u_txt + concepts + 0.05 * rng.normal(size=(k, d))).astype(np.float32)
-    ens = DiagnosisEnsemble(n_members=4, n_folds=3, n_rff=256, random_state=0).fit(X, y)
+    # the members that extrapolate (the kNN member reads a raw caption by its nearest images, which
+    # is CLIP retrieval and already gap-robust in ranking, though not in scale)
+    ens = DiagnosisEnsemble(n_members=4, n_folds=3, n_rff=256, kinds=("rff", "hgb", "mlp", "ridge"),
+                            random_state=0).fit(X, y)
 
     gap = estimate_gap(X, T)
     Tc = text_to_image_space(T, gap)
@@ -104,6 +107,31 @@ def test_score_text_matches_the_scorer_and_the_gap_changes_scores(explained_db):
     assert not np.allclose(sc.score_text(phrases, correct_gap=False)[0], pred)
     # the default vocabulary's text mean is cached beside the ensemble
     assert list(db.diagnosis_dir.glob("text_mean_*.npy"))
+
+
+def test_a_phrase_is_scored_by_the_stored_predictions_of_its_nearest_images(explained_db):
+    from diagnosis.explain import _read_table, _top_neighbours, score_vocabulary
+
+    _, db = explained_db
+    sc, t = Scorer(db), _read_table(db)
+    phrases = ["a blue circle", "a red square", "a green triangle"]
+    got, T, pred, std = score_vocabulary(sc, phrases, False, table=t, k=7)
+    T_raw = sc.encode_text(phrases)
+    np.testing.assert_allclose(T, T_raw)
+    sims = T_raw @ t.X.T
+    for i in range(3):
+        near = np.argsort(-sims[i])[:7]
+        assert set(_top_neighbours(t.X, T_raw[i : i + 1], 7)[0]) == set(near)
+        assert pred[i] == pytest.approx(t.pred[near].mean())
+        assert std[i] == pytest.approx(t.std[near].mean())
+    # never above the worst stored prediction: no extrapolation off the image manifold
+    assert pred.max() <= t.pred.max()
+    # the other corrections ask the ensemble itself
+    proj = score_vocabulary(sc, phrases, False, correction="projection", table=t, k=7)[2]
+    shift = score_vocabulary(sc, phrases, False, correction="shift")[2]
+    assert not np.allclose(proj, pred) and not np.allclose(shift, pred)
+    with pytest.raises(ValueError, match="correction"):
+        score_vocabulary(sc, phrases, False, correction="nope", table=t)
 
 
 def test_explain_names_the_planted_failure_group(explained_db, tmp_path):
