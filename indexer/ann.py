@@ -15,13 +15,20 @@ An index is *fresh* when its stamped ``data_version``, row count, embedding size
 the database's. A stale index is rebuilt (``load_index(db)``) or refused with a
 :class:`~indexer.errors.UserError` (``load_index(db, rebuild_if_stale=False)``), never served.
 
-IVF: ``nlist = 4 * sqrt(n)`` cells (k-means trained on at most ``64 * nlist`` rows). ``nprobe`` is the
-smallest power of two whose recall@10 against exact search reaches ``target_recall`` (0.95) in every
-family of held queries; ``nprobe_at_100`` likewise for recall@100, the depth of the query engine's
-candidate pool (``AnnIndex.nprobe_for(k)`` picks the probe count for any depth). The families:
-stored embeddings (their own row excluded from both rankings, so a vector finding itself does not
-inflate recall), normalised midpoints of two random stored embeddings, and stored embeddings minus
-the data's mean, which sit off the data manifold the way text queries do.
+IVF: ``nlist = 4 * sqrt(n)`` cells (k-means trained on a random sample of at most ``64 * nlist`` rows).
+``nprobe`` is the smallest power of two whose recall@10 against exact search reaches ``target_recall``
+(0.95) in every family of held queries; ``nprobe_at_100`` likewise for recall@100, the depth of the
+query engine's candidate pool (``AnnIndex.nprobe_for(k)`` picks the probe count for any depth). The
+families, drawn from the training sample: stored embeddings (their own row excluded from both
+rankings, so a vector finding itself does not inflate recall), normalised midpoints of two random
+stored embeddings, and stored embeddings minus the (sample's) mean, which sit off the data manifold
+the way text queries do.
+
+The IVF build streams (:func:`_build_ivf`): only the training sample is read as one array; the table's
+record batches are then assigned to cells while the exact top-k of the held queries is kept by brute
+force over each batch, and added to exactly-sized inverted lists in a second pass, so the vectors
+are never held outside FAISS (at 1M x 512 the build peaks near the index's own size; the former
+read-everything build peaked at 2.67x the raw vectors).
 """
 
 from __future__ import annotations
@@ -124,21 +131,23 @@ def _recall_at(truth: np.ndarray, found: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) / k
 
 
-def _recall_queries(x: np.ndarray, m: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Three families of (queries (m', d) float32 unit, self positions (m',) int64, -1 = none):
-    stored rows (self excluded), midpoints of two rows, and rows with the data's mean removed; the
-    last mimic text queries, which lack the image cone's shared direction (CLIP's modality gap)
-    and so spread their neighbours over more cells."""
-    n = len(x)
+def _recall_queries(sample: np.ndarray, positions: np.ndarray, m: int,
+                    rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Three families of (queries (m', d) float32 unit, self positions (m',) int64, -1 = none), drawn
+    from ``sample`` (rows of the table, at table positions ``positions``): stored rows (self
+    excluded), midpoints of two rows, and rows with the data's mean (the sample's) removed; the last
+    mimic text queries, which lack the image cone's shared direction (CLIP's modality gap) and so
+    spread their neighbours over more cells."""
+    n = len(sample)
     third = max(1, m // 3)
     own = rng.choice(n, size=min(third, n), replace=False)
     a, b = rng.integers(0, n, third), rng.integers(0, n, third)
-    mid = x[a] + x[b]
-    centred = x[rng.integers(0, n, third)] - x.mean(axis=0)
-    fams = [(x[own], own.astype(np.int64))]
+    mid = sample[a] + sample[b]
+    centred = sample[rng.integers(0, n, third)] - sample.mean(axis=0)
+    fams = [(np.ascontiguousarray(sample[own], dtype=np.float32), positions[own].astype(np.int64))]
     for q in (mid, centred):
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        fams.append((q.astype(np.float32), np.full(len(q), -1, np.int64)))
+        fams.append((np.ascontiguousarray(q, dtype=np.float32), np.full(len(q), -1, np.int64)))
     return fams
 
 
@@ -149,16 +158,14 @@ def _drop_self(pos: np.ndarray, self_pos: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _tune_nprobe(index, x: np.ndarray, nlist: int, target: float, seed: int, k: int = 10,
+def _tune_nprobe(index, fams: list, exact: list, nlist: int, target: float, k: int = 10,
                  start: int = 1) -> tuple[int, float, dict]:
     """Smallest power-of-two nprobe (from ``start``) whose recall@k reaches ``target`` in every query
-    family (the worst family's recall is what counts); returns (nprobe, recall, curve)."""
-    faiss = _faiss()
-    rng = np.random.default_rng(seed)
-    fams = _recall_queries(x, min(RECALL_QUERIES, len(x)), rng)
-    k = min(k, len(x) - 1)
-    # brute force straight over x: an IndexFlatIP would hold a second copy of every vector (1x raw)
-    truths = [_drop_self(faiss.knn(q, x, k + 1, metric=faiss.METRIC_INNER_PRODUCT)[1], sp, k) for q, sp in fams]
+    family (the worst family's recall is what counts); returns (nprobe, recall, curve).
+
+    ``exact``: per family, the exact neighbour positions of its queries, best first, at least k + 1
+    deep (the query's own row is dropped from both rankings)."""
+    truths = [_drop_self(t, sp, k) for (_, sp), t in zip(fams, exact, strict=True)]
     curve: dict[str, float] = {}
     nprobe = start
     while True:
@@ -171,38 +178,129 @@ def _tune_nprobe(index, x: np.ndarray, nlist: int, target: float, seed: int, k: 
         nprobe = min(nprobe * 2, nlist)
 
 
-def _build_faiss(x: np.ndarray, exact_max_rows: int, target_recall: float, seed: int):
-    """(cpu index, info) for (n, d) float32 unit vectors ``x``."""
+def _build_flat(x: np.ndarray):
+    """(exact index, info) for (n, d) float32 unit vectors ``x``."""
+    index = _faiss().IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index, {"kind": "flat", "nlist": None, "nprobe": None, "recall_at_10": 1.0,
+                   "recall_curve": None, "nprobe_at_100": None, "recall_at_100": 1.0,
+                   "recall_curve_at_100": None, "gpu": False}
+
+
+#: Rows per record batch of the streamed IVF build (32 MiB of 512-d float32).
+STREAM_BATCH_ROWS = 16384
+
+
+def _take_rows(ds, positions: np.ndarray, d: int) -> np.ndarray:
+    """(len(positions), d) float32 embeddings of the rows at these positions of the Lance dataset
+    ``ds``, read in slices into one array (no concatenated second copy)."""
+    from indexer import schema as S
+
+    out = np.empty((len(positions), d), dtype=np.float32)
+    for s in range(0, len(positions), STREAM_BATCH_ROWS):
+        t = ds.take(positions[s : s + STREAM_BATCH_ROWS], columns=[S.EMBEDDING])
+        out[s : s + t.num_rows] = _batch_vectors(t.column(S.EMBEDDING), d)
+    return out
+
+
+def _batch_vectors(column, d: int) -> np.ndarray:
+    """A fixed-size-list embedding column (Array or ChunkedArray) as (m, d) float32."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.flatten().to_numpy()).reshape(-1, d)
+
+
+def _stream(ds, d: int):
+    """(vectors (m, d) float32, id column) per record batch of the Lance dataset ``ds``, in order."""
+    from indexer import schema as S
+
+    for batch in ds.to_batches(columns=[S.ID, S.EMBEDDING], batch_size=STREAM_BATCH_ROWS, scan_in_order=True):
+        if batch.num_rows:
+            yield (np.ascontiguousarray(_batch_vectors(batch.column(S.EMBEDDING), d), dtype=np.float32),
+                   batch.column(S.ID))
+
+
+def _reserve_lists(index, assign: np.ndarray) -> None:
+    """Give each inverted list of the (empty, CPU) IVF ``index`` room for exactly the vectors that
+    ``assign`` sends there, so adding never regrows a list: growing one by doubling, batch by batch,
+    left 0.7x the raw vectors of freed or spare capacity resident (measured at 100k rows)."""
+    invlists = _faiss().downcast_InvertedLists(index.invlists)
+    for list_no, size in enumerate(np.bincount(assign, minlength=index.nlist).tolist()):
+        if size:
+            invlists.resize(list_no, size)  # allocates (std::vector capacity) ...
+            invlists.resize(list_no, 0)  # ... and empties it again: the capacity stays
+
+
+def _build_ivf(ds, n: int, d: int, target_recall: float, seed: int):
+    """(cpu index, info, ids (n,) str) of an IVF index over the Lance dataset ``ds`` (one table
+    version: the sample and the stream see the same rows in the same order), streamed.
+
+    The vectors are never held outside FAISS: a random sample of ``64 * nlist`` rows, read by
+    position, trains the coarse quantizer and gives the recall queries (:func:`_recall_queries`);
+    one pass over the table's record batches assigns each vector to its cell and keeps, per query,
+    the running exact top-101 by brute force over the batch (the ground truth of :func:`_tune_both`);
+    the lists are then sized exactly and a second pass adds the vectors to their precomputed cells.
+    On the GPU the first pass adds them to the GPU index directly (host memory holds no lists).
+    """
     faiss = _faiss()
-    n, d = x.shape
     use_gpu = gpu_available()
-    if n <= exact_max_rows:
-        index = faiss.IndexFlatIP(d)
-        index.add(x)
-        return index, {"kind": "flat", "nlist": None, "nprobe": None, "recall_at_10": 1.0,
-                       "recall_curve": None, "nprobe_at_100": None, "recall_at_100": 1.0,
-                       "recall_curve_at_100": None, "gpu": False}
     nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))  # faiss wants >= 39 points per cell
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    train = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    train_pos = np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))
+    train = _take_rows(ds, train_pos, d)
+    fams = _recall_queries(train, train_pos, min(RECALL_QUERIES, n), rng)
     if use_gpu:
         res = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
-        gpu_index.train(train)
-        gpu_index.add(x)
-        tuned = _tune_both(gpu_index, x, nlist, target_recall, seed)
-        index = faiss.index_gpu_to_cpu(gpu_index)
+        work = faiss.index_cpu_to_gpu(res, 0, index)
     else:
-        index.train(train)
-        index.add(x)
-        tuned = _tune_both(index, x, nlist, target_recall, seed)
+        work = index
+    work.train(train)
+    del train
+
+    q_all = np.concatenate([q for q, _ in fams])
+    depth = min(101, n)  # recall@100 needs 100 neighbours besides the query's own row
+    heap = faiss.ResultHeap(len(q_all), depth, keep_max=True)
+    assign = np.empty(n, dtype=np.int64)
+    ids_chunks = []
+    offset = 0
+    for x, ids in _stream(ds, d):
+        if offset + len(x) > n:
+            raise RuntimeError(f"the table grew past its {n} rows during the build")
+        if use_gpu:
+            work.add(x)
+        else:
+            assign[offset : offset + len(x)] = index.quantizer.assign(x, 1).ravel()
+        sims, pos = faiss.knn(q_all, x, min(depth, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(sims, pos + offset)
+        # a copy: an id column sliced from the batch would keep the whole batch (its vectors) alive
+        ids_chunks.append(ids.to_numpy(zero_copy_only=False).astype(str))
+        offset += len(x)
+    if offset != n:
+        raise RuntimeError(f"read {offset} rows but the table has {n}; was it written during the build?")
+    if not use_gpu:
+        _reserve_lists(index, assign)
+        offset = 0
+        for x, _ in _stream(ds, d):
+            m = len(x)
+            index.add_core(m, faiss.swig_ptr(x), None, faiss.swig_ptr(assign[offset : offset + m]))
+            offset += m
+        del assign
+    heap.finalize()
+    bounds = np.cumsum([0] + [len(q) for q, _ in fams])
+    exact = [heap.I[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    tuned = _tune_both(work, fams, exact, nlist, target_recall, n)
+    if use_gpu:
+        index = faiss.index_gpu_to_cpu(work)
     index.nprobe = tuned["nprobe"]
-    return index, {"kind": "ivf", "nlist": nlist, **tuned, "gpu": use_gpu}
+    ids_arr = np.concatenate(ids_chunks)  # fixed-width unicode: np.load needs no pickle
+    return index, {"kind": "ivf", "nlist": nlist, **tuned, "gpu": use_gpu}, ids_arr
 
 
-def _tune_both(index, x, nlist, target, seed) -> dict:
+def _tune_both(index, fams, exact, nlist, target, n) -> dict:
     """nprobe for recall@10 (the stored default) and for recall@100 (the query engine's pool).
 
     Each is the tuned value times ``NPROBE_MARGIN`` (recall re-measured there): on the offline
@@ -212,12 +310,13 @@ def _tune_both(index, x, nlist, target, seed) -> dict:
     out = {}
     start = 1
     for k, suffix in ((10, ""), (100, "_at_100")):
-        tuned, rec, curve = _tune_nprobe(index, x, nlist, target, seed, k=k, start=start)
+        kk = min(k, n - 1)
+        tuned, rec, curve = _tune_nprobe(index, fams, exact, nlist, target, k=kk, start=start)
         if rec < target:
             log.warning("IVF recall@%d %.3f stays below %.2f even at nprobe=%d", k, rec, target, tuned)
         nprobe = min(nlist, tuned * NPROBE_MARGIN)
         if nprobe != tuned:
-            _, rec, more = _tune_nprobe(index, x, nlist, 0.0, seed, k=k, start=nprobe)
+            _, rec, more = _tune_nprobe(index, fams, exact, nlist, 0.0, k=kk, start=nprobe)
             curve.update(more)
         out.update({f"nprobe{suffix}": nprobe, f"recall_at_{k}": round(rec, 4), f"recall_curve{suffix}": curve,
                     f"nprobe_tuned{suffix}": tuned})
@@ -277,13 +376,19 @@ def _build_index(db: Database, force: bool, exact_max_rows: int, target_recall: 
 
     if ann_large.wants_compressed(stamp["num_rows"], stamp["embed_dim"]):
         return ann_large.build_compressed(db, target_recall=target_recall, seed=seed)
-    ids, x = db.embeddings()
-    stamp["num_rows"] = len(x)  # rows appended since _stamp are in x; a newer data_version marks it stale
-    if len(x) == 0:
+    ds = db.table.to_lance()  # one version of the table for the whole build
+    n = ds.count_rows()
+    if n == 0:
         raise UserError(f"the database {db.path} has no rows to index; run `llm2loss index` with a manifest first.")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    index, info = _build_faiss(x, exact_max_rows, target_recall, seed)
-    ids_arr = np.asarray(ids.tolist(), dtype=str)  # fixed-width unicode: np.load needs no pickle
+    if n <= exact_max_rows:
+        ids, x = db.embeddings()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        index, info = _build_flat(x)
+        ids_arr = np.asarray(ids.tolist(), dtype=str)  # fixed-width unicode: np.load needs no pickle
+    else:  # streamed: the vectors are never held outside FAISS (peak ~1x raw plus one batch)
+        index, info, ids_arr = _build_ivf(ds, n, stamp["embed_dim"], target_recall, seed)
+    # rows appended since _stamp are in the index; a newer data_version marks it stale
+    stamp["num_rows"] = len(ids_arr)
 
     db.faiss_dir.mkdir(parents=True, exist_ok=True)
     (db.faiss_dir / INFO_FILE).unlink(missing_ok=True)

@@ -86,6 +86,49 @@ def test_ivf_recall_measured_and_reached(tmp_path):
     assert np.mean([len(set(wide[i]) & set(id_arr[truth[i]])) / 10 for i in range(200)]) >= max(recall, 0.99)  # float ties aside, exhaustive
 
 
+def test_ivf_build_streams_rows_under_their_ids_with_exact_ground_truth(tmp_path, monkeypatch):
+    """The IVF build reads the table in record batches only (never all vectors as one array), even
+    after a merge_insert moved rows to a new fragment and left deletions behind: every row is in the
+    index under its own id, the recall queries' own rows are where the sample says, and the streamed
+    ground truth (a running top-k over the batches) is brute force over the whole table."""
+    import faiss
+
+    db, x, ids = synthetic_db(tmp_path / "db", n=2500)
+    half = db.read([S.ID, S.PREDICTED_LOSS], where=f"{S.ID} < 'r001250'")
+    db.update_columns(half)  # merge_insert: these rows move to a new fragment (deletions in the old)
+    tab_ids, tab_x = db.embeddings()  # the table's order now
+    assert list(tab_ids) != ids
+    batches, seen = [], {}
+    stream = ann._stream
+
+    def counted(ds, d):
+        for item in stream(ds, d):
+            batches.append(len(item[0]))
+            yield item
+
+    tune = ann._tune_both
+
+    def spy(index, fams, exact, *rest):
+        seen.update(fams=fams, exact=exact)
+        return tune(index, fams, exact, *rest)
+
+    monkeypatch.setattr(ann, "STREAM_BATCH_ROWS", 300)
+    monkeypatch.setattr(ann, "_stream", counted)
+    monkeypatch.setattr(ann, "_tune_both", spy)
+    monkeypatch.setattr(Database, "embeddings", lambda *a, **k: pytest.fail("the IVF build read the whole table"))
+    info = ann.build_index(db, exact_max_rows=1000)
+    assert info["kind"] == "ivf" and info["num_rows"] == 2500 and info["recall_at_10"] >= 0.95
+    assert sum(batches) == 2 * 2500 and len(batches) >= 2 * 9  # two passes (assign, add), many batches
+    index = ann.load_index(db)
+    _, pos = index.search_positions(tab_x, 1, nprobe=info["nlist"])  # exhaustive: each row finds itself
+    assert (index.ids[pos[:, 0]] == tab_ids.astype(str)).all()
+    own_q, own_pos = seen["fams"][0]
+    np.testing.assert_array_equal(tab_x[own_pos], own_q)
+    for (q, _), got in zip(seen["fams"], seen["exact"], strict=True):
+        sims, _ = faiss.knn(q, tab_x, got.shape[1], metric=faiss.METRIC_INNER_PRODUCT)
+        np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, tab_x[got]), sims, rtol=1e-5, atol=1e-5)
+
+
 def test_subset_search_is_exact_among_selected_rows(tmp_path):
     db, x, ids = synthetic_db(tmp_path / "db", n=2000)
     ann.build_index(db, exact_max_rows=500)
