@@ -101,9 +101,10 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
     The most local member: CLIP places near-duplicates together, so a sample's nearest fitted
     samples' losses are the most direct evidence of its own. Measured on the default world's
     held-out rows: Spearman 0.82 against 0.61-0.75 for any other single kind (BENCHMARKS.md).
-    Exact search up to ``exact_max_rows`` fitted rows; beyond, an IVF index (the fitted rows of a
-    1M-row table are at most ``--max-rows``, but scoring the rest of the table is 1M queries).
-    The FAISS index is rebuilt from ``X_`` after unpickling, so the estimator pickles as numpy.
+    Exact search up to ``exact_max_rows`` fitted rows; beyond, an IVF index over float16 vectors
+    (the fitted rows of a 1M-row table are at most ``--max-rows``, but scoring the rest of the table
+    is 1M queries, and five folds' references in float32 would cost 0.8x the raw table's memory).
+    The index holds the only copy of the fitted vectors; it pickles as FAISS's serialised bytes.
 
     Parameters
     ----------
@@ -120,41 +121,51 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
         self.nprobe = nprobe
 
     def fit(self, X, y):
+        import faiss
+
         X, y = validate_data(self, X, y, y_numeric=True, dtype=[np.float32, np.float64])
-        self.X_ = np.ascontiguousarray(X, dtype=np.float32)
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        n, d = X.shape
         self.y_ = np.asarray(y, dtype=np.float64)
-        self.n_neighbors_ = max(1, min(int(self.n_neighbors), len(self.y_)))
-        self._cache = {}  # the FAISS index, built on first predict; a holder so predict keeps __dict__
+        self.n_neighbors_ = max(1, min(int(self.n_neighbors), n))
+        if n <= self.exact_max_rows:
+            index = faiss.IndexFlatL2(d)
+        else:
+            # fewer, larger lists than the search index (indexer.ann): training takes ~1 s, and
+            # each query still scans only nprobe / nlist of the fitted rows
+            nlist = int(np.clip(np.sqrt(n), 16, 4096))
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_L2)
+            sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
+            index.train(X[np.sort(sample)])
+        index.add(X)
+        self._cache = {"index": index}  # a holder: FAISS indexes do not pickle (see __getstate__)
         return self
 
     def _faiss_index(self):
         import faiss
 
-        if "index" not in self._cache:
-            n, d = self.X_.shape
-            if n <= self.exact_max_rows:
-                index = faiss.IndexFlatL2(d)
-            else:
-                # fewer, larger lists than the search index (indexer.ann): training is ~1 s, and
-                # each query still scans only nprobe / nlist of the fitted rows
-                nlist = int(np.clip(np.sqrt(n), 16, 4096))
-                index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
-                sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
-                index.train(self.X_[np.sort(sample)])
-                index.nprobe = int(self.nprobe)
-            index.add(self.X_)
-            self._cache["index"] = index
-        return self._cache["index"]
+        index = self._cache["index"]
+        if isinstance(index, faiss.IndexIVF):
+            index.nprobe = int(self.nprobe)
+        return index
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_cache", None)
+        import faiss
+
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ returns __dict__ itself
+        cache = state.pop("_cache", None)
+        if cache is not None:
+            state["_index_bytes"] = faiss.serialize_index(cache["index"])
         return state
 
     def __setstate__(self, state):
+        import faiss
+
+        blob = state.pop("_index_bytes", None)
         super().__setstate__(state)
-        if hasattr(self, "X_"):
-            self._cache = {}
+        if blob is not None:
+            self._cache = {"index": faiss.deserialize_index(blob)}
 
     def predict(self, X):
         check_is_fitted(self)
@@ -268,6 +279,8 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
             for i in range(int(self.n_members)):
                 seed = rng.randint(2**31 - 1)
                 idx = rng.choice(tr, size=len(tr), replace=True) if self.bootstrap else tr
+                if kinds[i % len(kinds)] == "knn":
+                    idx = np.unique(idx)  # a repeated neighbour adds no evidence, only memory
                 est = clone(_member(kinds[i % len(kinds)], len(idx), d, self.gamma_, int(self.n_rff),
                                     int(self.pca_dim), seed))
                 with warnings.catch_warnings(), _one_openmp_thread():

@@ -229,8 +229,17 @@ class Database:
         self._table = None
 
     def cleanup(self, older_than: timedelta = timedelta(seconds=0)) -> None:
-        """Compact and drop old table versions so repeated updates do not grow the folder."""
-        self.table.optimize(cleanup_older_than=older_than)
+        """Compact and drop old table versions so repeated updates do not grow the folder.
+
+        lancedb warns that readers still on an older version would fail; ours do not pin versions
+        (``read_consistency_interval=0``: every read sees the latest), which
+        ``tests/test_faults.py`` checks with searches running through a ``diagnose``, so the warning
+        is silenced here rather than printed on every ``diagnose``."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=", category=UserWarning)
+            self.table.optimize(cleanup_older_than=older_than)
 
 
 def describe_clip(identity: dict) -> str:

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--max-rows", default="200000,50000", help="comma list; one diagnose run each")
-    ap.add_argument("--members", type=int, default=5)
+    ap.add_argument("--members", type=int, default=None, help="members per fold (default: the product's)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--work", default="/tmp/bench_diagnose")
     ap.add_argument("--child", nargs=4, metavar=("DB", "MAX_ROWS", "MEMBERS", "FOLDS"), help=argparse.SUPPRESS)
@@ -165,6 +165,10 @@ def main(argv=None) -> int:
                     help="fit and score arrays only (no LanceDB): one JSON line per --max-rows value")
     ap.add_argument("--io-only", action="store_true", help="time only diagnose's LanceDB read and write")
     args = ap.parse_args(argv)
+    if args.members is None:
+        from diagnosis.run import DEFAULT_MEMBERS
+
+        args.members = DEFAULT_MEMBERS
     if args.in_memory:
         for mr in [int(x) for x in args.max_rows.split(",")]:
             print(json.dumps(in_memory(args.rows, mr, args.members, args.folds)), flush=True)

@@ -61,6 +61,31 @@ def first_rank(texts: list[str], where: dict) -> int | None:
     return next((i + 1 for i, t in enumerate(texts) if names_slice(t, where)), None)
 
 
+def first_mode_rank(modes, where: dict) -> int | None:
+    """Rank of the first failure mode with any phrase naming the slice (a merged mode lists every
+    phrase whose group it absorbed; its headline is its worst-scoring one)."""
+    return next((i + 1 for i, m in enumerate(modes) if any(names_slice(p, where) for p in m.phrases)), None)
+
+
+def worst_groups(rows, loss: np.ndarray, min_rows: int = 30) -> list[tuple[str, float]]:
+    """Every group of one or two attribute values, worst true mean loss first (min ``min_rows`` rows):
+    the ground truth explain is measured against, planted slices and emergent failures alike."""
+    from itertools import combinations
+
+    from indexer.world.spec import ATTRIBUTES
+
+    out = {}
+    attrs = [a for a in ATTRIBUTES if a in rows]
+    for r in (1, 2):
+        for combo in combinations(attrs, r):
+            g = rows[list(combo)].astype(str).agg(" ".join, axis=1).to_numpy()
+            for key in np.unique(g):
+                m = g == key
+                if m.sum() >= min_rows:
+                    out[key] = float(loss[m].mean())
+    return sorted(out.items(), key=lambda kv: -kv[1])
+
+
 def search_p10(X, q, pred, hit, k=10, weight=0.5):
     from search_ui.ranking import default_candidates, rank_scores
 
@@ -69,6 +94,22 @@ def search_p10(X, q, pred, hit, k=10, weight=0.5):
     score = rank_scores(sims[pool], pred[pool] if pred is not None else np.full(len(pool), np.nan), weight)
     order = pool[np.lexsort((-sims[pool], -score))][:k]
     return float(hit[order].mean())
+
+
+def broad_p10(scorer, X, rows, where: dict, failing: np.ndarray, pred, ridge_pred) -> dict:
+    """p@10 of searches for each single attribute of the slice ("a blue object", "a circle"), where a
+    hit is any failing row with that attribute: "show me the blue objects the model fails on", the
+    search in which ranking by predicted failure must beat similarity. Mean over the attributes."""
+    from indexer.world.vocab import describe
+
+    out = {"ensemble": [], "ridge": [], "similarity only": []}
+    for attr, value in where.items():
+        q = scorer.encode_text([describe({attr: value})])[0]
+        hit = (rows[attr].to_numpy() == value) & failing
+        out["ensemble"].append(search_p10(X, q, pred, hit))
+        out["ridge"].append(search_p10(X, q, ridge_pred, hit))
+        out["similarity only"].append(search_p10(X, q, None, hit, weight=0.0))
+    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def ensure_db(world, work: Path, progress: bool) -> Database:
@@ -137,7 +178,7 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
         "ridge neighbourhood": ridge_pred[near].mean(axis=1),
     }
     ranked = {k: [vocab[i] for i in np.argsort(-v, kind="stable")] for k, v in word_scores.items()}
-    modes = {c: [m.description for m in explain(db, top=30, **kw)] for c, kw in
+    modes = {c: explain(db, top=30, **kw) for c, kw in
              {"neighbourhood": {}, "projection": {"correction": "projection"}, "shift": {"correction": "shift"},
               "no gap": {"correct_gap": False}}.items()}
 
@@ -157,7 +198,10 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
             "eligible": True, "members": int(member.sum()), "failing_members": int(hit.sum()),
             "p@10": {"ensemble": search_p10(X, q, pred, hit), "ridge": search_p10(X, q, ridge_pred, hit),
                      "similarity only": search_p10(X, q, None, hit, weight=0.0)},
-            "explain rank": {**{f"explain ({c})": first_rank(v, s["where"]) for c, v in modes.items()},
+            "p@10 broad": broad_p10(scorer, X, rows, s["where"], loss > p90, pred, ridge_pred),
+            "explain rank": {**{f"explain ({c})": first_rank([m.description for m in v], s["where"])
+                                for c, v in modes.items()},
+                             **{f"explain any phrase ({c})": first_mode_rank(v, s["where"]) for c, v in modes.items()},
                              **{f"words {k}": first_rank(v, s["where"]) for k, v in ranked.items()}},
         })
     return {"world": name, "hash": world.hash, "rows": len(ids), "test_rows": int(is_test.sum()),
@@ -167,6 +211,9 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
                         "raw": float((T @ _unit(scorer.image_mean)).mean()),
                         "corrected": float((scorer.to_image_space(T, True, gap) @ _unit(scorer.image_mean)).mean())}},
             "diagnosis": load_ensemble(db).info.get("quality"), "slices": slices,
+            "worst_groups_true_loss": [(k, round(v / mean_loss, 2)) for k, v in worst_groups(rows, loss)[:8]],
+            "explain_top5": [(m.description, round(m.predicted_loss, 3), m.mean_loss and round(m.mean_loss / mean_loss, 2))
+                             for m in modes["neighbourhood"][:5]],
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -175,8 +222,8 @@ def _unit(v):
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only | explain rank neighbourhood / "
-           "projection / shift / no gap | word rank ensemble neighbourhood / projection / shift / raw; ridge "
+    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only (single-attribute queries) | explain rank neighbourhood "
+           "(any phrase of the mode) / projection / shift / no gap | word rank ensemble neighbourhood / projection / shift / raw; ridge "
            "neighbourhood |", "|---|---|---|---|---|"]
     for r in results:
         for s in r["slices"]:
@@ -184,9 +231,12 @@ def markdown(results: list[dict]) -> str:
                 out.append(f"| {r['world']} | {s['slice']} (loss ratio {s['loss_ratio']}x: below 2x, not scored) | | | |")
                 continue
             p, e = s["p@10"], s["explain rank"]
+            b = s["p@10 broad"]
             out.append(
                 f"| {r['world']} | {s['slice']} ({s['kind']}, {s['loss_ratio']}x) | {p['ensemble']:.1f} / "
-                f"{p['ridge']:.1f} / {p['similarity only']:.1f} | {e['explain (neighbourhood)']} / "
+                f"{p['ridge']:.1f} / {p['similarity only']:.1f} ({b['ensemble']:.2f} / {b['ridge']:.2f} / "
+                f"{b['similarity only']:.2f}) | {e['explain (neighbourhood)']} "
+                f"({e['explain any phrase (neighbourhood)']}) / "
                 f"{e['explain (projection)']} / {e['explain (shift)']} / {e['explain (no gap)']} | "
                 f"{e['words ensemble neighbourhood']} / {e['words ensemble projection']} / "
                 f"{e['words ensemble shift']} / {e['words ensemble raw']}; {e['words ridge neighbourhood']} |")
@@ -198,6 +248,12 @@ def markdown(results: list[dict]) -> str:
         out.append(f"| {r['world']} | {r['rows']} ({r['test_rows']}) | {te['auroc_top10']:.3f} / {tr['auroc_top10']:.3f} "
                    f"| {te['spearman']:.3f} / {tr['spearman']:.3f} | {g['norm']:.2f} | "
                    f"{g['cos_text_to_image_mean']['raw']:.2f} -> {g['cos_text_to_image_mean']['corrected']:.2f} |")
+    out += ["", "| world | explain's top 5 (true mean loss / world mean) | worst attribute groups by true loss "
+            "(x world mean) |", "|---|---|---|"]
+    for r in results:
+        top = "; ".join(f"{d} ({ratio}x)" for d, _, ratio in r["explain_top5"])
+        worst = "; ".join(f"{k} ({v}x)" for k, v in r["worst_groups_true_loss"][:5])
+        out.append(f"| {r['world']} | {top} | {worst} |")
     return "\n".join(out)
 
 

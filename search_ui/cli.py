@@ -97,7 +97,8 @@ def cmd_diagnose(args) -> int:
 def cmd_explain(args) -> int:
     from diagnosis.explain import explain
 
-    modes = explain(args.db, vocab=args.vocab, top=args.top)
+    gap = {"correct_gap": False} if args.correction == "none" else {"correction": args.correction}
+    modes = explain(args.db, vocab=args.vocab, top=args.top, **gap)
     if args.json:
         _print_json([m.to_dict() for m in modes])
     else:
@@ -266,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     db_arg(s)
     s.add_argument("--vocab", default=None, help="file of phrases, one per line (default: built-in vocabulary)")
     s.add_argument("--top", type=int, default=10, help="failure modes to show (default 10)")
+    s.add_argument("--correction", choices=("neighbourhood", "projection", "shift", "none"), default="neighbourhood",
+                   help="how a phrase crosses CLIP's modality gap: the mean predicted loss of its nearest images "
+                        "(default), the ensemble at their mean, the ensemble at the text embedding moved by the "
+                        "mean image-minus-text offset, or none (raw text embeddings)")
     s.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     s.set_defaults(func=cmd_explain)
 
