@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from indexer import ann
 from indexer import schema as S
@@ -139,7 +140,8 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
         x = np.asarray(batch.column(S.EMBEDDING).values.to_numpy()).reshape(-1, d).astype(np.float32, copy=False)
         work.add(x)
         truth.add(x, offset)
-        ids_chunks.append(batch.column(S.ID))
+        # a copy: a column of the batch can keep the whole decoded batch (vectors too) alive
+        ids_chunks.append(pa.array(batch.column(S.ID).to_pylist(), type=pa.string()))
         offset += len(x)
     if offset != n:
         raise RuntimeError(f"read {offset} rows but the table has {n}; was it written during the build?")
