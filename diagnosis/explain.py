@@ -319,11 +319,19 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
     if images:
         phrase_index = {p: i for i, p in enumerate(phrases)}
         for g in _image_modes(t, phrases, T, pred, std, fail, scorer.image_mean):
-            match = max(modes, key=lambda w: _overlap(w["rows"], g["rows"]), default=None)
-            if match is None or _overlap(match["rows"], g["rows"]) < SAME_GROUP:
+            # every word mode lying (mostly) inside this image group is the same failure, named
+            # several ways ("a red / a green object on a dark background"): fold them into the worst
+            same = [w for w in modes if _overlap(w["rows"], g["rows"]) >= SAME_GROUP]
+            if not same:
                 # the same best name as a word mode's phrase: the same failure, seen from the images
-                match = next((w for w in modes if g["phrases"][0] in w["phrases"]), None)
-            if match is not None:
+                same = [w for w in modes if g["phrases"][0] in w["phrases"]][:1]
+            if same:
+                match = max(same, key=lambda w: w["predicted_loss"])
+                for w in same:
+                    if w is not match:
+                        match["rows"] |= w["rows"]
+                        match["phrases"] += [p for p in w["phrases"] if p not in match["phrases"]]
+                        modes.remove(w)
                 match["rows"] |= g["rows"]
                 match["phrases"] += [p for p in g["phrases"] if p not in match["phrases"]]
                 match["source"] = "both"
