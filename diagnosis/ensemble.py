@@ -208,6 +208,10 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         Random Fourier features of the ``rff`` members.
     pca_dim : int, default 64
         PCA projection of the ``mlp`` members (the ``hgb`` members use at most 32 dimensions).
+    rff_max_rows : int or None, default 20000
+        The ``rff`` members fit a random subset of at most this many of their rows: their ridge
+        solve holds ~24 KB per row (1,024 features in float64, three copies), 3.9 GB at 160,000
+        rows, and 1,024 features gain little from more rows (BENCHMARKS.md, issue 4 "Scale").
     random_state : int, RandomState or None, default None
     verbose : bool, default False
         Show a progress bar on stderr while fitting.
@@ -225,7 +229,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, n_members=4, n_folds=5, kinds=KINDS, bootstrap=True, target="log1p", n_rff=1024,
-                 pca_dim=64, random_state=None, verbose=False):
+                 pca_dim=64, rff_max_rows=20000, random_state=None, verbose=False):
         self.n_members = n_members
         self.n_folds = n_folds
         self.kinds = kinds
@@ -233,6 +237,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         self.target = target
         self.n_rff = n_rff
         self.pca_dim = pca_dim
+        self.rff_max_rows = rff_max_rows
         self.random_state = random_state
         self.verbose = verbose
 
@@ -282,6 +287,8 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
                 idx = rng.choice(tr, size=len(tr), replace=True) if self.bootstrap else tr
                 if kinds[i % len(kinds)] == "knn":
                     idx = np.unique(idx)  # a repeated neighbour adds no evidence, only memory
+                elif kinds[i % len(kinds)] == "rff" and self.rff_max_rows and len(idx) > int(self.rff_max_rows):
+                    idx = rng.choice(idx, size=int(self.rff_max_rows), replace=False)
                 est = clone(_member(kinds[i % len(kinds)], len(idx), d, self.gamma_, int(self.n_rff),
                                     int(self.pca_dim), seed))
                 with warnings.catch_warnings(), _one_openmp_thread():

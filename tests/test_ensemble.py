@@ -142,3 +142,31 @@ def test_bad_parameters_are_refused():
         DiagnosisEnsemble(n_folds=1).fit(X, y)
     with pytest.raises(ValueError, match="target"):
         DiagnosisEnsemble(target="sqrt").fit(X, y)
+
+
+def test_rff_members_fit_at_most_rff_max_rows_and_knn_members_unique_rows(monkeypatch):
+    from sklearn.dummy import DummyRegressor
+
+    import diagnosis.ensemble as E
+
+    seen = []
+
+    class Recorder(DummyRegressor):
+        def fit(self, X, y, sample_weight=None):
+            seen.append((self.kind, len(X), len(np.unique(X, axis=0))))
+            return super().fit(X, y)
+
+    def member(kind, *args):
+        r = Recorder()
+        r.kind = kind
+        return r
+
+    monkeypatch.setattr(E, "_member", member)
+    monkeypatch.setattr(E, "clone", lambda est: est)
+    X, y, _ = planted(n=600)
+    DiagnosisEnsemble(n_members=2, n_folds=3, kinds=("rff", "knn"), rff_max_rows=100, random_state=0).fit(X, y)
+    rff = [s for s in seen if s[0] == "rff"]
+    knn = [s for s in seen if s[0] == "knn"]
+    assert len(rff) == len(knn) == 3
+    assert all(n == 100 for _, n, _ in rff)  # a random subset of the 400-row bootstrap sample
+    assert all(n == u < 400 for _, n, u in knn)  # the bootstrap sample's distinct rows only
