@@ -286,12 +286,13 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
             fold_members = []
             for i in range(int(self.n_members)):
                 seed = rng.randint(2**31 - 1)
+                kind = kinds[i % len(kinds)]
                 idx = rng.choice(tr, size=len(tr), replace=True) if self.bootstrap else tr
-                if kinds[i % len(kinds)] == "knn":
+                if kind == "knn":
                     idx = np.unique(idx)  # a repeated neighbour adds no evidence, only memory
-                elif kinds[i % len(kinds)] == "rff" and self.rff_max_rows and len(idx) > int(self.rff_max_rows):
+                elif kind == "rff" and self.rff_max_rows and len(idx) > int(self.rff_max_rows):
                     idx = rng.choice(idx, size=int(self.rff_max_rows), replace=False)
-                est = clone(_member(kinds[i % len(kinds)], len(idx), d, self.gamma_, int(self.n_rff),
+                est = clone(_member(kind, len(idx), d, self.gamma_, int(self.n_rff),
                                     int(self.pca_dim), seed))
                 with warnings.catch_warnings(), _one_openmp_thread():
                     # small early-stopped MLPs routinely stop before "convergence"; that is intended.

@@ -8,7 +8,8 @@ Two views, merged where they find the same samples:
   images, ``"shift"`` at the text embedding moved by the mean offset (see :mod:`diagnosis.text`).
   The neighbourhood mean never asks the ensemble about a point off the image manifold (the mean of
   many images is one: there the projection scored "a blue object" 2.3, above every group's true loss),
-  and ranks the planted slices best (BENCHMARKS.md). The worst phrases are failure modes. A phrase's group is its
+  and has the lowest sum of planted-slice ranks, though the shift names more slices in its top 3
+  (BENCHMARKS.md, issue 4). The worst phrases are failure modes. A phrase's group is its
   nearest images (by CLIP similarity) that are predicted to fail (:func:`failing`); its examples are
   the group's worst.
 * **images** -- the samples predicted to fail are clustered (k-means on the unit sphere); each cluster

@@ -22,6 +22,7 @@ Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--work DIR] [--specs defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from diagnosis.ensemble import DiagnosisEnsemble
-from diagnosis.explain import _read_table, _top_neighbours, explain, neighbourhood_size
+from diagnosis.explain import _Table, explain, neighbourhood_size, score_vocabulary
 from diagnosis.metrics import quality
 from diagnosis.run import diagnose, load_ensemble, read_training_data
 from diagnosis.text import Scorer
@@ -150,8 +151,9 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
     ids, X, loss, split = read_training_data(db, progress=False)
     is_test = split == "test"
     rows = rows.loc[ids]
-    pred = np.asarray(db.read(["id", "predicted_loss"]).to_pandas().set_index("id").loc[ids, "predicted_loss"],
-                      dtype=np.float64)
+    stored = db.read(["id", "predicted_loss", "predicted_loss_std"]).to_pandas().set_index("id").loc[ids]
+    pred = stored["predicted_loss"].to_numpy(np.float64)
+    table = _Table(ids, X, loss, pred, stored["predicted_loss_std"].to_numpy(np.float64))
     # single ridge, fitted on the same rows as diagnose (held-out ones) and scored out-of-fold there
     fit = is_test if load_ensemble(db).info.get("fit_split") == "held-out" else np.isfinite(loss)
     ridge = DiagnosisEnsemble(n_members=1, n_folds=5, kinds=("ridge",), bootstrap=False, random_state=0)
@@ -164,18 +166,18 @@ def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
     vocab = read_vocab_file(world.vocab)
     T = scorer.encode_text(vocab)
     gap = scorer.gap(T)
-    from diagnosis.text import neighbour_projection
 
-    k = neighbourhood_size(len(ids))  # as explain does
-    table = _read_table(db)
-    assert (table.ids == ids).all(), "explain's table and the evaluation read rows in different orders"
-    near = _top_neighbours(X, T, k)
+    def words(correction: str, tbl: _Table = table, correct_gap: bool = True) -> np.ndarray:
+        """The vocabulary's scores exactly as explain computes them (same neighbourhood size)."""
+        return score_vocabulary(scorer, vocab, False, correct_gap, correction=correction, table=tbl,
+                                k=neighbourhood_size(len(ids)))[2]
+
     word_scores = {
-        "ensemble neighbourhood": table.pred[near].mean(axis=1),
-        "ensemble projection": scorer.score_images(neighbour_projection(T, X, k))[0],
-        "ensemble shift": scorer.score_text_embeddings(T, True, gap)[0],
-        "ensemble raw": scorer.score_text_embeddings(T, False)[0],
-        "ridge neighbourhood": ridge_pred[near].mean(axis=1),
+        "ensemble neighbourhood": words("neighbourhood"),
+        "ensemble projection": words("projection"),
+        "ensemble shift": words("shift"),
+        "ensemble raw": words("shift", correct_gap=False),
+        "ridge neighbourhood": words("neighbourhood", dataclasses.replace(table, pred=ridge_pred)),
     }
     ranked = {k: [vocab[i] for i in np.argsort(-v, kind="stable")] for k, v in word_scores.items()}
     modes = {c: explain(db, top=30, **kw) for c, kw in
