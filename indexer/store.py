@@ -201,12 +201,40 @@ class Database:
         return self.read(columns, where=f"{S.ID} IN ({quoted})")
 
     def update_columns(self, data: pa.Table) -> int:
-        """Write columns of existing rows, matched on ``id``; returns the new table version.
+        """Write columns of existing rows, matched on ``id``, in one commit; returns the new version.
 
-        Rows are matched, never inserted, so the set of rows (and ``data_version``) is unchanged.
+        Rows are matched, never inserted, so the set of rows (and ``data_version``) is unchanged;
+        ids in ``data`` that are not in the table are ignored. Only the given columns are written:
+        each fragment gets a new data file holding them (Lance ``update_columns``) and one ``Update``
+        commit swaps them in for every fragment at once, so readers see all of the new values or
+        none. The embeddings are neither read nor rewritten, so the vector index and the ``id``
+        index stay valid. (``merge_insert`` rewrote whole rows: 7.0 GiB peak for two float columns
+        of a 1M x 512 table; see BENCHMARKS.md, issue 7.)
         """
-        self.table.merge_insert(S.ID).when_matched_update_all().execute(data)
-        return self.version
+        import lance
+        import pyarrow.compute as pc
+
+        if data.num_rows == 0:
+            return self.version
+        self.table.checkout_latest()
+        ds = self.table.to_lance()
+        data = data.cast(pa.schema([ds.schema.field(name) for name in data.column_names]))
+        keys = data.column(S.ID).combine_chunks()
+        updated, fields = [], set()
+        for frag in ds.get_fragments():
+            pos = pc.index_in(frag.to_table(columns=[S.ID]).column(S.ID), value_set=keys)
+            pos = pos.filter(pc.is_valid(pos))
+            if len(pos) == 0:
+                continue
+            metadata, modified = frag.update_columns(data.take(pos), left_on=S.ID, right_on=S.ID)
+            updated.append(metadata)
+            fields.update(modified)
+        if not updated:
+            return self.version
+        op = lance.LanceOperation.Update(updated_fragments=updated, fields_modified=sorted(fields))
+        version = lance.LanceDataset.commit(ds.uri, op, read_version=ds.version).version
+        self.table.checkout_latest()
+        return int(version)
 
     def append(self, data: pa.Table) -> int:
         """Add rows in one Lance commit (all or nothing); returns the new table version."""

@@ -88,14 +88,16 @@ def test_ivf_recall_measured_and_reached(tmp_path):
 
 def test_ivf_build_streams_rows_under_their_ids_with_exact_ground_truth(tmp_path, monkeypatch):
     """The IVF build reads the table in record batches only (never all vectors as one array), even
-    after a merge_insert moved rows to a new fragment and left deletions behind: every row is in the
-    index under its own id, the recall queries' own rows are where the sample says, and the streamed
-    ground truth (a running top-k over the batches) is brute force over the whole table."""
+    after rows moved to a new fragment and left deletions behind: every row is in the index under
+    its own id, the recall queries' own rows are where the sample says, and the streamed ground
+    truth (a running top-k over the batches) is brute force over the whole table."""
     import faiss
 
     db, x, ids = synthetic_db(tmp_path / "db", n=2500)
-    half = db.read([S.ID, S.PREDICTED_LOSS], where=f"{S.ID} < 'r001250'")
-    db.update_columns(half)  # merge_insert: these rows move to a new fragment (deletions in the old)
+    where = f"{S.ID} < 'r001250'"
+    half = db.read(where=where)
+    db.table.delete(where)  # these rows move to a new fragment (deletions in the old)
+    db.append(half)
     tab_ids, tab_x = db.embeddings()  # the table's order now
     assert list(tab_ids) != ids
     batches, seen = [], {}
@@ -149,11 +151,48 @@ def test_subset_search_is_exact_among_selected_rows(tmp_path):
     assert len(pos_of) == 2000
 
 
+def test_update_columns_writes_only_those_columns_in_one_commit(tmp_path):
+    """Writing predicted columns matches rows by id across fragments, leaves the row order and the
+    embedding files alone (no rewrite of the vectors), ignores unknown ids, and is a single commit:
+    a reader sees all of the new values or none."""
+    db, x, ids = synthetic_db(tmp_path / "db", n=1200, d=8)
+    more_ids = [f"z{i:06d}" for i in range(300)]  # a second fragment
+    extra = db.read(where=f"{S.ID} < 'r000300'").to_pylist()
+    for row, new_id in zip(extra, more_ids, strict=True):
+        row[S.ID] = new_id
+    db.append(pa.Table.from_pylist(extra, schema=db.table.schema))
+    ds = db.table.to_lance()
+    assert len(ds.get_fragments()) == 2
+    embedding_files = {f.path for frag in ds.get_fragments() for f in frag.data_files()}
+    before, order = db.version, db.ids().tolist()
+
+    rng = np.random.default_rng(1)
+    chosen = rng.permutation(ids + more_ids)[:1000].tolist()  # both fragments, shuffled
+    values = rng.random(1000).astype(np.float32)
+    written = db.update_columns(pa.table({
+        S.ID: chosen + ["no-such-id"], S.PREDICTED_LOSS: pa.array(np.append(values, 9.0)),
+        S.PREDICTED_LOSS_STD: pa.array(np.append(values / 10, 9.0))}))
+
+    assert written == before + 1 == db.version
+    t = db.read([S.ID, S.EMBEDDING, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD])
+    assert t.column(S.ID).to_pylist() == order and t.num_rows == 1500
+    got = dict(zip(t.column(S.ID).to_pylist(), t.column(S.PREDICTED_LOSS).to_pylist(), strict=True))
+    np.testing.assert_allclose([got[i] for i in chosen], values)
+    assert sum(v is None for v in got.values()) == 500  # the rest untouched
+    std = dict(zip(t.column(S.ID).to_pylist(), t.column(S.PREDICTED_LOSS_STD).to_pylist(), strict=True))
+    np.testing.assert_allclose([std[i] for i in chosen], values / 10, rtol=1e-6)
+    emb = np.asarray(t.column(S.EMBEDDING).combine_chunks().values.to_numpy()).reshape(-1, 8)
+    np.testing.assert_array_equal(emb[:1200], x)
+    after = {f.path for frag in db.table.to_lance().get_fragments() for f in frag.data_files()}
+    assert embedding_files < after  # the vectors' files are kept; only new column files were added
+    assert db.update_columns(pa.table({S.ID: ["nope"], S.PREDICTED_LOSS: pa.array([1.0], pa.float32())})) == written
+
+
 def test_stale_index_is_rebuilt_or_refused(tmp_path):
     db = make_db(tmp_path, n=30)
     ann.build_index(db)
     assert ann.index_status(db)["fresh"]
-    # Writing predicted columns (merge_insert) reorders rows but keeps the index fresh.
+    # Writing predicted columns keeps the index fresh.
     t = db.read([S.ID, S.PREDICTED_LOSS])
     db.update_columns(t)
     assert ann.index_status(db)["fresh"]
