@@ -19,8 +19,10 @@ Two views, merged where they find the same samples:
 
 Two modes are the same when their groups overlap (overlap coefficient |A n B| / min(|A|, |B|) >= 0.5):
 near-duplicate phrases fold into the worst one, and a word mode absorbs the image group it matches
-(``source`` "both"). Every mode reports its size, mean true and predicted loss, and its share of the
-table's total loss (what fixing it would be worth).
+(``source`` "both"). Modes that all specialise one broader phrase predicted to fail are one failure
+seen through a word the model ignores, and are folded together too (:func:`diagnosis.modes.generalise`). Every
+mode reports its size, mean true and predicted loss, and its share of the table's total loss (what
+fixing it would be worth).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from diagnosis.modes import N_EXAMPLES, generalise, image_modes, merge_image_groups, word_modes
 from diagnosis.text import Scorer, estimate_gap
 from diagnosis.vocab import (
     compose_pairs,
@@ -47,9 +50,6 @@ log = logging.getLogger(__name__)
 
 FAIL_QUANTILE = 0.90
 FAIL_RATIO = 2.0
-SAME_GROUP = 0.5  # overlap coefficient above which two modes are one
-N_EXAMPLES = 10
-MAX_CLUSTER_ROWS = 20000  # k-means runs on a sample of the failing rows; all are then assigned
 _BLOCK_CELLS = 1 << 23  # query x row similarities computed at once by _top_neighbours
 
 
@@ -60,7 +60,9 @@ class FailureMode:
     ``predicted_loss`` (loss units) is the score of the description itself (see :func:`explain`);
     ``mean_loss`` / ``mean_predicted_loss`` average the group's samples (``mean_loss`` is None
     without true losses); ``share_of_loss`` is the group's fraction of the table's total loss;
-    ``ids`` lists every member (``examples``: the worst few, for display).
+    ``ids`` lists every member (``examples``: the worst few, for display); ``phrases`` are the
+    description and then the other phrases whose groups the mode absorbed and that are themselves
+    predicted to fail, worst-scoring first.
     """
 
     description: str
@@ -145,15 +147,16 @@ def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) ->
     return best_i
 
 
+def fail_threshold(pred: np.ndarray) -> float:
+    """The predicted loss from which a sample is "predicted to fail": the top decile or at least
+    twice the mean, whichever takes more rows (a failure group bigger than 10% of the table is kept
+    whole)."""
+    return min(float(np.quantile(pred, FAIL_QUANTILE)), FAIL_RATIO * float(np.mean(pred)))
+
+
 def failing(pred: np.ndarray) -> np.ndarray:
-    """(n,) bool: "predicted to fail" = predicted loss in the top decile or at least twice the mean,
-    whichever takes more rows (a failure group bigger than 10% of the table is kept whole)."""
-    thr = min(float(np.quantile(pred, FAIL_QUANTILE)), FAIL_RATIO * float(np.mean(pred)))
-    return pred >= thr
-
-
-def _overlap(a: set, b: set) -> float:
-    return len(a & b) / max(1, min(len(a), len(b))) if a and b else 0.0
+    """(n,) bool: the samples predicted to fail (:func:`fail_threshold`)."""
+    return pred >= fail_threshold(pred)
 
 
 def _stats(rows: np.ndarray, t: _Table) -> dict:
@@ -242,55 +245,6 @@ def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_
     return phrases, T, pred, std
 
 
-def _word_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, neighbours: int, candidates: int):
-    """Group each of the worst ``candidates`` phrases; fold near-duplicates into the worse one."""
-    order = np.argsort(-pred, kind="stable")[:candidates]
-    near = _top_neighbours(t.X, T[order], neighbours)
-    modes = []
-    for j, rows in zip(order, near, strict=True):
-        group = {int(r) for r in rows if fail[r]}
-        if not group:  # nothing near it fails: its worst neighbours still illustrate it
-            group = {int(r) for r in rows[np.argsort(-t.pred[rows])[:N_EXAMPLES]]}
-        for m in modes:
-            if _overlap(m["rows"], group) >= SAME_GROUP:
-                m["phrases"].append(phrases[j])
-                break
-        else:
-            modes.append({"description": phrases[j], "predicted_loss": float(pred[j]),
-                          "predicted_loss_std": float(std[j]), "phrases": [phrases[j]],
-                          "rows": group, "source": "words"})
-    return modes
-
-
-def _image_modes(t: _Table, phrases, T, pred, std, fail: np.ndarray, image_mean, seed: int = 0):
-    """Cluster the failing rows; name each cluster by the phrases nearest its (centred) centroid."""
-    from sklearn.cluster import KMeans
-
-    rows = np.flatnonzero(fail)
-    if len(rows) < 10:
-        return []
-    k = int(np.clip(round(np.sqrt(len(rows) / 20)), 1, 12))  # ~20 x k^2 failing rows per k clusters
-    rng = np.random.default_rng(seed)
-    fit_rows = rows if len(rows) <= MAX_CLUSTER_ROWS else rng.choice(rows, MAX_CLUSTER_ROWS, replace=False)
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(t.X[fit_rows])
-    assign = km.predict(t.X[rows])
-    Tc = T - T.mean(axis=0)
-    Tc /= np.maximum(np.linalg.norm(Tc, axis=1, keepdims=True), 1e-12)
-    min_size = max(5, int(0.02 * len(rows)))
-    modes = []
-    for c in range(k):
-        members = rows[assign == c]
-        if len(members) < min_size:
-            continue
-        centre = t.X[members].mean(axis=0) - image_mean
-        sims = Tc @ (centre / max(np.linalg.norm(centre), 1e-12))
-        best = np.argsort(-sims)[:5]
-        modes.append({"description": phrases[best[0]], "predicted_loss": float(pred[best[0]]),
-                      "predicted_loss_std": float(std[best[0]]), "phrases": [phrases[b] for b in best],
-                      "rows": {int(r) for r in members}, "source": "images"})
-    return modes
-
-
 def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours: int | None = None,
             images: bool = True, correction: str = "neighbourhood") -> list[FailureMode]:
     """The ``top`` worst failure modes of ``db``, worst (highest predicted loss) first.
@@ -313,41 +267,25 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
     t = _read_table(db)
     phrases, T, pred, std = score_vocabulary(scorer, phrases, generic, correct_gap, correction=correction,
                                              table=t, k=neighbourhood_size(len(t.ids)))
-    fail = failing(t.pred)
+    threshold = fail_threshold(t.pred)
+    fail = t.pred >= threshold
     m = neighbours or int(np.clip(0.02 * len(t.ids), 50, 2000))
     m = min(m, len(t.ids))
-    modes = _word_modes(t, phrases, T, pred, std, fail, m, candidates=max(4 * top, 40))
+    order = np.argsort(-pred, kind="stable")[: max(4 * top, 40)]
+    modes = word_modes(phrases, pred, std, order, _top_neighbours(t.X, T[order], m), fail, t.pred)
     if images:
-        phrase_index = {p: i for i, p in enumerate(phrases)}
-        for g in _image_modes(t, phrases, T, pred, std, fail, scorer.image_mean):
-            # every word mode lying (mostly) inside this image group is the same failure, named
-            # several ways ("a red / a green object on a dark background"): fold them into the worst
-            same = [w for w in modes if _overlap(w["rows"], g["rows"]) >= SAME_GROUP]
-            if not same:
-                # the same best name as a word mode's phrase: the same failure, seen from the images
-                same = [w for w in modes if g["phrases"][0] in w["phrases"]][:1]
-            if same:
-                match = max(same, key=lambda w: w["predicted_loss"])
-                for w in same:
-                    if w is not match:
-                        match["rows"] |= w["rows"]
-                        match["phrases"] += [p for p in w["phrases"] if p not in match["phrases"]]
-                        modes.remove(w)
-                match["rows"] |= g["rows"]
-                match["phrases"] += [p for p in g["phrases"] if p not in match["phrases"]]
-                match["source"] = "both"
-            else:
-                # name it by its best phrase that no other mode already uses as its description
-                used = {w["description"] for w in modes}
-                fresh = [p for p in g["phrases"] if p not in used]
-                if fresh:
-                    j = phrase_index[fresh[0]]
-                    g.update(description=fresh[0], predicted_loss=float(pred[j]),
-                             predicted_loss_std=float(std[j]))
-                modes.append(g)
+        groups = image_modes(t.X, phrases, T, pred, std, fail, scorer.image_mean)
+        modes = merge_image_groups(modes, groups, phrases, pred, std)
+    modes = generalise(modes, phrases, pred, threshold)
     modes.sort(key=lambda w: -w["predicted_loss"])
+    score = dict(zip(phrases, pred, strict=True))
     out = []
     for w in modes[:top]:
+        # the name first, then the other phrases that are themselves predicted to fail, worst first
+        # (a phrase whose group merely touched this one, "a blue square" beside failing blue circles,
+        # does not describe the failure)
+        others = [p for p in w["phrases"] if p != w["description"] and score[p] >= threshold]
+        w["phrases"] = [w["description"]] + sorted(others, key=lambda p: -score[p])
         rows = np.fromiter(w.pop("rows"), dtype=np.int64)
         out.append(FailureMode(**w, **_stats(rows, t)))
     return out

@@ -185,3 +185,46 @@ def test_explain_cli_json_and_bad_input(explained_db, tmp_path, capsys):
     assert isinstance(out, list) and 1 <= len(out) <= 2 and {"description", "examples"} <= set(out[0])
     assert main(["explain", "--db", str(db.path), "--vocab", str(tmp_path / "none.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_content_words_drop_articles_prepositions_and_placeholder_nouns():
+    from diagnosis.modes import content_words
+
+    assert content_words("A red object on a dark background") == {"red", "dark", "background"}
+    assert content_words("an object on a dark background") <= content_words("a square on a dark background")
+    assert content_words("a photo in low light") == {"low", "light"}
+    assert content_words("a photo of an object") == frozenset()
+
+
+def test_modes_specialising_one_failing_broader_phrase_become_one_mode():
+    """One failure split by a word the model ignores ("a red / green / large object on a dark
+    background") is one mode once the broader phrase itself is predicted to fail; a mode folds once,
+    so a second failure (red squares) does not chain into it through "a red object on a dark
+    background"; a broader phrase below the failure threshold merges nothing."""
+    from diagnosis.modes import generalise
+
+    def mode(description, loss, rows):
+        return {"description": description, "predicted_loss": loss, "predicted_loss_std": 0.1,
+                "phrases": [description], "rows": set(rows), "source": "words"}
+
+    modes = [mode("a red object on a dark background", 1.5, range(0, 10)),
+             mode("a green object on a dark background", 1.2, range(10, 20)),
+             mode("a large object on a dark background", 1.0, range(15, 30)),
+             mode("a red square", 0.98, range(40, 50)),
+             mode("a red object", 0.66, range(45, 55)),
+             mode("a blue circle", 0.5, range(60, 70)),
+             mode("a blue triangle", 0.45, range(70, 80))]
+    phrases = ["an object on a dark background", "a red object", "a blue object", "a square"]
+    pred = np.array([0.87, 0.66, 0.30, 0.9])
+    out = generalise(modes, phrases, pred, threshold=0.44)
+
+    assert [m["description"] for m in out] == ["a red object on a dark background", "a red square",
+                                               "a blue circle", "a blue triangle"]
+    dark, red, *_ = out
+    assert dark["rows"] == set(range(30)) and dark["predicted_loss"] == 1.5
+    assert dark["phrases"][:2] == ["a red object on a dark background", "an object on a dark background"]
+    assert {"a green object on a dark background", "a large object on a dark background"} <= set(dark["phrases"])
+    assert red["rows"] == set(range(40, 55)) and red["phrases"] == ["a red square", "a red object"]
+    # "a square" fails but only one mode specialises it: nothing to merge
+    assert generalise([mode("a red square", 1.0, [1]), mode("a blue circle", 0.9, [2])],
+                       ["a square"], np.array([2.0]), 0.44)[0]["phrases"] == ["a red square"]
