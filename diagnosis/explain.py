@@ -32,6 +32,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from diagnosis.modes import N_EXAMPLES, generalise, image_modes, merge_image_groups, word_modes
 from diagnosis.text import Scorer, estimate_gap
@@ -110,23 +111,26 @@ class _Table:
 
 
 def _read_table(db) -> _Table:
-    from diagnosis.run import read_training_data
+    """Ids, embeddings, losses and stored predictions, all from one snapshot of the table (so in
+    one row order, with no id lookups)."""
+    from diagnosis.run import embedding_batches
 
-    ids, X, loss, _ = read_training_data(db, progress=False)
-    pred = np.full(len(ids), np.nan)
-    std = np.full(len(ids), np.nan)
-    pos = {k: i for i, k in enumerate(ids)}
-    for b in db.iter_batches([S.ID, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]):
-        rows = [pos[k] for k in b.column(S.ID).to_pylist()]
-        pred[rows] = b.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False)
-        std[rows] = b.column(S.PREDICTED_LOSS_STD).to_numpy(zero_copy_only=False)
-    del pos
+    snap = db.snapshot()
+    cols = [S.ID, S.LOSS, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]
+    t = pa.concat_tables(pa.Table.from_batches([b]) for b in db.iter_batches(cols, snapshot=snap))
+    pred = t.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
     if np.isnan(pred).any():
         raise UserError(
             f"{int(np.isnan(pred).sum())} rows of {db.path} have no predicted_loss; "
             f"run `llm2loss diagnose --db {db.path}` first."
         )
-    return _Table(ids, X, loss, pred, np.nan_to_num(std))
+    X = np.empty((t.num_rows, db.embed_dim), dtype=np.float32)
+    for rows, emb in embedding_batches(db, snap):
+        X[rows] = emb
+    std = t.column(S.PREDICTED_LOSS_STD).to_numpy(zero_copy_only=False).astype(np.float64)
+    return _Table(ids=t.column(S.ID).to_numpy(zero_copy_only=False), X=X,
+                  loss=t.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64),
+                  pred=pred, std=np.nan_to_num(std))
 
 
 def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) -> np.ndarray:

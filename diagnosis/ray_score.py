@@ -10,12 +10,13 @@ spread over Ray actors, for tables whose new rows are too many for one machine's
    the object store), predicts (b,) losses and member spreads;
 3. the predictions (id + two float32 columns, ~30 bytes a row) are staged as Parquet files in a
    temporary folder inside the database folder;
-4. once every row is scored, the driver writes them back in one ``merge_insert`` on ``id``
-   (one Lance commit), streamed from the staged files.
+4. once every row is scored, the driver writes the two columns back by ``id`` in one Lance commit
+   (:meth:`indexer.store.Database.update_columns`: new column files per fragment, the embeddings
+   untouched).
 
-Reading everything before writing anything keeps the read tasks off a table that is being rewritten
-(``merge_insert`` moves rows into new fragments), and makes the write all or nothing. Like
-``score_new_rows``, the ensemble stays stamped stale: it never saw these rows.
+Reading everything before writing anything keeps the read tasks on one table version and makes the
+write all or nothing. Like ``score_new_rows``, the ensemble stays stamped stale: it never saw these
+rows.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def score_new_rows_ray(db, address: str | None = None, actors: int | None = None
 
 
 def _write_back(db, staging: Path, expected: int, version: int, progress: bool) -> int:
-    """One ``merge_insert`` on ``id`` of the staged predictions; refuses if the rows changed."""
+    """One column write (by ``id``) of the staged predictions; refuses if the rows changed."""
     import pyarrow.dataset as pads
 
     scores = pads.dataset(str(staging), format="parquet")
@@ -124,7 +125,5 @@ def _write_back(db, staging: Path, expected: int, version: int, progress: bool) 
                         "run the scoring again once the other writer has finished.")
     schema = pa.schema([pa.field(S.ID, pa.string(), nullable=False),
                         pa.field(S.PREDICTED_LOSS, pa.float32()), pa.field(S.PREDICTED_LOSS_STD, pa.float32())])
-    reader = scores.scanner(columns=schema.names).to_reader()
-    reader = pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in reader))
-    db.table.merge_insert(S.ID).when_matched_update_all().execute(reader)
+    db.update_columns(scores.to_table(columns=schema.names).cast(schema))  # ~30 bytes a row
     return n

@@ -92,29 +92,48 @@ class DiagnoseReport:
         return "\n".join(lines)
 
 
-def read_training_data(db: Database, batch_rows: int = SCORE_BATCH, progress: bool = True):
+def read_training_data(db: Database, batch_rows: int | None = None, progress: bool = True):
     """Stream the table: ids (n,) object, X (n, d) float32, loss (n,) float64 (NaN where null),
     split (n,) object (None where null)."""
-    n, d = db.count_rows(), db.embed_dim
+    snap = db.snapshot()
+    ids, loss, split = read_labels(db, snap, batch_rows)
+    X = np.empty((len(ids), db.embed_dim), dtype=np.float32)
+    bar = _bar(len(ids), progress, "reading embeddings")
+    for rows, emb in embedding_batches(db, snap, batch_rows):
+        X[rows] = emb
+        bar.update(len(rows))
+    bar.close()
+    return ids, X, loss, split
+
+
+def read_labels(db: Database, snapshot, batch_rows: int | None = None):
+    """ids (n,) object, loss (n,) float64 (NaN where null), split (n,) object of a table snapshot,
+    without its embeddings (tens of bytes per row, where an embedding is kilobytes)."""
+    n = snapshot.count_rows()
     ids = np.empty(n, dtype=object)
-    X = np.empty((n, d), dtype=np.float32)
     loss = np.full(n, np.nan)
     split = np.empty(n, dtype=object)
-    bar = _bar(n, progress, "reading embeddings")
     i = 0
-    for b in db.iter_batches([S.ID, S.EMBEDDING, S.LOSS, S.SPLIT], batch_rows):
+    for b in db.iter_batches([S.ID, S.LOSS, S.SPLIT], batch_rows or SCORE_BATCH, snapshot=snapshot):
         m = b.num_rows
         ids[i : i + m] = b.column(S.ID).to_numpy(zero_copy_only=False)
-        emb = b.column(S.EMBEDDING)
-        if emb.null_count:
-            raise UserError(f"{emb.null_count} rows of {db.path} have no embedding; re-run `llm2loss index`.")
-        X[i : i + m] = np.asarray(emb.values.to_numpy()).reshape(m, d)
         loss[i : i + m] = b.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
         split[i : i + m] = b.column(S.SPLIT).to_pylist()
         i += m
-        bar.update(m)
-    bar.close()
-    return ids[:i], X[:i], loss[:i], split[:i]
+    return ids[:i], loss[:i], split[:i]
+
+
+def embedding_batches(db: Database, snapshot, batch_rows: int | None = None):
+    """(row numbers, (m, d) float32 embeddings) per record batch of a snapshot, in table order."""
+    d = db.embed_dim
+    i = 0
+    for b in db.iter_batches([S.EMBEDDING], batch_rows or SCORE_BATCH, snapshot=snapshot):
+        m = b.num_rows
+        emb = b.column(S.EMBEDDING)
+        if emb.null_count:
+            raise UserError(f"{emb.null_count} rows of {db.path} have no embedding; re-run `llm2loss index`.")
+        yield np.arange(i, i + m), np.asarray(emb.values.to_numpy()).reshape(m, d)
+        i += m
 
 
 def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -159,9 +178,12 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
     data_version, clip = db.data_version, db.clip_identity
     timings = {}
 
-    ids, X, loss, split = read_training_data(db, progress=progress)
+    # Three passes over one snapshot, so memory follows the fitted rows, not the table: labels
+    # (no embeddings), the embeddings of the rows to fit, then every embedding again in batches for
+    # scoring. Holding all of X made diagnose peak at 2.1x the raw vectors on a 1M x 512 table.
+    snap = db.snapshot()
+    ids, loss, split = read_labels(db, snap)
     is_test = split == "test"
-    timings["read_s"] = time.perf_counter() - t0
     has_loss = np.isfinite(loss)
     n_loss = int(has_loss.sum())
     if n_loss < MIN_ROWS:
@@ -192,29 +214,47 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
     if len(fit_rows) < len(with_loss):
         log.info("fitting on a stratified subsample of %d of %d rows", len(fit_rows), len(with_loss))
 
+    X_fit = np.empty((len(fit_rows), db.embed_dim), dtype=np.float32)
+    is_fit = np.zeros(len(ids), dtype=bool)
+    is_fit[fit_rows] = True
+    bar = _bar(len(ids), progress, "reading embeddings")
+    seen = 0
+    for rows, emb in embedding_batches(db, snap):
+        keep = is_fit[rows]
+        X_fit[np.searchsorted(fit_rows, rows[keep])] = emb[keep]
+        seen += len(rows)
+        bar.update(len(rows))
+    bar.close()
+    if seen != len(ids):  # one pinned snapshot: the passes cannot disagree unless Lance does
+        raise RuntimeError(f"read {seen} embeddings but {len(ids)} labels from one snapshot of {db.path}")
+    timings["read_s"] = time.perf_counter() - t0
+
     t = time.perf_counter()
     ens = DiagnosisEnsemble(n_members=members, n_folds=folds, random_state=random_state, verbose=progress)
-    ens.fit(X[fit_rows], loss[fit_rows])
+    ens.fit(X_fit, loss[fit_rows])
+    del X_fit
     timings["fit_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pred = np.empty(len(ids))
     std = np.empty(len(ids))
     pred[fit_rows], std[fit_rows] = ens.oof_prediction_, ens.oof_std_
-    rest = np.setdiff1d(np.arange(len(ids)), fit_rows, assume_unique=True)
-    bar = _bar(len(rest), progress and len(rest) > 0, "scoring unfitted rows")
-    for s in range(0, len(rest), SCORE_BATCH):
-        rows = rest[s : s + SCORE_BATCH]
-        pred[rows], std[rows] = ens.predict(X[rows], return_std=True)
-        bar.update(len(rows))
+    image_sum = np.zeros(db.embed_dim)
+    rest = len(ids) - len(fit_rows)
+    bar = _bar(rest, progress and rest > 0, "scoring unfitted rows")
+    for rows, emb in embedding_batches(db, snap):
+        image_sum += emb.sum(axis=0, dtype=np.float64)
+        score = ~is_fit[rows]
+        if score.any():
+            pred[rows[score]], std[rows[score]] = ens.predict(emb[score], return_std=True)
+            bar.update(int(score.sum()))
     bar.close()
     timings["score_s"] = time.perf_counter() - t
 
     q = quality(loss[has_loss], pred[has_loss])
     test_mask = is_test & has_loss
     q_test = quality(loss[test_mask], pred[test_mask]) if test_mask.sum() >= MIN_ROWS else None
-    image_mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-    del X
+    image_mean = (image_sum / len(ids)).astype(np.float32)
 
     t = time.perf_counter()
     _check_unchanged(db, data_version, len(ids))
@@ -347,23 +387,20 @@ def score_new_rows(db, progress: bool = True) -> int:
     db = open_db(db)
     loaded = load_ensemble(db, allow_stale=True)
     d = db.embed_dim
-    # read first, then write: merge_insert while a scan is open would race with it
+    # the rows to score, read before anything is written; then one commit for all of them
     new = db.read([S.ID, S.EMBEDDING], where=f"{S.PREDICTED_LOSS} IS NULL")
-    written = 0
+    if new.num_rows == 0:
+        return 0
+    pred = np.empty(new.num_rows, dtype=np.float32)
+    std = np.empty(new.num_rows, dtype=np.float32)
     for s in range(0, new.num_rows, SCORE_BATCH):
         b = new.slice(s, SCORE_BATCH)
         m = b.num_rows
         X = np.asarray(b.column(S.EMBEDDING).combine_chunks().values.to_numpy()).reshape(m, d)
-        pred, std = loaded.ensemble.predict(X, return_std=True)
-        db.update_columns(pa.table({
-            S.ID: b.column(S.ID),
-            S.PREDICTED_LOSS: pa.array(pred.astype(np.float32)),
-            S.PREDICTED_LOSS_STD: pa.array(std.astype(np.float32)),
-        }))
-        written += m
-    if written:
-        db.cleanup()
-    return written
+        pred[s : s + m], std[s : s + m] = loaded.ensemble.predict(X, return_std=True)
+    db.update_columns(pa.table({S.ID: new.column(S.ID), S.PREDICTED_LOSS: pred, S.PREDICTED_LOSS_STD: std}))
+    db.cleanup()
+    return new.num_rows
 
 
 def _bar(total: int, show: bool, desc: str):

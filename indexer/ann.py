@@ -8,8 +8,8 @@ Files in ``DIR/faiss/``::
                   kind ("flat" | "ivf"), nlist, nprobe, recall_at_10, recall_curve (nprobe -> recall),
                   nprobe_at_100, recall_at_100, recall_curve_at_100, build_seconds, index_bytes, gpu
 
-Positions are mapped to ids through ``ids.npy`` because ``merge_insert`` (used to write
-``predicted_loss``) reorders the Lance table's rows; nothing here relies on row positions.
+Positions are mapped to ids through ``ids.npy`` because compaction and deletes can reorder the Lance
+table's rows; nothing here relies on row positions.
 
 An index is *fresh* when its stamped ``data_version``, row count, embedding size and CLIP model equal
 the database's. A stale index is rebuilt (``load_index(db)``) or refused with a

@@ -175,10 +175,17 @@ class Database:
         cols = columns or [f.name for f in self.table.schema]
         return self._scan(cols, where)
 
-    def iter_batches(self, columns: list[str], batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
-        """Stream the table in record batches so memory does not grow with its size."""
-        ds = self.table.to_lance()
-        yield from ds.to_batches(columns=columns, batch_size=batch_rows)
+    def snapshot(self):
+        """The table as it is now, pinned: later commits by other writers do not change what it reads
+        (pass it to :meth:`iter_batches` to stream the same rows, in the same order, several times)."""
+        self.table.checkout_latest()
+        return self.table.to_lance()
+
+    def iter_batches(self, columns: list[str], batch_rows: int = 65536, snapshot=None) -> Iterator[pa.RecordBatch]:
+        """Stream the table (or a :meth:`snapshot` of it) in record batches, in table order, so
+        memory does not grow with its size."""
+        ds = snapshot if snapshot is not None else self.table.to_lance()
+        yield from ds.to_batches(columns=columns, batch_size=batch_rows, scan_in_order=True)
 
     def embeddings(self, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,) object, embeddings (n, d) float32 L2-normalised), read in batches."""

@@ -4,7 +4,7 @@ Builds (once, cached in ``--work``) a LanceDB table of ``--rows`` synthetic CLIP
 512-d unit vectors around 256 cluster centres, whose losses depend on the cluster (a few clusters
 fail badly) and smoothly on one direction, with heavy-tailed per-sample noise. Then runs the real
 ``diagnose`` (read in batches, fit on a stratified subsample of ``max_rows``, score every row, write
-both columns with one merge_insert, compact) once per ``--max-rows`` value, each in a fresh child
+both columns in one commit, compact) once per ``--max-rows`` value, each in a fresh child
 process so its peak RSS is its own, and prints one line per run side by side: seconds (read / fit /
 score / write), peak RSS, and quality over all rows (rows outside the subsample are true held-out
 rows, the rest out-of-fold): Spearman, R^2, AUROC for the top-10% losses, plus the oracle
@@ -134,8 +134,8 @@ def in_memory(n: int, max_rows: int, members: int, folds: int) -> dict:
 
 
 def io_only(path: str) -> dict:
-    """The LanceDB half of ``diagnose``: batched read of ids/embeddings/losses, one merge_insert of
-    two float32 columns over every row, compaction."""
+    """The LanceDB half of ``diagnose``: batched read of ids/embeddings/losses, one write of two
+    float32 columns over every row (``Database.update_columns``), compaction."""
     from diagnosis.run import read_training_data
     from indexer import schema as S
     from indexer.store import Database

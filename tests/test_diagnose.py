@@ -95,12 +95,29 @@ def test_added_rows_make_the_ensemble_stale_and_are_scored_by_the_full_ensemble(
     assert df.loc["new0", S.PREDICTED_LOSS] == pytest.approx(full[row["new0"]], rel=1e-5)
 
 
-def test_subsampled_fit_still_scores_every_row(tmp_path):
+def test_subsampled_fit_still_scores_every_row(tmp_path, monkeypatch):
+    """diagnose streams the table in batches (here of 16 rows): the fitted rows carry their
+    out-of-fold predictions, every other row the full ensemble's, and the image mean is over all."""
+    from diagnosis import run
+
+    monkeypatch.setattr(run, "SCORE_BATCH", 16)
     db = make_db(tmp_path, n=90, predicted=False)
     report = diagnose(db, max_rows=45, progress=False, members=2, folds=2, fit_split="all")
     assert report.fitted_rows == 45
     assert report.rows == 90
     assert db.count_rows(f"{S.PREDICTED_LOSS} IS NULL") == 0
+
+    ids, X, loss, _ = run.read_training_data(db, progress=False)
+    fitted = np.zeros(len(ids), dtype=bool)
+    fitted[stratified_subsample(loss, 45)] = True
+    t = db.read([S.ID, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]).to_pandas().set_index(S.ID).loc[ids]
+    loaded = load_ensemble(db)
+    ens = loaded.ensemble
+    np.testing.assert_allclose(t[S.PREDICTED_LOSS].to_numpy()[fitted], ens.oof_prediction_, rtol=1e-5)
+    pred, std = ens.predict(X[~fitted], return_std=True)
+    np.testing.assert_allclose(t[S.PREDICTED_LOSS].to_numpy()[~fitted], pred, rtol=1e-5)
+    np.testing.assert_allclose(t[S.PREDICTED_LOSS_STD].to_numpy()[~fitted], std, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loaded.image_mean, X.mean(axis=0), atol=1e-6)
 
 
 def test_stratified_subsample_keeps_the_tail():
