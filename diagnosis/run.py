@@ -155,6 +155,71 @@ def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def _choose_fit_rows(db: Database, loss: np.ndarray, split: np.ndarray, fit_split: str, max_rows: int,
+                     random_state: int) -> tuple[np.ndarray, bool]:
+    """(sorted row numbers to fit on, whether they are the held-out rows); see :func:`diagnose`."""
+    has_loss = np.isfinite(loss)
+    held_out = np.isin(split, HELD_OUT_SPLITS)
+    if fit_split == "auto":
+        # A model's losses on its own training rows measure memorisation, not failure: a planted
+        # spurious correlation has LOW training loss and high loss elsewhere. When the table has
+        # both training and held-out rows, fit on the held-out ones and score the rest.
+        use_held_out = (held_out & has_loss).sum() >= MIN_ROWS and (has_loss & (split == "train")).any()
+    elif fit_split in ("held-out", "all"):
+        use_held_out = fit_split == "held-out"
+    else:
+        raise UserError(f"fit split {fit_split!r} is unknown; use 'auto', 'held-out' or 'all'.")
+    if use_held_out and (held_out & has_loss).sum() < MIN_ROWS:
+        raise UserError(f"{db.path} has fewer than {MIN_ROWS} held-out rows with a loss; fit on 'all' rows.")
+    fit_pool = has_loss & held_out if use_held_out else has_loss
+    if use_held_out:
+        log.info("fitting on the %d held-out rows (split in %s); training rows are scored, not fitted",
+                 int(fit_pool.sum()), sorted(HELD_OUT_SPLITS))
+    with_loss = np.flatnonzero(fit_pool)
+    fit_rows = with_loss[stratified_subsample(loss[with_loss], max_rows, random_state)]
+    if len(fit_rows) < len(with_loss):
+        log.info("fitting on a stratified subsample of %d of %d rows", len(fit_rows), len(with_loss))
+    return fit_rows, bool(use_held_out)
+
+
+def _read_rows(db: Database, snap, rows: np.ndarray, n: int, progress: bool) -> np.ndarray:
+    """(len(rows), d) float32: the embeddings of the sorted row numbers ``rows`` of a snapshot of
+    ``n`` rows, streamed (only these rows are kept)."""
+    X = np.empty((len(rows), db.embed_dim), dtype=np.float32)
+    wanted = np.zeros(n, dtype=bool)
+    wanted[rows] = True
+    bar = _bar(n, progress, "reading embeddings")
+    seen = 0
+    for batch_rows, emb in embedding_batches(db, snap):
+        keep = wanted[batch_rows]
+        X[np.searchsorted(rows, batch_rows[keep])] = emb[keep]
+        seen += len(batch_rows)
+        bar.update(len(batch_rows))
+    bar.close()
+    if seen != n:  # one pinned snapshot: the passes cannot disagree unless Lance does
+        raise RuntimeError(f"read {seen} embeddings but {n} labels from one snapshot of {db.path}")
+    return X
+
+
+def _score_the_rest(db: Database, snap, ens: DiagnosisEnsemble, fit_rows: np.ndarray, pred: np.ndarray,
+                    std: np.ndarray, progress: bool) -> np.ndarray:
+    """Fill ``pred``/``std`` for every row not in ``fit_rows`` with the full ensemble, streaming the
+    snapshot's embeddings; returns their mean (d,) float32 over all rows."""
+    fitted = np.zeros(len(pred), dtype=bool)
+    fitted[fit_rows] = True
+    image_sum = np.zeros(db.embed_dim)
+    rest = len(pred) - len(fit_rows)
+    bar = _bar(rest, progress and rest > 0, "scoring unfitted rows")
+    for rows, emb in embedding_batches(db, snap):
+        image_sum += emb.sum(axis=0, dtype=np.float64)
+        score = ~fitted[rows]
+        if score.any():
+            pred[rows[score]], std[rows[score]] = ens.predict(emb[score], return_std=True)
+            bar.update(int(score.sum()))
+    bar.close()
+    return (image_sum / len(pred)).astype(np.float32)
+
+
 def diagnose(db, members: int | None = None, folds: int | None = None, max_rows: int | None = None,
              progress: bool = True, random_state: int = 0, fit_split: str = "auto") -> DiagnoseReport:
     """Fit the diagnosis ensemble on ``db`` and write ``predicted_loss``/``predicted_loss_std``.
@@ -193,40 +258,8 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
         )
     if (loss[has_loss] < 0).any():
         log.warning("some losses are negative; the log1p target is shifted to cover them")
-    held_out = np.isin(split, HELD_OUT_SPLITS)
-    if fit_split == "auto":
-        # A model's losses on its own training rows measure memorisation, not failure: a planted
-        # spurious correlation has LOW training loss and high loss elsewhere. When the table has
-        # both training and held-out rows, fit on the held-out ones and score the rest.
-        use_held_out = (held_out & has_loss).sum() >= MIN_ROWS and (has_loss & (split == "train")).any()
-    elif fit_split in ("held-out", "all"):
-        use_held_out = fit_split == "held-out"
-    else:
-        raise UserError(f"fit split {fit_split!r} is unknown; use 'auto', 'held-out' or 'all'.")
-    if use_held_out and (held_out & has_loss).sum() < MIN_ROWS:
-        raise UserError(f"{db.path} has fewer than {MIN_ROWS} held-out rows with a loss; fit on 'all' rows.")
-    fit_pool = has_loss & held_out if use_held_out else has_loss
-    if use_held_out:
-        log.info("fitting on the %d held-out rows (split in %s); training rows are scored, not fitted",
-                 int(fit_pool.sum()), sorted(HELD_OUT_SPLITS))
-    with_loss = np.flatnonzero(fit_pool)
-    fit_rows = with_loss[stratified_subsample(loss[with_loss], max_rows, random_state)]
-    if len(fit_rows) < len(with_loss):
-        log.info("fitting on a stratified subsample of %d of %d rows", len(fit_rows), len(with_loss))
-
-    X_fit = np.empty((len(fit_rows), db.embed_dim), dtype=np.float32)
-    is_fit = np.zeros(len(ids), dtype=bool)
-    is_fit[fit_rows] = True
-    bar = _bar(len(ids), progress, "reading embeddings")
-    seen = 0
-    for rows, emb in embedding_batches(db, snap):
-        keep = is_fit[rows]
-        X_fit[np.searchsorted(fit_rows, rows[keep])] = emb[keep]
-        seen += len(rows)
-        bar.update(len(rows))
-    bar.close()
-    if seen != len(ids):  # one pinned snapshot: the passes cannot disagree unless Lance does
-        raise RuntimeError(f"read {seen} embeddings but {len(ids)} labels from one snapshot of {db.path}")
+    fit_rows, use_held_out = _choose_fit_rows(db, loss, split, fit_split, max_rows, random_state)
+    X_fit = _read_rows(db, snap, fit_rows, len(ids), progress)
     timings["read_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -239,22 +272,12 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
     pred = np.empty(len(ids))
     std = np.empty(len(ids))
     pred[fit_rows], std[fit_rows] = ens.oof_prediction_, ens.oof_std_
-    image_sum = np.zeros(db.embed_dim)
-    rest = len(ids) - len(fit_rows)
-    bar = _bar(rest, progress and rest > 0, "scoring unfitted rows")
-    for rows, emb in embedding_batches(db, snap):
-        image_sum += emb.sum(axis=0, dtype=np.float64)
-        score = ~is_fit[rows]
-        if score.any():
-            pred[rows[score]], std[rows[score]] = ens.predict(emb[score], return_std=True)
-            bar.update(int(score.sum()))
-    bar.close()
+    image_mean = _score_the_rest(db, snap, ens, fit_rows, pred, std, progress)
     timings["score_s"] = time.perf_counter() - t
 
     q = quality(loss[has_loss], pred[has_loss])
     test_mask = is_test & has_loss
     q_test = quality(loss[test_mask], pred[test_mask]) if test_mask.sum() >= MIN_ROWS else None
-    image_mean = (image_sum / len(ids)).astype(np.float32)
 
     t = time.perf_counter()
     _check_unchanged(db, data_version, len(ids))
