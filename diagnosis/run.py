@@ -124,16 +124,23 @@ def read_labels(db: Database, snapshot, batch_rows: int | None = None):
 
 
 def embedding_batches(db: Database, snapshot, batch_rows: int | None = None):
-    """(row numbers, (m, d) float32 embeddings) per record batch of a snapshot, in table order."""
-    d = db.embed_dim
-    i = 0
-    for b in db.iter_batches([S.EMBEDDING], batch_rows or SCORE_BATCH, snapshot=snapshot):
-        m = b.num_rows
+    """(row numbers, (m, d) float32 embeddings) of a snapshot, in table order, ``batch_rows`` rows at a
+    time (the last batch may be shorter). Lance yields at most one fragment per record batch, and a
+    freshly indexed table has thousands of 1,024-row fragments: they are gathered into full batches
+    so the ensemble is called once per 65,536 rows, not once per fragment."""
+    size, d = batch_rows or SCORE_BATCH, db.embed_dim
+    pending, count, start = [], 0, 0
+    for b in db.iter_batches([S.EMBEDDING], size, snapshot=snapshot):
         emb = b.column(S.EMBEDDING)
         if emb.null_count:
             raise UserError(f"{emb.null_count} rows of {db.path} have no embedding; re-run `llm2loss index`.")
-        yield np.arange(i, i + m), np.asarray(emb.values.to_numpy()).reshape(m, d)
-        i += m
+        pending.append(np.asarray(emb.values.to_numpy()).reshape(b.num_rows, d))
+        count += b.num_rows
+        if count >= size:
+            yield np.arange(start, start + count), np.concatenate(pending)
+            pending, start, count = [], start + count, 0
+    if pending:
+        yield np.arange(start, start + count), np.concatenate(pending)
 
 
 def stratified_subsample(loss: np.ndarray, k: int, seed: int = 0) -> np.ndarray:

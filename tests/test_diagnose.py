@@ -184,3 +184,21 @@ def test_cli_score_new_scores_only_the_added_rows(diagnosed, tmp_path, capsys):
     # --engine ray means scoring on Ray, never a distributed refit
     assert main(["diagnose", "--db", str(db.path), "--engine", "ray"]) == 2
     assert "--score-new" in capsys.readouterr().err
+
+
+def test_embedding_batches_gather_small_fragments_in_table_order(tmp_path):
+    """A freshly indexed table is many small fragments; the scoring stream still comes in full
+    batches, every row once, in the table's order, with its own embedding."""
+    from diagnosis.run import embedding_batches
+    from tests.test_ann import synthetic_db
+
+    db, x, _ = synthetic_db(tmp_path / "db", n=1000, d=8)
+    rows = db.read()
+    db.table.delete("true")
+    for s in range(0, 1000, 100):
+        db.append(rows.slice(s, 100))
+    assert len(db.snapshot().get_fragments()) == 10
+    out = list(embedding_batches(db, db.snapshot(), 256))
+    assert [len(r) for r, _ in out] == [300, 300, 300, 100]
+    np.testing.assert_array_equal(np.concatenate([r for r, _ in out]), np.arange(1000))
+    np.testing.assert_array_equal(np.concatenate([e for _, e in out]), x)
