@@ -33,7 +33,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from indexer import ann
+from indexer import ann, ann_build
 from indexer import schema as S
 from indexer.store import Database, write_json_atomic
 
@@ -61,7 +61,7 @@ def pq_bytes(d: int, wanted: int | None = None) -> int:
 
 
 def _gpu_clone(index):
-    faiss = ann._faiss()
+    faiss = ann_build.faiss_module()
     res = faiss.StandardGpuResources()
     co = faiss.GpuClonerOptions()
     co.useFloat16 = True  # float16 lookup tables: large m does not fit shared memory in float32
@@ -107,7 +107,7 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
     ``batch_rows``: rows read per batch of the streaming pass.
     """
     db = ann._as_db(db)
-    faiss = ann._faiss()
+    faiss = ann_build.faiss_module()
     t0 = time.perf_counter()
     stamp = ann._stamp(db)
     n, d = stamp["num_rows"], stamp["embed_dim"]
@@ -119,7 +119,7 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
     train = _read_rows(db, train_pos)
 
     # recall queries: half stored vectors (their own row excluded later), half midpoints of two
-    q_n = min(ann.RECALL_QUERIES, n_train)
+    q_n = min(ann_build.RECALL_QUERIES, n_train)
     own = rng.choice(n_train, size=q_n // 2, replace=False)
     a, b = rng.integers(0, n_train, q_n - len(own)), rng.integers(0, n_train, q_n - len(own))
     mid = train[a] + train[b]
@@ -130,7 +130,7 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
     truth = _TopK(q, k + 1)
 
     index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x8", faiss.METRIC_INNER_PRODUCT)
-    use_gpu = ann.gpu_available()
+    use_gpu = ann_build.gpu_available()
     work, res = _gpu_clone(index) if use_gpu else (index, None)
     work.train(train)
     del train
@@ -145,12 +145,12 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
         offset += len(x)
     if offset != n:
         raise RuntimeError(f"read {offset} rows but the table has {n}; was it written during the build?")
-    exact = ann._drop_self(truth.pos, self_pos, k)
+    exact = ann_build.drop_self(truth.pos, self_pos, k)
 
     curve, nprobe, rec = {}, 1, 0.0
     while True:
         found = _search(work, q, k + 1, nprobe, use_gpu)
-        rec = ann._recall_at(exact, ann._drop_self(found, self_pos, k), k)
+        rec = ann_build.recall_at(exact, ann_build.drop_self(found, self_pos, k), k)
         curve[str(nprobe)] = round(rec, 4)
         if rec >= target_recall or nprobe >= nlist:
             break
@@ -160,7 +160,7 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
         nprobe = min(int(p) for p, r in curve.items() if r >= best - 0.005)
         rec = curve[str(nprobe)]
         log.warning("IVF-PQ recall@10 plateaus at %.3f (< %.2f); nprobe=%d", rec, target_recall, nprobe)
-    deep = ann._drop_self(_search(work, q, min(101, n), nprobe, use_gpu), self_pos, min(100, n - 1))
+    deep = ann_build.drop_self(_search(work, q, min(101, n), nprobe, use_gpu), self_pos, min(100, n - 1))
     recall_10_at_100 = float(np.mean([len(set(t.tolist()) & set(f.tolist())) / k for t, f in zip(exact, deep, strict=True)]))
     if use_gpu:
         index = faiss.index_gpu_to_cpu(work)
@@ -174,7 +174,7 @@ def build_compressed(db, target_recall: float = ann.TARGET_RECALL, seed: int = 0
 
 
 def _search(index, q: np.ndarray, k: int, nprobe: int, gpu: bool) -> np.ndarray:
-    faiss = ann._faiss()
+    faiss = ann_build.faiss_module()
     if gpu:
         faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
         return index.search(q, k)[1]
@@ -183,7 +183,7 @@ def _search(index, q: np.ndarray, k: int, nprobe: int, gpu: bool) -> np.ndarray:
 
 def _write(db: Database, index, ids_chunks: list, n: int, info: dict, stamp: dict, t0: float) -> None:
     """The files of :func:`indexer.ann.build_index`, atomically; ids.npy through a memory map."""
-    faiss = ann._faiss()
+    faiss = ann_build.faiss_module()
     out = db.faiss_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / ann.INFO_FILE).unlink(missing_ok=True)  # the stamp goes last: a crash reads as stale

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from indexer import ann
+from indexer import ann, ann_build
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
@@ -101,22 +101,22 @@ def test_ivf_build_streams_rows_under_their_ids_with_exact_ground_truth(tmp_path
     tab_ids, tab_x = db.embeddings()  # the table's order now
     assert list(tab_ids) != ids
     batches, seen = [], {}
-    stream = ann._stream
+    stream = ann_build.stream
 
     def counted(ds, d):
         for item in stream(ds, d):
             batches.append(len(item[0]))
             yield item
 
-    tune = ann._tune_both
+    tune = ann_build.tune_both
 
     def spy(index, fams, exact, *rest):
         seen.update(fams=fams, exact=exact)
         return tune(index, fams, exact, *rest)
 
-    monkeypatch.setattr(ann, "STREAM_BATCH_ROWS", 300)
-    monkeypatch.setattr(ann, "_stream", counted)
-    monkeypatch.setattr(ann, "_tune_both", spy)
+    monkeypatch.setattr(ann_build, "STREAM_BATCH_ROWS", 300)
+    monkeypatch.setattr(ann_build, "stream", counted)
+    monkeypatch.setattr(ann_build, "tune_both", spy)
     monkeypatch.setattr(Database, "embeddings", lambda *a, **k: pytest.fail("the IVF build read the whole table"))
     info = ann.build_index(db, exact_max_rows=1000)
     assert info["kind"] == "ivf" and info["num_rows"] == 2500 and info["recall_at_10"] >= 0.95
