@@ -10,7 +10,7 @@ Two views, merged where they find the same samples:
   many images is one: there the projection scored "a blue object" 2.3, above every group's true loss),
   and has the lowest sum of planted-slice ranks, though the shift names more slices in its top 3
   (BENCHMARKS.md, issue 4). The worst phrases are failure modes. A phrase's group is its
-  nearest images (by CLIP similarity) that are predicted to fail (:func:`failing`); its examples are
+  nearest images (by CLIP similarity) that are predicted to fail (:func:`fail_threshold`); its examples are
   the group's worst.
 * **images** -- the samples predicted to fail are clustered (k-means on the unit sphere); each cluster
   is a failure group, named by the phrases nearest its centroid (both sides centred on their
@@ -113,7 +113,7 @@ class _Table:
 def _read_table(db) -> _Table:
     """Ids, embeddings, losses and stored predictions, all from one snapshot of the table (so in
     one row order, with no id lookups)."""
-    from diagnosis.run import embedding_batches
+    from diagnosis.run import read_embeddings
 
     snap = db.snapshot()
     cols = [S.ID, S.LOSS, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]
@@ -124,9 +124,7 @@ def _read_table(db) -> _Table:
             f"{int(np.isnan(pred).sum())} rows of {db.path} have no predicted_loss; "
             f"run `llm2loss diagnose --db {db.path}` first."
         )
-    X = np.empty((t.num_rows, db.embed_dim), dtype=np.float32)
-    for rows, emb in embedding_batches(db, snap):
-        X[rows] = emb
+    X = read_embeddings(db, snap, t.num_rows)
     std = t.column(S.PREDICTED_LOSS_STD).to_numpy(zero_copy_only=False).astype(np.float64)
     return _Table(ids=t.column(S.ID).to_numpy(zero_copy_only=False), X=X,
                   loss=t.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64),
@@ -156,11 +154,6 @@ def fail_threshold(pred: np.ndarray) -> float:
     twice the mean, whichever takes more rows (a failure group bigger than 10% of the table is kept
     whole)."""
     return min(float(np.quantile(pred, FAIL_QUANTILE)), FAIL_RATIO * float(np.mean(pred)))
-
-
-def failing(pred: np.ndarray) -> np.ndarray:
-    """(n,) bool: the samples predicted to fail (:func:`fail_threshold`)."""
-    return pred >= fail_threshold(pred)
 
 
 def _stats(rows: np.ndarray, t: _Table) -> dict:

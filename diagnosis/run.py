@@ -97,13 +97,19 @@ def read_training_data(db: Database, batch_rows: int | None = None, progress: bo
     split (n,) object (None where null)."""
     snap = db.snapshot()
     ids, loss, split = read_labels(db, snap, batch_rows)
-    X = np.empty((len(ids), db.embed_dim), dtype=np.float32)
-    bar = _bar(len(ids), progress, "reading embeddings")
-    for rows, emb in embedding_batches(db, snap, batch_rows):
+    return ids, read_embeddings(db, snap, len(ids), batch_rows, progress), loss, split
+
+
+def read_embeddings(db: Database, snapshot, n: int, batch_rows: int | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """(n, d) float32: every embedding of a snapshot of ``n`` rows, in table order."""
+    X = np.empty((n, db.embed_dim), dtype=np.float32)
+    bar = _bar(n, progress, "reading embeddings")
+    for rows, emb in embedding_batches(db, snapshot, batch_rows):
         X[rows] = emb
         bar.update(len(rows))
     bar.close()
-    return ids, X, loss, split
+    return X
 
 
 def read_labels(db: Database, snapshot, batch_rows: int | None = None):

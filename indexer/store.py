@@ -223,8 +223,7 @@ class Database:
 
         if data.num_rows == 0:
             return self.version
-        self.table.checkout_latest()
-        ds = self.table.to_lance()
+        ds = self.snapshot()
         data = data.cast(pa.schema([ds.schema.field(name) for name in data.column_names]))
         frags = ds.get_fragments()
         frag_ids = [frag.to_table(columns=[S.ID]).column(S.ID) for frag in frags]
