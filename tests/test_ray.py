@@ -147,11 +147,11 @@ def test_distributed_scoring_equals_score_new_rows(local_ray, tmp_path):
     assert score_new_rows(db, progress=False) == 20
     assert score_new_rows_ray(tmp_path / "b", actors=2, batch_rows=7, progress=False) == 20
     a, b = _rows(db.path), _rows(tmp_path / "b")
-    np.testing.assert_allclose(b[S.PREDICTED_LOSS], a[S.PREDICTED_LOSS], rtol=1e-5)  # BLAS sums differ by batch
-    np.testing.assert_allclose(b[S.PREDICTED_LOSS_STD], a[S.PREDICTED_LOSS_STD], rtol=1e-5, atol=1e-6)  # a spread: cancellation
+    np.testing.assert_allclose(b[S.PREDICTED_LOSS], a[S.PREDICTED_LOSS], rtol=1e-5, atol=1e-5)  # float32 BLAS sums differ by batch (~1e-6 absolute)
+    np.testing.assert_allclose(b[S.PREDICTED_LOSS_STD], a[S.PREDICTED_LOSS_STD], rtol=1e-4, atol=1e-5)  # a spread: cancellation
     assert (b.loc[old, S.PREDICTED_LOSS] == 7.0).all()
     pred, _ = ens.predict(X[:20], return_std=True)
-    np.testing.assert_allclose(b.loc[ids[:20], S.PREDICTED_LOSS], pred.astype(np.float32), rtol=1e-5)
+    np.testing.assert_allclose(b.loc[ids[:20], S.PREDICTED_LOSS], pred.astype(np.float32), rtol=1e-5, atol=1e-5)
     assert not list((tmp_path / "b").glob(".scores-*"))  # the staging folder is gone
     assert score_new_rows_ray(tmp_path / "b", progress=False) == 0
 
