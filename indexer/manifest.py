@@ -127,8 +127,11 @@ def read_source(path: str | os.PathLike) -> Manifest:
 def _read_csv(p: Path) -> pa.Table:
     import pyarrow.csv as pcsv
 
+    # Text is read as given: with strings_can_be_null a cell "nan", "NA", "null" or "None" became a
+    # null, and a null id silently became the image path. Numeric columns keep Arrow's null spellings;
+    # empty text cells are made null in _normalise (except ids, where empty is refused).
     opts = pcsv.ConvertOptions(
-        column_types={c: pa.string() for c in _STRING_COLUMNS}, strings_can_be_null=True
+        column_types={c: pa.string() for c in _STRING_COLUMNS}, strings_can_be_null=False
     )
     parse = pcsv.ParseOptions(delimiter="\t" if p.name.lower().endswith(".tsv") else ",")
     try:
@@ -203,6 +206,12 @@ def _normalise(p: Path, kind: str, t: pa.Table) -> Manifest:
     for c in _STRING_COLUMNS:
         if c in names:
             t = t.set_column(names.index(c), c, _as_string(t.column(c), c, p))
+    if kind == "csv":  # an empty text cell means "no value" (ids are checked below)
+        for f in t.schema:
+            if f.name != S.ID and pa.types.is_string(f.type):
+                col = t.column(f.name)
+                t = t.set_column(t.column_names.index(f.name), f.name,
+                                 pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col))
     for f in t.schema:
         if pa.types.is_null(f.type):  # an all-empty column: Lance cannot store the null type
             t = t.set_column(t.column_names.index(f.name), f.name, t.column(f.name).cast(pa.string()))
@@ -212,9 +221,17 @@ def _normalise(p: Path, kind: str, t: pa.Table) -> Manifest:
     absolute = [None if not g else os.path.normpath(os.path.join(root, os.path.expanduser(g))) for g in given]
     t = t.set_column(t.column_names.index(S.IMAGE), S.IMAGE, pa.array(absolute, pa.string()))
 
-    # id defaults to the image path as written in the manifest (a stable, portable key).
-    ids = t.column(S.ID).to_pylist() if S.ID in names else [None] * t.num_rows
-    ids = [i if i not in (None, "") else g for i, g in zip(ids, given, strict=True)]
+    # id defaults to the image path as written in the manifest (a stable, portable key); a given id
+    # is kept as written ("nan" and "NA" are ids like any other), and an empty one is refused.
+    if S.ID in names:
+        ids = t.column(S.ID).to_pylist()
+        empty = [row for row, i in enumerate(ids) if i is None or i == ""]
+        if empty:
+            more = f" (and {len(empty) - 1} more rows)" if len(empty) > 1 else ""
+            raise UserError(f"row {empty[0] + 1} of {p} has an empty `id`{more}; give every row an id, "
+                            "or drop the `id` column to use the image paths as ids.")
+    else:
+        ids = given
     _check_unique(ids, p)
     id_arr = pa.array(ids, pa.string())
     if S.ID in names:

@@ -100,7 +100,16 @@ class Database:
     def read_meta(self) -> dict:
         if not self.meta_path.exists():
             return {}
-        return json.loads(self.meta_path.read_text())
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            meta = e
+        if not isinstance(meta, dict):
+            raise UserError(
+                f"{self.meta_path} is not a JSON object (the file is corrupt); restore it from a backup, "
+                f"or index the manifest again into a new --db folder."
+            )
+        return meta
 
     def update_meta(self, **fields: Any) -> dict:
         meta = self.read_meta()

@@ -112,3 +112,33 @@ def test_empty_class_folder_is_refused(tmp_path):
     (tmp_path / "root" / "cat").mkdir(parents=True)
     with pytest.raises(UserError, match="no images laid out as root/<class>/<image>"):
         read_source(tmp_path / "root")
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_ids_and_text_that_look_like_missing_values_are_kept_as_written(tmp_path, kind):
+    """pandas/Arrow spell a missing value "nan", "NA", "null", "None": in a manifest those are text."""
+    words = ["nan", "NA", "null", "None", "NaN", "n/a"]
+    df = pd.DataFrame({"id": words, "image": [f"{i}.png" for i in range(6)], "label": words,
+                       "split": ["NA"] * 6, "note": words, "loss": [0.5] * 6})
+    if kind == "csv":
+        df.to_csv(tmp_path / "m.csv", index=False)
+    else:
+        df.to_parquet(tmp_path / "m.parquet")
+    t = read_source(tmp_path / f"m.{kind}").table
+    assert t.column(S.ID).to_pylist() == words
+    assert t.column(S.LABEL).to_pylist() == words
+    assert t.column(S.SPLIT).to_pylist() == ["NA"] * 6
+    assert t.column("note").to_pylist() == words
+
+
+def test_an_empty_cell_is_no_value_except_an_id_which_is_refused_with_its_row(tmp_path):
+    (tmp_path / "m.csv").write_text("id,image,label,note,loss\na,a.png,,,NA\nb,b.png,cat,x,0.5\n")
+    t = read_source(tmp_path / "m.csv").table
+    assert t.column(S.LABEL).to_pylist() == [None, "cat"] and t.column("note").to_pylist() == [None, "x"]
+    assert t.column(S.LOSS).to_pylist() == [None, 0.5]  # numeric columns keep the usual null spellings
+    (tmp_path / "m.csv").write_text("id,image\na,a.png\n,b.png\nc,c.png\n")
+    with pytest.raises(UserError, match=r"row 2 of .*m\.csv has an empty `id`"):
+        read_source(tmp_path / "m.csv")
+    pd.DataFrame({"id": ["a", None], "image": ["a.png", "b.png"]}).to_parquet(tmp_path / "m.parquet")
+    with pytest.raises(UserError, match=r"row 2 of .*m\.parquet has an empty `id`"):
+        read_source(tmp_path / "m.parquet")
