@@ -157,6 +157,7 @@ def cmd_export(args) -> int:
         k=args.k,
         link=not args.copy,
         where=args.where,
+        force=args.force,
     )
     print(written)
     return 0
@@ -310,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=100, help="results for --query / --mode (default 100)")
     s.add_argument("--out", required=True, help="output file (.csv/.parquet) or folder")
     s.add_argument("--format", choices=["csv", "parquet", "folder"], default=None,
-                   help="default: from --out's extension, folder otherwise")
+                   help="default: from --out's extension (.csv/.parquet; none: folder)")
     s.add_argument("--copy", action="store_true", help="copy images into a folder export (default: symlink)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.add_argument("--where", default=None, help="LanceDB SQL filter for --query")
     s.set_defaults(func=cmd_export)
 

@@ -12,20 +12,25 @@ Formats
 losses, metadata; the same embeddings with the same CLIP model).
 
 ``folder``: ``OUT/<label>/<image file>`` (symlinks by default, copies with ``link=False``; rows
-without a label go to ``unlabeled``; clashing names get the sample id appended), plus
-``OUT/manifest.csv`` with every column and image paths relative to ``OUT``, so ``OUT`` works both as
-a class folder and, through its manifest, with ids, losses and metadata kept.
+without a label go to ``unlabeled``; clashing names get the sample id appended, then ``~2``, ``~3``;
+names longer than a file system allows are shortened with a hash; a label whose folder would be
+``manifest.csv`` or would merge with another label's gets ``~2``), plus ``OUT/manifest.csv`` with
+every column (the true labels) and image paths relative to ``OUT``, so ``OUT`` works both as a class
+folder and, through its manifest, with ids, losses and metadata kept.
 
-Files are written to a temporary name beside ``out`` and renamed when complete: nothing
-half-written is left behind.
+Where it writes: never inside a database folder (one holding ``meta.json`` and ``samples.lance``),
+never onto anything but a regular file, and an existing file only with ``force``. Files are written
+to a temporary name beside ``out`` and renamed when complete: nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -33,7 +38,7 @@ import pyarrow as pa
 
 from indexer import schema as S
 from indexer.errors import UserError
-from indexer.store import Database
+from indexer.store import META_FILE, Database
 from search_ui.selections import Selections, read_ids_file
 
 log = logging.getLogger(__name__)
@@ -52,7 +57,43 @@ def _format(out: Path, fmt: str | None) -> str:
         return "csv"
     if name.endswith((".parquet", ".pq")):
         return "parquet"
+    if out.suffix and not out.is_dir():
+        # "x.json" silently became a folder named x.json
+        raise UserError(f"--out {out} has the extension {out.suffix}, which export does not write; end it in "
+                        ".csv or .parquet, name a folder without an extension, or pass --format csv|parquet|folder.")
     return "folder"
+
+
+def _is_database(folder: Path) -> bool:
+    return (folder / META_FILE).is_file() and (folder / "samples.lance").is_dir()
+
+
+def check_not_in_database(out: Path) -> None:
+    for folder in (out, *out.parents):
+        if _is_database(folder):
+            raise UserError(f"--out {out} is inside the llm2loss database {folder}, which only llm2loss itself "
+                            "writes; choose a path outside it.")
+
+
+def check_out(out: Path, fmt: str, force: bool) -> None:
+    """Refuse an ``out`` that export must not write (module doc: where it writes)."""
+    check_not_in_database(out)
+    if not out.parent.is_dir():
+        raise UserError(f"the folder of --out {out} does not exist; create it first or choose another path.")
+    if not os.path.lexists(out):
+        return
+    mode = os.stat(out).st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise UserError(f"--out {out} is not a regular file or folder (a device, pipe or socket); "
+                        "choose another path.")
+    if fmt == "folder":
+        if not stat.S_ISDIR(mode) or any(out.iterdir()):
+            raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder.")
+        return
+    if stat.S_ISDIR(mode):
+        raise UserError(f"--out {out} is a folder; give a file name ending in .{fmt}.")
+    if not force:
+        raise UserError(f"--out {out} already exists; pass --force to replace it, or choose another path.")
 
 
 def mode_ids(db: Database, mode: str | int, k: int) -> list[str]:
@@ -125,23 +166,59 @@ def _write_table(t: pa.Table, path: Path, fmt: str) -> None:
         pcsv.write_csv(t, path)
 
 
+#: Bytes in a file name: 255 on every common file system; kept under it for the ``~N`` suffixes.
+NAME_BYTES = 200
+MANIFEST_NAME = "manifest.csv"
+
+
+def _short(name: str, suffix: str = "") -> str:
+    """``name + suffix`` within NAME_BYTES bytes: a long name keeps its start and gets a hash of the whole."""
+    if len((name + suffix).encode()) <= NAME_BYTES:
+        return name + suffix
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    keep = NAME_BYTES - len(suffix.encode()) - 13
+    return name.encode()[:keep].decode("utf-8", "ignore") + "~" + digest + suffix
+
+
 def _safe(name: str) -> str:
     name = re.sub(r"[\\/\x00]+", "_", name).strip().lstrip(".")
-    return name or "_"
+    return _short(name or "_")
+
+
+def _unique(name: str, taken, suffix: str = "") -> str:
+    """``name + suffix``, or with ``~2``, ``~3``, ... before the suffix, whichever ``taken`` lacks."""
+    candidate, n = _short(name, suffix), 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = _short(name, f"~{n}{suffix}")
+    return candidate
+
+
+def _class_folders(labels: list) -> dict:
+    """Label -> its folder name: distinct labels never share a folder, none is ``manifest.csv``."""
+    folders: dict = {}
+    taken = {MANIFEST_NAME}
+    for label in dict.fromkeys(labels):
+        base = _safe(label) if label not in (None, "") else "unlabeled"
+        folders[label] = _unique(base, taken)
+        taken.add(folders[label].lower())
+    return folders
 
 
 def _write_folder(t: pa.Table, root: Path, link: bool) -> None:
     ids, images, labels = (t.column(c).to_pylist() for c in (S.ID, S.IMAGE, S.LABEL))
-    rel_paths, used = [], set()
+    rel_paths, used = [], {}
+    folders = _class_folders(labels)
     for sid, img, label in zip(ids, images, labels, strict=True):
         src = Path(img)
         if not src.is_file():
             raise UserError(f"image {src} of sample {sid!r} no longer exists; restore it or leave the sample out.")
-        cls = _safe(label) if label not in (None, "") else "unlabeled"
-        name = src.name
-        if (cls, name) in used:
-            name = f"{src.stem}__{_safe(sid)}{src.suffix}"
-        used.add((cls, name))
+        cls = folders[label]
+        taken = used.setdefault(cls, set())
+        name = _short(Path(src.name).stem, src.suffix)
+        if name.lower() in taken:  # two images of one name (or two ids that sanitise alike)
+            name = _unique(f"{src.stem}__{_safe(sid)}", taken, src.suffix)
+        taken.add(name.lower())
         dst = root / cls / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if link:
@@ -154,23 +231,24 @@ def _write_folder(t: pa.Table, root: Path, link: bool) -> None:
 
 
 def export(db, out, fmt: str | None = None, query=None, ids=None, mode=None, selection=None,
-           k: int = 100, link: bool = True, where: str | None = None) -> Path:
+           k: int = 100, link: bool = True, where: str | None = None, force: bool = False) -> Path:
     """Write one selection (module doc) to ``out``; returns the absolute path written.
 
-    ``fmt``: csv | parquet | folder (default: from ``out``'s extension, else folder). ``k``: results
-    for ``query`` / ``mode``; ``where``: a filter for ``query``. ``link``: symlink images into a
-    folder export (False: copy). A file ``out`` is replaced; a folder ``out`` must be new or empty.
+    ``fmt``: csv | parquet | folder (default: from ``out``'s extension; no extension: folder; any
+    other extension is refused). ``k``: results for ``query`` / ``mode``; ``where``: a filter for
+    ``query``. ``link``: symlink images into a folder export (False: copy). An existing file ``out``
+    is replaced only with ``force``; a folder ``out`` must be new or empty; nothing is written inside
+    a database folder or onto a device, pipe or socket.
     """
     db = db if isinstance(db, Database) else Database(db)
     out = Path(out).expanduser().resolve()
+    check_not_in_database(out)
     fmt = _format(out, fmt)
+    check_out(out, fmt, force)  # before the query: a refused path costs nothing
     chosen = selection_ids(db, query=query, ids=ids, mode=mode, selection=selection, k=k, where=where)
     t = _rows(db, chosen)
-    if not out.parent.is_dir():
-        raise UserError(f"the folder of --out {out} does not exist; create it first or choose another path.")
+    check_out(out, fmt, force)  # again: the query took time, and someone may have written there
     if fmt == "folder":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} already exists and is not an empty folder; choose a new folder.")
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
         try:
             _write_folder(t, tmp, link)
@@ -181,8 +259,6 @@ def export(db, out, fmt: str | None = None, query=None, ids=None, mode=None, sel
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
-        if out.is_dir():
-            raise UserError(f"--out {out} is a folder; give a file name ending in .{fmt}.")
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         os.close(fd)
         try:

@@ -125,3 +125,74 @@ def test_mode_export_by_number_or_description(db, tmp_path, monkeypatch):
         export(db, tmp_path / "m3.csv", mode="blue")
     with pytest.raises(UserError, match="out of range"):
         export(db, tmp_path / "m3.csv", mode="7")
+
+
+def test_export_never_writes_into_a_database_onto_a_device_or_over_a_file_unasked(db, tmp_path):
+    import hashlib
+
+    from search_ui.cli import main
+
+    def digest():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(db.path.rglob("*")) if p.is_file()}
+
+    before = digest()
+    for out, match in [
+        (db.path / "meta.json", "inside the llm2loss database"),
+        (db.path / "samples.lance" / "x.csv", "inside the llm2loss database"),
+        (db.path / "diagnosis" / "x.parquet", "inside the llm2loss database"),
+        (db.path, "inside the llm2loss database"),
+        ("/dev/null", "not a regular file"),
+        (tmp_path / "x.json", r"extension \.json, which export does not write; end it in \.csv or \.parquet"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            export(db, out, ids=["s00001"])
+    assert digest() == before and os.path.exists("/dev/null") and not Path("/dev/null").is_file()
+    assert not (tmp_path / "x.json").exists()
+    (tmp_path / "a_dir.csv").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        export(db, tmp_path / "a_dir.csv", ids=["s00001"])
+    # an existing file: refused without --force, replaced (atomically, by rename) with it
+    (tmp_path / "old.csv").write_text("keep me\n")
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        export(db, tmp_path / "old.csv", ids=["s00001"])
+    assert (tmp_path / "old.csv").read_text() == "keep me\n"
+    assert main(["export", "--db", str(db.path), "--ids", str(_ids_file(tmp_path, ["s00001"])),
+                 "--out", str(tmp_path / "old.csv")]) == 2
+    assert main(["export", "--db", str(db.path), "--ids", str(_ids_file(tmp_path, ["s00001"])),
+                 "--out", str(tmp_path / "old.csv"), "--force"]) == 0
+    assert read_source(tmp_path / "old.csv").table.column(S.ID).to_pylist() == ["s00001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.csv", "ids.txt", "old.csv"]  # no temp files
+
+
+def _ids_file(folder, ids):
+    (folder / "ids.txt").write_text("\n".join(ids) + "\n")
+    return folder / "ids.txt"
+
+
+def test_folder_export_with_hostile_labels_and_ids_is_made_unique(tmp_path):
+    import pyarrow as pa
+
+    from indexer.store import Database
+
+    base = make_db(tmp_path / "src", n=6)
+    t = base.read()
+    long_label = "ü" * 200  # 400 bytes: over the 255-byte file name limit
+    labels = ["manifest.csv", long_label, long_label, "a/b", "a_b", "MANIFEST.CSV"]
+    ids = ["x/1", "x_1", "y" * 300, "z", "w", "v"]
+    img = t.column(S.IMAGE).to_pylist()
+    # rows 0/1: one image file name and ids that sanitise alike; rows 1/2: one long label, one file name
+    images = [img[0], img[0], img[0], img[3], img[4], img[5]]
+    t = t.set_column(t.column_names.index(S.LABEL), S.LABEL, pa.array(labels))
+    t = t.set_column(t.column_names.index(S.ID), S.ID, pa.array(ids))
+    t = t.set_column(t.column_names.index(S.IMAGE), S.IMAGE, pa.array(images))
+    db = Database(tmp_path / "src" / "db")
+    db.table.delete("true")
+    db.append(t)
+    out = export(db, tmp_path / "out", ids=ids, link=False)
+    rows = read_source(out / "manifest.csv").table.to_pylist()
+    assert [r[S.ID] for r in rows] == ids and [r[S.LABEL] for r in rows] == labels  # true labels kept
+    paths = [Path(r[S.IMAGE]).relative_to(out) for r in rows]
+    assert len(set(paths)) == 6 and all((out / p).is_file() for p in paths)
+    assert all(len(part.encode()) <= 255 for p in paths for part in p.parts)
+    # one folder per distinct label ("a/b" and "a_b" apart), none of them the manifest
+    assert (out / "manifest.csv").is_file() and len({p.parts[0] for p in paths}) == 5
