@@ -104,7 +104,8 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
     Exact search up to ``exact_max_rows`` fitted rows; beyond, an IVF index over float16 vectors
     (the fitted rows of a 1M-row table are at most ``--max-rows``, but scoring the rest of the table
     is 1M queries, and five folds' references in float32 would cost 0.8x the raw table's memory).
-    The index holds the only copy of the fitted vectors; it pickles as FAISS's serialised bytes.
+    The index holds the only copy of the fitted vectors; it is stored as FAISS's serialised bytes
+    (see :func:`save_ensemble`).
 
     Parameters
     ----------
@@ -338,6 +339,49 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
             return mean
         std = np.sqrt(P.var(axis=1).mean(axis=0))
         return mean, std
+
+
+#: The only types a stored ensemble may hold beyond skops' own safe list (numpy arrays and
+#: scikit-learn estimators): ours and the trees of gradient boosting. Nothing else is instantiated.
+TRUSTED_TYPES = (
+    "diagnosis.ensemble.DiagnosisEnsemble",
+    "diagnosis.ensemble.NeighboursRegressor",
+    "diagnosis.ensemble._GlobalScale",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+)
+
+
+class UnsafeEnsembleFile(Exception):
+    """A stored ensemble that cannot be read safely (corrupt, or holding a type not trusted)."""
+
+
+def save_ensemble(ens: DiagnosisEnsemble, path) -> None:
+    """Write a fitted ensemble as a skops file: a zip of JSON (types, parameters) and ``.npy`` arrays
+    (no pickles); the FAISS indexes of the kNN members as their serialised bytes."""
+    import skops.io as sio
+
+    check_is_fitted(ens)
+    sio.dump(ens, path)
+
+
+def load_ensemble_file(path) -> DiagnosisEnsemble:
+    """Read a file written by :func:`save_ensemble` without running code from it: skops rebuilds only
+    numpy arrays, scikit-learn estimators and :data:`TRUSTED_TYPES`, and refuses a file naming any
+    other type (raises :class:`UnsafeEnsembleFile`, as for a corrupt file)."""
+    import skops.io as sio
+
+    try:
+        untrusted = sorted(set(sio.get_untrusted_types(file=path)) - set(TRUSTED_TYPES))
+        if untrusted:
+            raise UnsafeEnsembleFile(f"it names types that are not trusted ({', '.join(untrusted[:3])})")
+        ens = sio.load(path, trusted=list(TRUSTED_TYPES))
+    except UnsafeEnsembleFile:
+        raise
+    except Exception as e:  # a corrupt zip, JSON or array: skops raises many kinds
+        raise UnsafeEnsembleFile(f"it could not be read: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+    if not isinstance(ens, DiagnosisEnsemble):
+        raise UnsafeEnsembleFile(f"it holds a {type(ens).__name__}, not a DiagnosisEnsemble")
+    return ens
 
 
 def _rbf_gamma(X: np.ndarray, rng: np.random.RandomState, pairs: int = 2000) -> float:

@@ -33,6 +33,7 @@ import pyarrow as pa
 from diagnosis.run import load_ensemble, open_db
 from indexer import schema as S
 from indexer.errors import UserError
+from indexer.store import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,14 @@ def score_new_rows_ray(db, address: str | None = None, actors: int | None = None
     ``all_rows`` rescoring gives every row the *full* ensemble's prediction, not the out-of-fold one
     that ``diagnose`` writes for the rows it fitted on: use it after refitting on a subsample.
     """
+    db = open_db(db)
+    with writer_lock(db.path, "diagnose --score-new --engine ray"):
+        return _score_locked(db, address, all_rows, actors, batch_rows, progress)
+
+
+def _score_locked(db, address, all_rows, actors, batch_rows, progress) -> int:
     from indexer.ray_engine import connect
 
-    db = open_db(db)
     loaded = load_ensemble(db, allow_stale=True)
     where = None if all_rows else f"{S.PREDICTED_LOSS} IS NULL"
     todo = db.count_rows(where)

@@ -6,7 +6,8 @@ subsample of at most ``max_rows`` rows (default 200,000, stratified on loss quan
 tail is kept), and every row is scored: fitted rows out-of-fold, the others (never seen by any member)
 by the full ensemble, in batches. ``scripts/bench_diagnose.py`` measures what the subsample costs.
 
-Files written under ``DIR/diagnosis/``: ``ensemble.joblib`` (the fitted estimator), ``image_mean.npy``
+Files written under ``DIR/diagnosis/``: ``ensemble.skops`` (the fitted estimator as arrays and
+parameters, read back without unpickling: see :func:`diagnosis.ensemble.load_ensemble_file`), ``image_mean.npy``
 ((d,) float32, mean image embedding, for the modality gap) and ``info.json``, stamped with the
 ``data_version``, row count and CLIP identity it was fitted on, so a stale ensemble is detected.
 """
@@ -24,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.ensemble import DiagnosisEnsemble
+from diagnosis.ensemble import DiagnosisEnsemble, UnsafeEnsembleFile, load_ensemble_file, save_ensemble
 from diagnosis.metrics import quality
 from indexer import schema as S
 from indexer.errors import UserError
-from indexer.store import Database, write_json_atomic
+from indexer.store import Database, write_json_atomic, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ DEFAULT_MAX_ROWS = 200_000
 MIN_ROWS = 20
 #: Split values meaning "the model did not train on this row".
 HELD_OUT_SPLITS = ("test", "val", "valid", "validation", "holdout", "heldout", "dev")
-ENSEMBLE_FILE = "ensemble.joblib"
+ENSEMBLE_FILE = "ensemble.skops"
+#: Written by llm2loss before the skops format; a pickle, so never loaded.
+LEGACY_ENSEMBLE_FILE = "ensemble.joblib"
 INFO_FILE = "info.json"
 IMAGE_MEAN_FILE = "image_mean.npy"
 SCORE_BATCH = 65536
@@ -242,8 +245,14 @@ def diagnose(db, members: int | None = None, folds: int | None = None, max_rows:
     held-out rows (split test/val/...) when the table also has training rows, ``"held-out"`` always,
     ``"all"`` on every row with a loss. Refuses a table with fewer than 20 losses.
     """
-    t0 = time.perf_counter()
     db = open_db(db)
+    # the whole run under the writer lock: a second diagnose (or an index) meanwhile is refused
+    with writer_lock(db.path, "diagnose"):
+        return _diagnose(db, members, folds, max_rows, progress, random_state, fit_split)
+
+
+def _diagnose(db: Database, members, folds, max_rows, progress, random_state, fit_split) -> DiagnoseReport:
+    t0 = time.perf_counter()
     members = DEFAULT_MEMBERS if members is None else int(members)
     folds = DEFAULT_FOLDS if folds is None else int(folds)
     max_rows = DEFAULT_MAX_ROWS if max_rows is None else int(max_rows)
@@ -326,11 +335,10 @@ def _save(db: Database, ens: DiagnosisEnsemble, image_mean: np.ndarray, report: 
           clip: dict | None) -> None:
     """Write the ensemble files atomically (each via a temporary file and a rename), info.json last,
     so a reader never pairs a new ensemble with an old stamp."""
-    import joblib
-
     out = db.diagnosis_dir
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / ENSEMBLE_FILE, lambda p: joblib.dump(ens, p))
+    _atomic(out / ENSEMBLE_FILE, lambda p: save_ensemble(ens, p))
+    (out / LEGACY_ENSEMBLE_FILE).unlink(missing_ok=True)  # a pickle from an older version: never read
     _atomic(out / IMAGE_MEAN_FILE, lambda p: _save_npy(p, image_mean))
     for stale in out.glob("text_mean*.npy"):  # cached text means belong to the previous fit's CLIP
         stale.unlink()
@@ -399,21 +407,38 @@ def load_ensemble(db, allow_stale: bool = False) -> LoadedEnsemble:
     """
     import json
 
-    import joblib
-
     db = open_db(db)
     info_path = db.diagnosis_dir / INFO_FILE
-    if not info_path.exists() or not (db.diagnosis_dir / ENSEMBLE_FILE).exists():
+    ens_path = db.diagnosis_dir / ENSEMBLE_FILE
+    if not ens_path.exists() and (db.diagnosis_dir / LEGACY_ENSEMBLE_FILE).exists():
+        raise UserError(
+            f"the diagnosis ensemble in {db.diagnosis_dir} is an {LEGACY_ENSEMBLE_FILE} from an older llm2loss, "
+            f"a pickle that could run code and is never loaded; re-run `llm2loss diagnose --db {db.path}`."
+        )
+    if not info_path.exists() or not ens_path.exists():
         raise UserError(f"{db.path} has no diagnosis ensemble yet; run `llm2loss diagnose --db {db.path}` first.")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path} is corrupt (not a JSON object); re-run `llm2loss diagnose --db {db.path}`.")
     stale = staleness(db, info)
     if stale and (not allow_stale or info.get("clip") != db.clip_identity):
         raise UserError(
             f"the diagnosis ensemble in {db.diagnosis_dir} is stale ({stale}); "
             f"run `llm2loss diagnose --db {db.path}` again."
         )
-    ens = joblib.load(db.diagnosis_dir / ENSEMBLE_FILE)
-    image_mean = np.load(db.diagnosis_dir / IMAGE_MEAN_FILE)
+    try:
+        ens = load_ensemble_file(ens_path)
+    except UnsafeEnsembleFile as e:
+        raise UserError(f"the diagnosis ensemble {ens_path} was not loaded ({e}); "
+                        f"re-run `llm2loss diagnose --db {db.path}`.") from None
+    try:
+        image_mean = np.load(db.diagnosis_dir / IMAGE_MEAN_FILE, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{db.diagnosis_dir / IMAGE_MEAN_FILE} could not be read ({type(e).__name__}); "
+                        f"re-run `llm2loss diagnose --db {db.path}`.") from None
     return LoadedEnsemble(ensemble=ens, info=info, image_mean=image_mean, stale=stale)
 
 
@@ -421,6 +446,11 @@ def score_new_rows(db, progress: bool = True) -> int:
     """Score rows whose ``predicted_loss`` is null (appended after the last fit) with the full
     ensemble; returns how many were written. The ensemble stays stamped stale (it never saw them)."""
     db = open_db(db)
+    with writer_lock(db.path, "diagnose --score-new"):
+        return _score_new_rows(db)
+
+
+def _score_new_rows(db: Database) -> int:
     loaded = load_ensemble(db, allow_stale=True)
     d = db.embed_dim
     # the rows to score, read before anything is written; then one commit for all of them

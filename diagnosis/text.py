@@ -115,7 +115,7 @@ class Scorer:
         key = hashlib.sha256("\n".join(phrases).encode()).hexdigest()[:12]
         path = self.db.diagnosis_dir / f"text_mean_{key}.npy"
         if path.exists():
-            return np.load(path)
+            return np.load(path, allow_pickle=False)
         mean = self.encode_text(phrases).mean(axis=0).astype(np.float32)
         try:
             _atomic(path, lambda p: _save_npy(p, mean))

@@ -39,7 +39,7 @@ from indexer.errors import UserError
 from indexer.images import ShapeMismatch, image_batches
 from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
 from indexer.manifest import Manifest, read_source
-from indexer.store import META_FILE, Database, FolderSnapshot, describe_clip, write_json_atomic
+from indexer.store import META_FILE, Database, FolderSnapshot, describe_clip, write_json_atomic, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -322,21 +322,30 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
     with a GPU, 0 on the CPU: see :func:`indexer.images.default_workers`).
     ``strict``: fail on the first bad row instead of rejecting it. ``commit_rows``: rows per Lance
     commit (default ``max(batch_size, 1024)``). Returns what was done (see :class:`IndexReport`).
+
+    The run holds the database's writer lock from deciding its rows to building the FAISS index
+    (:func:`indexer.store.writer_lock`): a second writer of the same folder is refused at once.
     """
-    plan = prepare_index(source, db, clip, predictions, model, task, batch_size, device, strict)
-    snap = FolderSnapshot(plan.db_path)
-    database: Database | None = plan.existing
-    written, embed_seconds = 0, 0.0
-    try:
-        database = begin_writing(plan, snap)
-        if plan.todo:
-            written, embed_seconds = _embed_and_write(
-                database, plan.manifest, plan.todo, plan.clip_model, plan.row_losses, plan.model_loss,
-                plan.rejects, strict, batch_size, workers, progress, commit_rows or max(batch_size, COMMIT_ROWS))
-    except UserError:
-        snap.rollback(database)
-        raise
-    return finish_index(plan, database, written, embed_seconds)
+    with writer_lock(db_folder(db), "index") as existed:
+        plan = prepare_index(source, db, clip, predictions, model, task, batch_size, device, strict)
+        snap = FolderSnapshot(plan.db_path, dir_existed=existed)
+        database: Database | None = plan.existing
+        written, embed_seconds = 0, 0.0
+        try:
+            database = begin_writing(plan, snap)
+            if plan.todo:
+                written, embed_seconds = _embed_and_write(
+                    database, plan.manifest, plan.todo, plan.clip_model, plan.row_losses, plan.model_loss,
+                    plan.rejects, strict, batch_size, workers, progress, commit_rows or max(batch_size, COMMIT_ROWS))
+        except UserError:
+            snap.rollback(database)
+            raise
+        return finish_index(plan, database, written, embed_seconds)
+
+
+def db_folder(db) -> Path:
+    """The folder of ``db`` (a path or a :class:`Database`), absolute."""
+    return db.path if isinstance(db, Database) else Path(db).expanduser().resolve()
 
 
 def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], clip_model, row_losses,

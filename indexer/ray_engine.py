@@ -51,11 +51,12 @@ from indexer.pipeline import (
     _reject_message,
     _Snapshot,
     begin_writing,
+    db_folder,
     finish_index,
     prepare_index,
     rows_table,
 )
-from indexer.store import Database
+from indexer.store import Database, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,13 @@ def index_dataset_ray(source, db, clip: ClipSpec | None = None, predictions=None
     per GPU on CUDA, else one per CPU), ``cpus_per_actor`` (default: the cluster's CPUs shared among
     them, slightly under so the writer tasks find room), ``commit_rows``: rows per Lance commit
     (default 65536), ``fragment_rows``: rows per written fragment (default 16384)."""
+    with writer_lock(db_folder(db), "index --engine ray") as existed:
+        return _index_locked(source, db, clip, predictions, model, task, batch_size, device, strict, progress,
+                             commit_rows, address, actors, cpus_per_actor, fragment_rows, existed)
+
+
+def _index_locked(source, db, clip, predictions, model, task, batch_size, device, strict, progress, commit_rows,
+                  address, actors, cpus_per_actor, fragment_rows, existed: bool) -> IndexReport:
     ray = connect(address)
     device = cluster_device(ray, device)
     # The driver loads the model on its CPU only to validate it and learn its embedding size.
@@ -278,7 +286,7 @@ def index_dataset_ray(source, db, clip: ClipSpec | None = None, predictions=None
     commit_rows = commit_rows or RAY_COMMIT_ROWS
     fragment_rows = fragment_rows or min(FRAGMENT_ROWS, commit_rows)
 
-    snap = _Snapshot(plan.db_path)
+    snap = _Snapshot(plan.db_path, dir_existed=existed)
     database: Database | None = plan.existing
     committer = None
     t0 = time.perf_counter()

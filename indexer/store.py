@@ -16,12 +16,15 @@ FAISS index stays valid across ``diagnose`` runs while any change of rows makes 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,11 @@ REJECTS_FILE = "rejects.csv"
 FAISS_DIR = "faiss"
 DIAGNOSIS_DIR = "diagnosis"
 SELECTIONS_FILE = "selections.json"
+#: flock(2)ed exclusively by every writer of the table (index, diagnose, scoring) for its whole run.
+WRITER_LOCK_FILE = ".writer.lock"
+#: Table versions younger than this survive ``Database.cleanup``: a reader (a search, the UI, an
+#: export) that began on an older version keeps its files until it has surely finished.
+KEEP_VERSIONS_FOR = timedelta(hours=1)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -50,6 +58,92 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+_held: dict[str, int] = {}  # real path of a database folder -> nesting depth of writer_lock here
+_held_lock = threading.Lock()
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike, command: str):
+    """Hold the database folder's writer lock for a whole run, or refuse at once (one sentence).
+
+    Writers of the table (``index``, ``diagnose``, ``diagnose --score-new``) exclude each other: two
+    ``index`` runs at once stored every row twice, two ``diagnose`` runs failed on each other's
+    cleanup. The second writer exits (UserError, status 2) naming the one holding the lock, rather
+    than waiting hours behind it without a word. Re-entrant within one process. Creates the folder
+    when missing; yields whether it existed before, and removes it again if the run left nothing but
+    the lock in it. The lock is flock(2) on ``DIR/.writer.lock``: released by the kernel when the
+    process dies, so a killed run never leaves the database locked.
+    """
+    folder = Path(path).expanduser().resolve()
+    existed = folder.exists()
+    if existed and not folder.is_dir():
+        raise UserError(f"--db {folder} is a file, not a folder; pass a folder path for the database.")
+    key = str(folder)
+    with _held_lock:
+        if _held.get(key):
+            _held[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield existed
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--db {folder} cannot be created ({e.strerror or type(e).__name__}); "
+                        "pass a folder you can write to.") from e
+    lock_path = folder / WRITER_LOCK_FILE
+    while True:
+        try:
+            f = open(lock_path, "a+")  # noqa: SIM115 -- held open across the yield, closed in finally
+        except OSError as e:
+            raise UserError(f"the database {folder} cannot be written ({e.strerror or type(e).__name__}); "
+                            "pass a folder you can write to.") from e
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another llm2loss command"
+            f.close()
+            raise UserError(
+                f"{holder} is writing to the database {folder}; wait until it has finished, then run "
+                f"`llm2loss {command}` again (or use another --db folder)."
+            ) from None
+        try:  # the holder before us may have removed the file (a new folder it then rolled back)
+            same = os.fstat(f.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"`llm2loss {command}` (pid {os.getpid()})")
+        f.flush()
+        with _held_lock:
+            _held[key] = 1
+        yield existed
+    finally:
+        with _held_lock:
+            _held.pop(key, None)
+        try:
+            if not existed and folder.is_dir() and [p.name for p in folder.iterdir()] == [WRITER_LOCK_FILE]:
+                lock_path.unlink()
+                folder.rmdir()  # a failed first run into a new folder leaves nothing behind
+            elif lock_path.exists():
+                f.seek(0)
+                f.truncate()  # no holder named once released
+        except OSError:
+            pass
+        f.close()
 
 
 class Database:
@@ -279,15 +373,18 @@ class Database:
             self._conn.drop_table(S.TABLE_NAME)
         self._table = None
 
-    def cleanup(self, older_than: timedelta = timedelta(seconds=0)) -> None:
-        """Compact and drop old table versions so repeated updates do not grow the folder.
+    def cleanup(self, older_than: timedelta | None = None) -> None:
+        """Compact and drop table versions older than ``older_than`` (default
+        :data:`KEEP_VERSIONS_FOR`), so repeated updates do not grow the folder without end.
 
-        lancedb warns that readers still on an older version would fail; ours do not pin versions
-        (``read_consistency_interval=0``: every read sees the latest), which
-        ``tests/test_faults.py`` checks with searches running through a ``diagnose``, so the warning
-        is silenced here rather than printed on every ``diagnose``."""
+        A reader's scan that began on an older version reads that version's files to its end (every
+        read starts on the latest, ``read_consistency_interval=0``, but a long scan stays on the one
+        it began on); dropping every old version at once removed files under such scans and under a
+        second ``diagnose`` ("ArrowInvalid: Not found"), so recent versions are kept by age. The
+        cost: the files of the last hour's versions (``diagnose`` writes only its two float columns)."""
         import warnings
 
+        older_than = KEEP_VERSIONS_FOR if older_than is None else older_than
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=", category=UserWarning)
             self.table.optimize(cleanup_older_than=older_than)
@@ -306,9 +403,9 @@ class FolderSnapshot:
     ``version`` (the table's version, None when there was no table) once the table is open.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, dir_existed: bool | None = None):
         self.path = path
-        self.dir_existed = path.exists()
+        self.dir_existed = path.exists() if dir_existed is None else dir_existed
         meta = path / META_FILE
         self.meta = meta.read_bytes() if meta.exists() else None
         self.version: int | None = None

@@ -144,7 +144,7 @@ def test_bad_requests_are_refused_with_one_sentence(tmp_path):
     db.update_columns(pa.table({S.ID: db.ids(), S.LOSS: pa.nulls(30, pa.float32())}))
     with pytest.raises(UserError, match="rows with a loss"):
         diagnose(db, progress=False)
-    assert not (db.diagnosis_dir / "ensemble.joblib").exists()  # nothing half-written
+    assert not (db.diagnosis_dir / "ensemble.skops").exists()  # nothing half-written
     with pytest.raises(UserError, match="no diagnosis ensemble"):
         load_ensemble(db)
 

@@ -158,13 +158,12 @@ def test_distributed_scoring_equals_score_new_rows(local_ray, tmp_path):
 
 def _save_ensemble(db, ens, X, image_mean_file):
     """The files ``diagnose`` writes, for a hand-fitted ensemble (stamped with the table's version)."""
-    import joblib
-
+    from diagnosis.ensemble import save_ensemble
     from diagnosis.run import ENSEMBLE_FILE, INFO_FILE
     from indexer.store import write_json_atomic
 
     db.diagnosis_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump(ens, db.diagnosis_dir / ENSEMBLE_FILE)
+    save_ensemble(ens, db.diagnosis_dir / ENSEMBLE_FILE)
     np.save(db.diagnosis_dir / image_mean_file, X.mean(0).astype(np.float32))
     write_json_atomic(db.diagnosis_dir / INFO_FILE, {"data_version": db.data_version, "num_rows": db.count_rows(),
                                                      "clip": db.clip_identity})
