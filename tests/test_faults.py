@@ -87,11 +87,16 @@ def test_consistency_check_catches_an_answer_mixing_two_versions():
     assert stress._consistent({"c": (0.0, 0.0)}, states) is None
 
 
-def test_repeated_diagnose_does_not_grow_the_database_folder(tmp_path):
+def test_repeated_diagnose_does_not_grow_the_database_folder(tmp_path, monkeypatch):
+    from datetime import timedelta
+
     from diagnosis.run import diagnose
-    from indexer import ann
+    from indexer import ann, store
     from tests.fakes import make_db
 
+    # versions younger than KEEP_VERSIONS_FOR (an hour) stay for live readers (tests/test_safety.py);
+    # here every version is "old", as it is an hour after each run
+    monkeypatch.setattr(store, "KEEP_VERSIONS_FOR", timedelta(0))
     db = make_db(tmp_path, 120)
     ann.build_index(db)
     sizes, versions = [], []
