@@ -127,10 +127,11 @@ def test_the_stored_ensemble_predicts_exactly_as_in_memory_for_every_member_kind
     again = load_ensemble_file(tmp_path / "e.skops")
     Xt = rng.normal(size=(200, 16)).astype(np.float32)
     Xt /= np.linalg.norm(Xt, axis=1, keepdims=True)
-    # the same arrays, the same sklearn/FAISS code, the same inputs in the same batch: equal to the
-    # last bit on one machine; 1e-12 leaves room only for nothing
+    # the same arrays, the same sklearn/FAISS code and the same batch: normally equal to the last bit;
+    # the tolerance is float32's (members compute in float32; a BLAS may pick another kernel for
+    # differently aligned copies of the arrays), far below what a lost or altered member would move
     for a, b in zip(ens.predict(Xt, return_std=True), again.predict(Xt, return_std=True), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(again.oof_prediction_, ens.oof_prediction_)
     import zipfile
 
