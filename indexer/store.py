@@ -60,7 +60,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-_held: dict[str, int] = {}  # real path of a database folder -> nesting depth of writer_lock here
+_held: dict[tuple[str, int], int] = {}  # (folder, thread) -> nesting depth of writer_lock there
 _held_lock = threading.Lock()
 
 
@@ -71,7 +71,7 @@ def writer_lock(path: str | os.PathLike, command: str):
     Writers of the table (``index``, ``diagnose``, ``diagnose --score-new``) exclude each other: two
     ``index`` runs at once stored every row twice, two ``diagnose`` runs failed on each other's
     cleanup. The second writer exits (UserError, status 2) naming the one holding the lock, rather
-    than waiting hours behind it without a word. Re-entrant within one process. Creates the folder
+    than waiting hours behind it without a word. Re-entrant within one thread. Creates the folder
     when missing; yields whether it existed before, and removes it again if the run left nothing but
     the lock in it. The lock is flock(2) on ``DIR/.writer.lock``: released by the kernel when the
     process dies, so a killed run never leaves the database locked.
@@ -80,7 +80,7 @@ def writer_lock(path: str | os.PathLike, command: str):
     existed = folder.exists()
     if existed and not folder.is_dir():
         raise UserError(f"--db {folder} is a file, not a folder; pass a folder path for the database.")
-    key = str(folder)
+    key = (str(folder), threading.get_ident())  # re-entrant in one thread; other threads are writers too
     with _held_lock:
         if _held.get(key):
             _held[key] += 1
@@ -94,17 +94,14 @@ def writer_lock(path: str | os.PathLike, command: str):
             with _held_lock:
                 _held[key] -= 1
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--db {folder} cannot be created ({e.strerror or type(e).__name__}); "
-                        "pass a folder you can write to.") from e
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if left empty
     lock_path = folder / WRITER_LOCK_FILE
     while True:
         try:
+            folder.mkdir(parents=True, exist_ok=True)  # again: a holder before us may have rolled it back
             f = open(lock_path, "a+")  # noqa: SIM115 -- held open across the yield, closed in finally
         except OSError as e:
-            raise UserError(f"the database {folder} cannot be written ({e.strerror or type(e).__name__}); "
+            raise UserError(f"--db {folder} cannot be created or written ({e.strerror or type(e).__name__}); "
                             "pass a folder you can write to.") from e
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -136,14 +133,19 @@ def writer_lock(path: str | os.PathLike, command: str):
             _held.pop(key, None)
         try:
             if not existed and folder.is_dir() and [p.name for p in folder.iterdir()] == [WRITER_LOCK_FILE]:
-                lock_path.unlink()
-                folder.rmdir()  # a failed first run into a new folder leaves nothing behind
+                lock_path.unlink()  # a failed first run into a new folder leaves nothing behind
             elif lock_path.exists():
                 f.seek(0)
                 f.truncate()  # no holder named once released
         except OSError:
             pass
         f.close()
+        for p in created if not existed else ():
+            try:
+                if p.exists():
+                    p.rmdir()  # innermost first (the folder, then parents this call made) while empty
+            except OSError:
+                break
 
 
 class Database:

@@ -254,3 +254,15 @@ def test_a_reader_on_an_old_version_keeps_its_files_through_two_diagnose_runs(sm
     assert len(db.table.list_versions()) > 2  # recent versions are kept ...
     db.cleanup(older_than=timedelta(0))
     assert len(db.table.list_versions()) <= 2  # ... until they are old enough
+
+
+def test_the_writer_lock_leaves_no_folder_behind_a_failed_first_run_and_refuses_a_file(tmp_path):
+    from indexer.store import writer_lock
+
+    with pytest.raises(UserError, match="bad manifest"), writer_lock(tmp_path / "new" / "nested" / "db", "index") as existed:
+        assert not existed and (tmp_path / "new" / "nested" / "db" / ".writer.lock").exists()
+        raise UserError("bad manifest")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"), writer_lock(tmp_path / "file", "index"):
+        pass
