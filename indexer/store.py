@@ -16,6 +16,7 @@ FAISS index stays valid across ``diagnose`` runs while any change of rows makes 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -42,7 +43,7 @@ REJECTS_FILE = "rejects.csv"
 FAISS_DIR = "faiss"
 DIAGNOSIS_DIR = "diagnosis"
 SELECTIONS_FILE = "selections.json"
-#: flock(2)ed exclusively by every writer of the table (index, diagnose, scoring) for its whole run.
+#: Locked (lockf) exclusively by every writer of the table (index, diagnose, scoring) for its whole run.
 WRITER_LOCK_FILE = ".writer.lock"
 #: Table versions younger than this survive ``Database.cleanup``: a reader (a search, the UI, an
 #: export) that began on an older version keeps its files until it has surely finished.
@@ -60,7 +61,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-_held: dict[tuple[str, int], int] = {}  # (folder, thread) -> nesting depth of writer_lock there
+_held: dict[str, list] = {}  # folder -> [owning thread id, nesting depth] of writer_lock in this process
 _held_lock = threading.Lock()
 
 
@@ -71,28 +72,31 @@ def writer_lock(path: str | os.PathLike, command: str):
     Writers of the table (``index``, ``diagnose``, ``diagnose --score-new``) exclude each other: two
     ``index`` runs at once stored every row twice, two ``diagnose`` runs failed on each other's
     cleanup. The second writer exits (UserError, status 2) naming the one holding the lock, rather
-    than waiting hours behind it without a word. Re-entrant within one thread. Creates the folder
+    than waiting hours behind it without a word. Re-entrant within one thread (another thread of the
+same process is refused too). Creates the folder
     when missing; yields whether it existed before, and removes it again if the run left nothing but
-    the lock in it. The lock is flock(2) on ``DIR/.writer.lock``: released by the kernel when the
-    process dies, so a killed run never leaves the database locked.
+    the lock in it. The lock is a POSIX record lock (``lockf``) on ``DIR/.writer.lock``: held by this
+    process alone (not by forked workers) and released by the kernel when it dies, so a killed run
+    never leaves the database locked.
     """
     folder = Path(path).expanduser().resolve()
     existed = folder.exists()
     if existed and not folder.is_dir():
         raise UserError(f"--db {folder} is a file, not a folder; pass a folder path for the database.")
-    key = (str(folder), threading.get_ident())  # re-entrant in one thread; other threads are writers too
+    key, me = str(folder), threading.get_ident()
     with _held_lock:
-        if _held.get(key):
-            _held[key] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
+        held = _held.get(key)
+        if held is not None and held[0] == me:
+            held[1] += 1
+        elif held is not None:  # another thread of this process: POSIX locks cannot tell threads apart
+            raise UserError(f"another `llm2loss` writer in this process is writing to the database {folder}; "
+                            f"wait until it has finished, then run `llm2loss {command}` again.")
+    if held is not None:
         try:
             yield existed
         finally:
             with _held_lock:
-                _held[key] -= 1
+                held[1] -= 1
         return
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if left empty
     lock_path = folder / WRITER_LOCK_FILE
@@ -104,8 +108,14 @@ def writer_lock(path: str | os.PathLike, command: str):
             raise UserError(f"--db {folder} cannot be created or written ({e.strerror or type(e).__name__}); "
                             "pass a folder you can write to.") from e
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a POSIX record lock, not flock(2): flock is shared with forked children (image-decoding
+            # workers), which kept a killed run's lock alive; a record lock belongs to this process only
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                f.close()
+                raise UserError(f"the database {folder} cannot be locked for writing ({e.strerror}); "
+                                "pass a folder on a local file system.") from e
             f.seek(0)
             holder = f.read().strip() or "another llm2loss command"
             f.close()
@@ -126,7 +136,7 @@ def writer_lock(path: str | os.PathLike, command: str):
         f.write(f"`llm2loss {command}` (pid {os.getpid()})")
         f.flush()
         with _held_lock:
-            _held[key] = 1
+            _held[key] = [me, 1]
         yield existed
     finally:
         with _held_lock:
