@@ -286,13 +286,12 @@ def _load_failure(spec: ClipSpec, err: Exception) -> str:
     cached weights, or weights that are neither here nor reachable."""
     text = str(err)
     if spec.checkpoint:
-        unpickle = "Weights only load failed" in text or type(err).__name__ == "UnpicklingError"
-        if unpickle and "GLOBAL" in text.upper() and "unsupported global" in text.lower():
+        if "unsupported global" in text.lower():  # torch's weights_only unpickler met a class or function
             why = "it holds pickled Python objects besides tensors (code could run), which torch refuses to load"
-        elif unpickle or "zip archive" in text or "header" in text.lower():
-            why = "it is not a readable torch or safetensors file (corrupt, truncated or of another format)"
-        else:
+        elif "loading state_dict" in text or "size mismatch" in text:
             why = f"it is not a state dict of {spec.name} ({_short(err)})"
+        else:  # anything else failed while reading the file itself
+            why = "it is not a readable torch or safetensors file (corrupt, truncated or of another format)"
         return (f"the CLIP checkpoint {spec.checkpoint} could not be loaded: {why}; pass a .safetensors file or a "
                 f"torch state dict of plain tensors saved for {spec.name}.")
     if not spec.pretrained:

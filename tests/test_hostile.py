@@ -276,9 +276,10 @@ def test_bad_clip_configs_and_checkpoints_say_what_is_wrong_with_the_file(tmp_pa
     # a broken config no longer poisons open_clip's registry for the rest of the process
     assert load_clip(ClipSpec(str(TINY_CLIP)), "cpu").embed_dim == 128
 
-    (tmp_path / "junk.pt").write_bytes(b"definitely not weights")
-    msg = _clip_error(ClipSpec(str(TINY_CLIP), checkpoint=str(tmp_path / "junk.pt")))
-    assert "junk.pt could not be loaded: it is not a readable torch or safetensors file" in msg
+    for junk in (b"definitely not weights", b"these are not weights", b"PK\x03\x04 truncated zip"):
+        (tmp_path / "junk.pt").write_bytes(junk)  # "t" is a pickle opcode: torch fails with an IndexError
+        msg = _clip_error(ClipSpec(str(TINY_CLIP), checkpoint=str(tmp_path / "junk.pt")))
+        assert "junk.pt could not be loaded: it is not a readable torch or safetensors file" in msg
 
     class Payload:
         def __reduce__(self):
