@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from indexer import schema as S
 from indexer.clip import ClipSpec, clip_spec_from_args, load_clip, resolve_clip, resolve_device
 from indexer.errors import UserError
-from indexer.images import ShapeMismatch, image_batches
+from indexer.images import ShapeMismatch, image_batches, max_pixels
 from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
 from indexer.manifest import Manifest, read_source, short_error
 from indexer.store import META_FILE, Database, FolderSnapshot, describe_clip, write_json_atomic
@@ -249,6 +249,7 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
     db_path = db.path if isinstance(db, Database) else Path(db).expanduser().resolve()
     _check_db_path(db_path)
+    max_pixels()  # a bad LLM2LOSS_MAX_PIXELS is refused before any work
     manifest = read_source(source)
     existing = db if isinstance(db, Database) else _open_existing(db_path)
     meta = existing.read_meta() if existing else {}

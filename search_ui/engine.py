@@ -107,7 +107,7 @@ def check_where(where: str | None) -> str | None:
             quote = ch
         elif ch == ";":
             raise UserError(f"--where {where!r} holds a `;`, but a filter is one expression, not statements; "
-                            "drop the `;` and what follows it (quote a literal `;` as ';').")
+                            "drop the `;` and what follows it (a `;` inside quotes, like label = 'a;b', is fine).")
     return where
 
 
