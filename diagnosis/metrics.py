@@ -29,6 +29,22 @@ def quality(loss: np.ndarray, predicted: np.ndarray, top: float = 0.10) -> dict:
     return out
 
 
+def undefined_why(loss: np.ndarray, predicted: np.ndarray) -> str | None:
+    """Why :func:`quality` leaves some figure NaN, as a clause for a person (None when all are defined)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    ok = np.isfinite(loss) & np.isfinite(predicted)
+    loss, predicted = loss[ok], predicted[ok]
+    if loss.size < 3:
+        return f"only {loss.size} rows have both a loss and a prediction, and quality needs at least 3"
+    if np.ptp(loss) == 0:
+        return (f"every loss is {loss[0]:g}, so there is nothing to rank: Spearman, R^2 and AUROC are undefined "
+                "(check that the losses were computed per sample)")
+    if np.ptp(predicted) == 0:
+        return f"every predicted loss is {predicted[0]:g}, so Spearman is undefined (the ensemble found no signal)"
+    return None
+
+
 def auroc_top(loss: np.ndarray, score: np.ndarray, top: float = 0.10) -> float:
     """AUROC of ``score`` for the samples whose ``loss`` is in the top ``top`` fraction."""
     from sklearn.metrics import roc_auc_score

@@ -15,6 +15,7 @@ parameters, read back without unpickling: see :func:`diagnosis.ensemble.load_ens
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -26,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from diagnosis.ensemble import DiagnosisEnsemble, UnsafeEnsembleFile, load_ensemble_file, save_ensemble
-from diagnosis.metrics import quality
+from diagnosis.metrics import quality, undefined_why
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database, write_json_atomic, writer_lock
@@ -74,6 +75,8 @@ class DiagnoseReport:
     test: dict | None = None
     fit_split: str = "all"
     timings: dict = field(default_factory=dict)
+    #: why a quality figure is undefined (NaN), for a person; None when all are defined
+    quality_note: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,16 +86,22 @@ class DiagnoseReport:
             f"diagnosed {self.rows} rows in {self.seconds:.1f}s: {self.members} members x {self.folds} folds "
             f"fitted on {self.fitted_rows} {'held-out ' if self.fit_split == 'held-out' else ''}rows"
             + ("" if self.fitted_rows == self.rows_with_loss else " (the rest scored by the full ensemble)"),
-            f"out-of-fold quality on {self.rows_with_loss} rows: Spearman {self.spearman:.3f}, "
-            f"R^2 {self.r2:.3f}, AUROC(top 10% losses) {self.auroc_top10:.3f}",
+            f"out-of-fold quality on {self.rows_with_loss} rows: Spearman {_fig(self.spearman)}, "
+            f"R^2 {_fig(self.r2)}, AUROC(top 10% losses) {_fig(self.auroc_top10)}",
         ]
+        if self.quality_note:
+            lines.append(f"  (undefined figures: {self.quality_note})")
         if self.test:
             lines.append(
-                f"test split ({self.test['n']} rows): Spearman {self.test['spearman']:.3f}, "
-                f"R^2 {self.test['r2']:.3f}, AUROC(top 10% losses) {self.test['auroc_top10']:.3f}"
+                f"test split ({self.test['n']} rows): Spearman {_fig(self.test['spearman'])}, "
+                f"R^2 {_fig(self.test['r2'])}, AUROC(top 10% losses) {_fig(self.test['auroc_top10'])}"
             )
         lines.append(f"predicted_loss and predicted_loss_std written; ensemble saved in {self.path}")
         return "\n".join(lines)
+
+
+def _fig(x: float) -> str:
+    return f"{x:.3f}" if math.isfinite(x) else "undefined"
 
 
 def read_training_data(db: Database, batch_rows: int | None = None, progress: bool = True):
@@ -317,6 +326,7 @@ def _diagnose(db: Database, members, folds, max_rows, progress, random_state, fi
         members=members, folds=ens.n_folds_, spearman=q["spearman"], r2=q["r2"],
         auroc_top10=q["auroc_top10"], seconds=seconds, data_version=data_version, test=q_test,
         timings={k: round(v, 2) for k, v in timings.items()}, fit_split="held-out" if use_held_out else "all",
+        quality_note=undefined_why(loss[has_loss], pred[has_loss]),
     )
     _save(db, ens, image_mean, report, clip)
     return report

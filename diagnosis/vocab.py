@@ -26,9 +26,23 @@ def read_vocab_file(path: str | os.PathLike) -> list[str]:
     """Phrases of a vocabulary file: one per line; blank lines and ``#`` comments skipped, duplicates
     dropped (first kept)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"vocabulary file {p} is a folder; pass a text file with one phrase per line.")
     if not p.is_file():
         raise UserError(f"vocabulary file {p} does not exist; pass a text file with one phrase per line.")
-    phrases = _unique(line.strip() for line in p.read_text(encoding="utf-8").splitlines())
+    try:
+        raw = p.read_bytes()
+        if b"\0" in raw:  # valid UTF-8 but binary (UTF-16 text, an image, a database file)
+            at = raw.index(b"\0")
+            raise UnicodeDecodeError("utf-8", raw, at, at + 1, "a NUL byte")
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"vocabulary file {p} is not UTF-8 text ({e.reason} at byte {e.start}); pass a text "
+                        "file with one phrase per line.") from e
+    except OSError as e:
+        raise UserError(f"vocabulary file {p} cannot be read ({type(e).__name__}: {e.strerror}); pass a "
+                        "readable text file.") from e
+    phrases = _unique(line.strip() for line in text.splitlines())
     phrases = [s for s in phrases if s and not s.startswith("#")]
     if not phrases:
         raise UserError(f"vocabulary file {p} holds no phrases; write one description per line.")

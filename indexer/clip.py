@@ -106,8 +106,9 @@ class ClipModel:
         self.spec = spec
         self.device = resolve_device(device)
         if spec.config_path is not None:
-            if not spec.config_path.is_file():
-                raise UserError(f"CLIP config {spec.config_path} does not exist; pass an existing JSON file.")
+            # Checked before open_clip sees it: open_clip keeps every added path and re-reads them all
+            # on each add, so one malformed file would break every later model load in the process.
+            check_config(spec.config_path)
             open_clip.add_model_config(str(spec.config_path))
         elif spec.model not in open_clip.list_models():
             raise UserError(
@@ -128,7 +129,7 @@ class ClipModel:
         except UserError:
             raise
         except Exception as e:  # open_clip raises RuntimeError/OSError/HF errors for missing weights
-            raise UserError(_weights_message(spec, e)) from e
+            raise UserError(_load_failure(spec, e)) from e
         model.eval()
         self.model = model
         self.preprocess = preprocess
@@ -245,6 +246,69 @@ def _normalise(z: torch.Tensor) -> np.ndarray:
     z = z.float()
     z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return z.cpu().numpy().astype(np.float32, copy=False)
+
+
+#: Keys open_clip needs in an architecture config (it silently ignores a file without them).
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def check_config(path: Path) -> dict:
+    """A CLIP architecture config file, read and checked: a JSON object with ``embed_dim`` (a
+    positive integer), ``vision_cfg`` and ``text_cfg`` (objects); anything else is a UserError."""
+    if not path.is_file():
+        raise UserError(f"CLIP config {path} does not exist; pass an existing JSON file.")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"CLIP config {path} is not valid JSON ({type(e).__name__}: {str(e)[:100]}); "
+                        "fix the file or pass another config.") from e
+    if not isinstance(cfg, dict):
+        raise UserError(f"CLIP config {path} holds a JSON {type(cfg).__name__}, not an object; write the "
+                        f"architecture as an object with {', '.join(CONFIG_KEYS)}.")
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise UserError(f"CLIP config {path} is incomplete: it lacks {', '.join(f'`{k}`' for k in missing)}; "
+                        "copy a complete open_clip model config and edit it.")
+    if not (isinstance(cfg["embed_dim"], int) and not isinstance(cfg["embed_dim"], bool) and cfg["embed_dim"] > 0):
+        raise UserError(f"CLIP config {path} has `embed_dim` {cfg['embed_dim']!r}; give a positive integer.")
+    for k in ("vision_cfg", "text_cfg"):
+        if not isinstance(cfg[k], dict):
+            raise UserError(f"CLIP config {path} has a `{k}` that is not an object; give its settings as a JSON object.")
+    return cfg
+
+
+def _short(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+
+
+def _load_failure(spec: ClipSpec, err: Exception) -> str:
+    """Why building ``spec`` failed, in one sentence: a bad config, a bad checkpoint file, corrupt
+    cached weights, or weights that are neither here nor reachable."""
+    text = str(err)
+    if spec.checkpoint:
+        if "unsupported global" in text.lower():  # torch's weights_only unpickler met a class or function
+            why = "it holds pickled Python objects besides tensors (code could run), which torch refuses to load"
+        elif "loading state_dict" in text or "size mismatch" in text:
+            why = f"it is not a state dict of {spec.name} ({_short(err)})"
+        else:  # anything else failed while reading the file itself
+            why = "it is not a readable torch or safetensors file (corrupt, truncated or of another format)"
+        return (f"the CLIP checkpoint {spec.checkpoint} could not be loaded: {why}; pass a .safetensors file or a "
+                f"torch state dict of plain tensors saved for {spec.name}.")
+    if not spec.pretrained:
+        where = f"its config {spec.config_path}" if spec.config_path else "open_clip's config"
+        return (f"CLIP model {spec.name} could not be built from {where} ({_short(err)}); fix the config's "
+                "settings or pass another model.")
+    try:
+        import open_clip
+
+        cached = _pretrained_cached(open_clip.get_pretrained_cfg(spec.name, spec.pretrained))
+    except Exception:
+        cached = False
+    if cached:
+        return (f"the cached weights '{spec.pretrained}' of CLIP model {spec.name} could not be loaded ({_short(err)}); "
+                "delete them from the Hugging Face cache (HF_HOME) and download them again, or pass "
+                "--clip-checkpoint PATH.")
+    return _weights_message(spec, err)
 
 
 def _weights_message(spec: ClipSpec, err: Exception | None) -> str:

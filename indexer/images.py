@@ -3,6 +3,11 @@
 :func:`image_batches` yields :class:`ImageBatch` objects in the order of the given rows. An image
 that is missing or cannot be decoded does not stop the run: it comes back in ``failed`` with its
 reason, and the batch holds only the good images.
+
+:func:`open_image` is the one way the project opens an image file (indexing, ``similar FILE``,
+``search --image FILE``, the web UI): a file over the pixel budget (``LLM2LOSS_MAX_PIXELS``, default
+40 million pixels) is refused from its header, before anything is decoded, and a decompression bomb,
+a truncated or non-image file comes back as :class:`ImageRefused` with a reason, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +21,82 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from indexer.errors import UserError
+
 Transform = Callable[[object], torch.Tensor]
+
+#: Images over this many pixels are refused unless ``LLM2LOSS_MAX_PIXELS`` says otherwise: 40 MP
+#: decodes to 120 MB of RGB (a 144 MP photo cost +0.9 GB of memory per decoding process).
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "LLM2LOSS_MAX_PIXELS"
+
+#: Reasons :func:`open_image` gives (they become the ``reason`` column of rejects.csv).
+NOT_FOUND, UNREADABLE, TOO_LARGE = "image not found", "unreadable image", "image too large"
+
+
+class ImageRefused(Exception):
+    """An image that :func:`open_image` will not decode: ``reason`` (one of ``NOT_FOUND``,
+    ``UNREADABLE``, ``TOO_LARGE``) and ``detail``, a clause naming the file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+    def user_error(self, fix: str = "pass a PNG/JPEG file or a stored sample id") -> UserError:
+        """The refusal as one sentence for a person: the detail, then ``fix``."""
+        extra = f" (or raise {MAX_PIXELS_ENV})" if self.reason == TOO_LARGE else ""
+        return UserError(f"cannot use the image: {self.detail}; {fix}{extra}.")
+
+
+def max_pixels() -> int:
+    """The pixel budget: ``LLM2LOSS_MAX_PIXELS`` (a positive integer, ``4e7`` allowed), else 40 MP."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 1 and value < 1e15):
+        raise UserError(f"{MAX_PIXELS_ENV}={raw!r} is not a positive number of pixels; set it to a number like "
+                        f"{DEFAULT_MAX_PIXELS} or unset it.")
+    return int(value)
+
+
+def open_image(path, limit: int | None = None):
+    """The image file at ``path`` as a decoded PIL RGB image, or :class:`ImageRefused`.
+
+    The size is read from the header and checked against ``limit`` (default :func:`max_pixels`)
+    before the pixels are decoded, so an oversized file or a decompression bomb costs no memory.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    limit = max_pixels() if limit is None else int(limit)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's EXIF/palette/bomb warnings would flood stderr
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise ImageRefused(TOO_LARGE, f"{path} is {w}x{h} pixels ({w * h / 1e6:.1f} MP), over the "
+                                                  f"{limit / 1e6:g} MP budget")
+                im.load()
+                return im.convert("RGB")
+    except ImageRefused:
+        raise
+    except FileNotFoundError:
+        raise ImageRefused(NOT_FOUND, f"{path} does not exist") from None
+    except Image.DecompressionBombError as e:  # PIL's own check, at open, past ~179 MP
+        import re
+
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(n.group(1)) / 1e6:.1f} MP" if n else "more pixels than PIL allows"
+        raise ImageRefused(TOO_LARGE, f"{path} declares {size} (a decompression bomb), over the "
+                                      f"{limit / 1e6:g} MP budget") from None
+    except IsADirectoryError:
+        raise ImageRefused(UNREADABLE, f"{path} is a folder, not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError, EOFError) as e:
+        raise ImageRefused(UNREADABLE, f"{path} is not a readable image ({type(e).__name__})") from None
 
 
 @dataclass
@@ -42,26 +122,19 @@ class ImageDataset(Dataset):
         self.paths = paths
         self.rows = np.asarray(rows, dtype=np.int64)
         self.transforms = list(transforms)
+        self.limit = max_pixels()  # read once here: the env var of the parent, not of each worker
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
-
         row = int(self.rows[i])
         path = self.paths[i]
         path = path.as_py() if hasattr(path, "as_py") else path  # an Arrow string array's scalar
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # PIL's EXIF/palette warnings would flood stderr
-                with Image.open(path) as im:
-                    im.load()
-                    rgb = im.convert("RGB")
-        except FileNotFoundError:
-            return row, None, ("image not found", f"{path} does not exist")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            return row, None, ("unreadable image", f"{path} is not a readable image ({type(e).__name__})")
+            rgb = open_image(path, self.limit)
+        except ImageRefused as e:
+            return row, None, (e.reason, e.detail)
         return row, [t(rgb) for t in self.transforms], None
 
 

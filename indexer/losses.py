@@ -204,6 +204,29 @@ class ClassMap:
         return t, rejects
 
 
+def check_scores(scores: np.ndarray, task: str, source: str, ids=None, rows=None, columns=None) -> None:
+    """Refuse scores no loss can honestly be computed from: one column for a classification (the
+    softmax over one class is 1, every loss 0) or a NaN / infinite value (an infinite probability
+    would clip to a loss of 0). ``ids`` name the rows in the message (else ``rows``, 0-based)."""
+    if task == "classification" and scores.shape[1] < 2:
+        raise UserError(
+            f"{source} gives one score per sample, but a classification needs one per class (a softmax over "
+            "one class is always 1, so every loss would be 0); give one column per class (two for a binary "
+            "task), or pass --task multilabel for one sigmoid score or --task regression for numeric labels."
+        )
+    finite = np.isfinite(scores)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(axis=1))
+        i = int(bad[0])
+        j = int(np.flatnonzero(~finite[i])[0])
+        where = f"id {ids[i]!r}" if ids is not None else f"manifest row {int(rows[i]) + 1 if rows is not None else i + 1}"
+        raise UserError(
+            f"{source} gives the score {scores[i, j]} (column {columns[j] if columns else j + 1!r}) for {where}"
+            + (f" and non-finite scores for {len(bad) - 1} more rows" if len(bad) > 1 else "")
+            + "; every score must be a finite number (a probability or a logit)."
+        )
+
+
 def losses_from_scores(scores: np.ndarray, labels: list, rows: np.ndarray, task: str, cmap: ClassMap | None,
                        probabilities: bool | None = None) -> tuple[np.ndarray, Rejects]:
     """Losses (b,) float64 for (b, K) ``scores`` against label strings; NaN where rejected."""
@@ -291,6 +314,7 @@ def losses_from_predictions(manifest: Manifest, path: str | Path, task: str = "a
     if all(lab is None for lab in labels):
         raise UserError(f"the manifest {manifest.path} has no `label` column; losses from --predictions need each sample's label.")
     task = resolve_task(task, labels, len(classes))
+    check_scores(aligned, task, f"the predictions file {path}", ids=mids, columns=classes)
     cmap = None if task == "regression" else ClassMap(labels, classes, f"the predictions file {path}")
     if cmap is not None:
         cmap.check_count(len(classes), f"the predictions file {path}")
@@ -347,7 +371,14 @@ class ModelLoss:
         import torch
 
         self.entry, self.labels, self.device = entry, labels, device
-        out = load_entry_point(entry)()
+        loader = load_entry_point(entry)
+        try:
+            out = loader()
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"--model {entry}: calling {entry.rpartition(':')[2]}() raised {short_error(e)}; "
+                            "fix the function so that it returns a torch model.") from e
         model, preprocess = (out if isinstance(out, tuple) else (out, None))[:2]
         if not callable(model):
             raise UserError(f"--model {entry} returned {type(model).__name__}, not a torch model; return a torch.nn.Module.")
@@ -377,20 +408,41 @@ class ModelLoss:
         """(b, ...) preprocessed batch for manifest ``rows`` -> (b,) float64 losses and rejects."""
         import torch
 
-        with torch.inference_mode():
-            scores = self.model(inputs.to(self.device))
-        if isinstance(scores, tuple | list):
+        first = f"manifest row{'s' if len(rows) > 1 else ''} {int(rows[0]) + 1}" + (
+            f" to {int(rows[-1]) + 1}" if len(rows) > 1 else "")
+        try:
+            with torch.inference_mode():
+                scores = self.model(inputs.to(self.device))
+        except Exception as e:  # the user's code: any error, reported with the rows it was given
+            raise UserError(f"--model {self.entry} failed on the images of {first} ({short_error(e)}); "
+                            "fix the model's forward or its preprocessing.") from e
+        if isinstance(scores, tuple | list) and scores:
             scores = scores[0]
+        if isinstance(scores, np.ndarray) and np.issubdtype(scores.dtype, np.number):
+            scores = torch.from_numpy(scores)
+        if not isinstance(scores, torch.Tensor) or scores.is_complex() or scores.numel() == 0:
+            what = type(scores).__name__ if not isinstance(scores, torch.Tensor) else f"a {scores.dtype} tensor"
+            raise UserError(f"--model {self.entry} returned {what} for the images of {first}, not scores; "
+                            "make its forward return a (batch, classes) float tensor.")
+        if scores.ndim == 0 or scores.shape[0] != len(rows):
+            raise UserError(f"--model {self.entry} returned scores of shape {tuple(scores.shape)} for a batch of "
+                            f"{len(rows)} images ({first}); return one row of scores per image, (batch, classes).")
         scores = scores.detach().float().cpu().numpy().astype(np.float64)
         scores = scores.reshape(len(rows), -1)
         labels = [self.labels[int(r)] for r in rows]
+        source = f"--model {self.entry}"
         if self.task is None:  # first batch: fix the task, the class map and the score kind
             self.task = resolve_task(self.task_arg, self.labels, scores.shape[1])
-            source = f"--model {self.entry}"
+            if self._classes is not None and self.task != "regression" and len(self._classes) != scores.shape[1]:
+                raise UserError(f"{source} lists {len(self._classes)} `classes` but outputs {scores.shape[1]} "
+                                "scores per image; make `classes` name one class per output, in order.")
+            check_scores(scores, self.task, source, rows=rows)
             if self.task != "regression":
                 self.cmap = ClassMap(self.labels, list(self._classes) if self._classes is not None else None, source)
                 self.cmap.check_count(scores.shape[1], source)
                 self.probabilities = is_probability(scores, self.task)
+        else:
+            check_scores(scores, self.task, source, rows=rows)
         return losses_from_scores(scores, labels, rows, self.task, self.cmap, self.probabilities)
 
 

@@ -164,6 +164,14 @@ def _read_folder(root: Path) -> pa.Table:
                 labels.append(cls.name)
             elif not entry.name.startswith("."):
                 skipped += 1
+    bad = [i for i in ids if not _utf8(i)]
+    if bad:
+        shown = bad[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise UserError(
+            f"the folder {root} holds {len(bad)} image or class names that are not valid UTF-8 (first: "
+            f"'{shown}'), which cannot be stored as ids; rename them to UTF-8 names (`convmv -r -f latin1 "
+            f"-t utf8 --notest {root}` does it)."
+        )
     if not ids:
         raise UserError(
             f"the folder {root} holds no images laid out as root/<class>/<image>; pass such a folder "
@@ -172,6 +180,15 @@ def _read_folder(root: Path) -> pa.Table:
     if skipped:
         log.warning("%s: ignored %d files that are not images inside a class folder", root, skipped)
     return pa.table({S.ID: ids, S.IMAGE: images, S.LABEL: labels})
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name decoded by the OS (undecodable bytes as surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_string(col: pa.ChunkedArray, name: str, p: Path) -> pa.ChunkedArray:

@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 from indexer import schema as S
 from indexer.clip import ClipSpec, clip_spec_from_args, load_clip, resolve_clip, resolve_device
 from indexer.errors import UserError
-from indexer.images import ShapeMismatch, image_batches
+from indexer.images import ShapeMismatch, image_batches, max_pixels
 from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
-from indexer.manifest import Manifest, read_source
+from indexer.manifest import Manifest, read_source, short_error
 from indexer.store import META_FILE, Database, FolderSnapshot, describe_clip, write_json_atomic, writer_lock
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,10 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
     t_start = time.perf_counter()
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1.")
-    manifest = read_source(source)
     db_path = db.path if isinstance(db, Database) else Path(db).expanduser().resolve()
+    _check_db_path(db_path)
+    max_pixels()  # a bad LLM2LOSS_MAX_PIXELS is refused before any work
+    manifest = read_source(source)
     existing = db if isinstance(db, Database) else _open_existing(db_path)
     meta = existing.read_meta() if existing else {}
     spec = resolve_clip(clip, meta)
@@ -278,11 +280,28 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
                      todo, rejects, already, t_start)
 
 
+def _check_db_path(p: Path) -> None:
+    """Refuse a ``--db`` that is a file, or a new folder that cannot be made, before any work."""
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--db {p} is an existing file, not a database folder; pass a folder (a new path creates one).")
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--db {p} cannot be created because {parent} is a file, not a folder; pass another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--db {p} cannot be {'written' if parent == p else 'created'}: no permission to write in "
+                        f"{parent}; pass a folder you can write to.")
+
+
 def begin_writing(plan: IndexPlan, snap: FolderSnapshot) -> Database:
     """Open (or create) the database, stamp meta.json's model and sources, create the table when
     there are rows to add. Call inside the ``try`` that rolls ``snap`` back on a UserError."""
     meta, manifest, spec = plan.meta, plan.manifest, plan.spec
-    database = plan.existing or Database(plan.db_path, create=True)
+    try:
+        database = plan.existing or Database(plan.db_path, create=True)
+    except OSError as e:
+        raise UserError(f"--db {plan.db_path} cannot be created ({short_error(e)}); pass a folder you can write to.") from e
     if database.has_table():
         snap.version = database.version
     new_meta = dict(meta)
@@ -326,6 +345,8 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
     The run holds the database's writer lock from deciding its rows to building the FAISS index
     (:func:`indexer.store.writer_lock`): a second writer of the same folder is refused at once.
     """
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers} is negative; pass 0 (decode in this process) or a number of processes.")
     with writer_lock(db_folder(db), "index") as existed:
         plan = prepare_index(source, db, clip, predictions, model, task, batch_size, device, strict)
         snap = FolderSnapshot(plan.db_path, dir_existed=existed)

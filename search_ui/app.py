@@ -104,7 +104,7 @@ def _search_tab(ui: Handlers, sel_dropdown_holder: list):
 
 def _similar_tab(ui: Handlers):
     with gr.Row():
-        upload = gr.Image(label="Drop an image", type="filepath", sources=["upload", "clipboard"], height=220)
+        upload = gr.File(label="Drop an image", file_types=["image"], type="filepath", height=220)  # opened by us
         with gr.Column():
             sample_id = gr.Textbox(label="…or a sample id", elem_id="similar-id")
             k = gr.Slider(1, 200, value=24, step=1, label="Results (k)")

@@ -107,17 +107,28 @@ def cmd_explain(args) -> int:
     return 0
 
 
-def _print_results(results, as_json: bool) -> None:
+def _print_results(results, as_json: bool, args=None) -> None:
     if as_json:
         _print_json([r.to_dict() for r in results])
         return
+    if not results:
+        why = f"no row of {args.db} matches --where {args.where!r}" if args is not None and args.where else \
+            "the database holds no other rows to rank"
+        print(f"no results: {why}.")
     for i, r in enumerate(results, 1):
         print(f"{i:3d}. {r.summary()}")
 
 
 def cmd_search(args) -> int:
-    from search_ui.engine import QueryEngine
+    from search_ui.engine import QueryEngine, parse_weighted
 
+    if not args.text.strip() and args.image is None:
+        raise UserError("the search TEXT is empty; say what to look for, like `llm2loss search \"a blue circle\"`, "
+                        "or pass --image ID|FILE to search by an image.")
+    for opt, phrases in (("--also", args.also), ("--negative", args.negative)):
+        for p in phrases:
+            if not str(parse_weighted(p)[0]).strip():
+                raise UserError(f"{opt} {p!r} has no phrase; give the words, like {opt} \"snow:0.5\", or drop it.")
     engine = QueryEngine(args.db)
     results = engine.search(
         # the main phrase is taken literally ("16:9" is not a weight); --also/--negative take TEXT:W
@@ -129,7 +140,7 @@ def cmd_search(args) -> int:
         image=args.image,
         candidates=args.candidates,
     )
-    _print_results(results, args.json)
+    _print_results(results, args.json, args)
     return 0
 
 
@@ -139,7 +150,7 @@ def cmd_similar(args) -> int:
     engine = QueryEngine(args.db)
     results = engine.similar(args.query, k=args.k, where=args.where, weight=args.weight,
                              candidates=args.candidates)
-    _print_results(results, args.json)
+    _print_results(results, args.json, args)
     return 0
 
 

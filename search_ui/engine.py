@@ -94,8 +94,29 @@ def parse_weighted(item, default: float = 1.0) -> tuple[object, float]:
     return item, default
 
 
+def check_where(where: str | None) -> str | None:
+    """``where`` as given (None when blank), refused when it holds a ``;`` outside quotes: a filter
+    is one SQL expression, and LanceDB would silently ignore whatever follows the first statement."""
+    if where is None or not str(where).strip():
+        return None
+    quote = None
+    for ch in str(where):
+        if quote:
+            quote = None if ch == quote else quote  # '' inside a string closes and reopens it: same result
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            raise UserError(f"--where {where!r} holds a `;`, but a filter is one expression, not statements; "
+                            "drop the `;` and what follows it (a `;` inside quotes, like label = 'a;b', is fine).")
+    return where
+
+
 def _sql_in(ids: list[str]) -> str:
     return f"{S.ID} IN (" + ",".join("'" + str(i).replace("'", "''") + "'" for i in ids) + ")"
+
+
+def _blank(phrase) -> bool:
+    return isinstance(phrase, str) and not phrase.strip()
 
 
 class QueryEngine:
@@ -202,13 +223,13 @@ class QueryEngine:
 
     def encode_image(self, path: str | Path) -> np.ndarray:
         """An image file -> (d,) float32 unit CLIP embedding, preprocessed like the indexed images."""
-        from PIL import Image, UnidentifiedImageError
+        from indexer.images import ImageRefused, open_image
 
         try:
-            with Image.open(path) as im:
-                pixels = self.clip.preprocess(im.convert("RGB")).unsqueeze(0)
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {path} ({e}); pass a PNG/JPEG file or a stored sample id.") from e
+            rgb = open_image(path)  # the indexer's own check: pixel budget before decoding, no bombs
+        except ImageRefused as e:
+            raise e.user_error() from None
+        pixels = self.clip.preprocess(rgb).unsqueeze(0)
         return self.clip.encode_images(pixels)[0]
 
     def resolve_image(self, item) -> tuple[np.ndarray, str | None]:
@@ -379,6 +400,10 @@ class QueryEngine:
         log.warning(msg)
 
     def _run(self, t0, positives, negatives, k, where, weight, candidates, exclude=()) -> list[SearchResult]:
+        where = check_where(where)
+        if candidates is not None and int(candidates) < 1:
+            raise UserError(f"--candidates {candidates} leaves no rows to rank; pass at least -k ({k}), or leave it "
+                            "out for the default max(100, 10 k).")
         u = self.query_vector(positives, negatives)
         self.timings["encode"] = time.perf_counter() - t0
         n = max(int(candidates or default_candidates(k)), int(k))
@@ -404,8 +429,8 @@ class QueryEngine:
         """
         t0 = self._start(k)
         texts = [text] if isinstance(text, str) or (isinstance(text, tuple) and len(text) == 2) else list(text or [])
-        pos_t = [parse_weighted(t) for t in texts if not (isinstance(t, str) and not t.strip())]
-        neg_t = [parse_weighted(t, DEFAULT_NEGATIVE_WEIGHT) for t in (negatives or [])]
+        pos_t = [p for p in (parse_weighted(t) for t in texts) if not _blank(p[0])]
+        neg_t = [p for p in (parse_weighted(t, DEFAULT_NEGATIVE_WEIGHT) for t in (negatives or [])) if not _blank(p[0])]
         phrases = [str(p) for p, _ in pos_t] + [str(p) for p, _ in neg_t]
         emb = self.encode_text(phrases) if phrases else None
         positives = [(emb[i], w) for i, (_, w) in enumerate(pos_t)]

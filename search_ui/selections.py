@@ -59,9 +59,15 @@ class Selections:
         if not self.path.exists():
             return {}
         try:
-            data = json.loads(self.path.read_text())
-        except ValueError as e:
-            raise UserError(f"{self.path} is not valid JSON ({e}); fix or delete it.") from e
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.path} is not valid JSON ({type(e).__name__}); fix or delete it.") from e
+        if not isinstance(data, dict):
+            raise UserError(f"{self.path} holds a JSON {type(data).__name__}, not an object of selection name -> "
+                            "list of ids; fix or delete it.")
+        for name, ids in data.items():
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise UserError(f"selection {name!r} in {self.path} is not a list of id strings; fix or delete it.")
         return {k: list(data[k]) for k in sorted(data)}
 
     def names(self) -> list[str]:

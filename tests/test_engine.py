@@ -149,7 +149,7 @@ def test_similar_new_image_file_is_embedded_on_the_fly(engine, db, tmp_path):
     with pytest.raises(UserError, match="neither a sample id"):
         engine.similar(str(tmp_path / "missing.png"))
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    with pytest.raises(UserError, match="cannot read image"):
+    with pytest.raises(UserError, match="junk.png is not a readable image"):
         engine.similar(str(tmp_path / "junk.png"))
 
 

@@ -79,12 +79,16 @@ def display_image(path: str | None, side: int = 256):
         return None
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if max(im.size) < side:
-            f = side / max(im.size)
-            im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.NEAREST)
-        return im
+    from indexer.images import ImageRefused, open_image
+
+    try:
+        im = open_image(path)
+    except ImageRefused as e:
+        raise e.user_error("it may have changed on disk since indexing; re-run `llm2loss index`") from None
+    if max(im.size) < side:
+        f = side / max(im.size)
+        im = im.resize((round(im.width * f), round(im.height * f)), Image.Resampling.NEAREST)
+    return im
 
 
 class Handlers:
@@ -148,6 +152,18 @@ class Handlers:
 
     @friendly
     def similar(self, upload, sample_id, k, weight, progress=gr.Progress()):
+        # The upload arrives as a file path, unopened (a gr.File, not a gr.Image, whose own decoding
+        # answers a bad file with Gradio's multi-line message): the engine opens it with the
+        # indexer's image check and refuses a bad one in one sentence.
+        upload = getattr(upload, "path", upload)  # a FileData when called in-process
+        if upload is not None:
+            from indexer.images import ImageRefused, open_image
+
+            try:
+                open_image(upload).close()
+            except ImageRefused as e:  # named by its file name: the server's upload folder is no one's business
+                e.detail = e.detail.replace(str(upload), f"the dropped file {Path(str(upload)).name!r}")
+                raise e.user_error("drop a PNG or JPEG image, or type a sample id") from None
         query = upload or _none_if_blank(sample_id)
         progress(0.2, desc="searching")
         recs = self.similar_records(query, k, weight, uploaded=bool(upload))

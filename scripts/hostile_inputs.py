@@ -1,0 +1,677 @@
+"""Recount issue 14 as a hostile user would: every bad input the CLI can be given, against a small
+world built in a temporary folder, and (``--http``) probes of a running ``serve``.
+
+    nice -n 10 .venv/bin/python scripts/hostile_inputs.py [--jobs 2] [--http] [--json OUT.json]
+    nice -n 10 .venv/bin/python scripts/hostile_inputs.py --only similar,select   # names containing these
+
+Each case runs ``python -m search_ui.cli ...`` in a fresh process on its own copy of the database
+(a 60-row tiny-CLIP database with a fitted ensemble, images and manifest beside it, a secret file and
+a private folder among them, as a careless user would leave them). Counted per case:
+
+* ``refused``: exit 2 and exactly one line on stderr that is not a log line, no "Traceback";
+* ``refused, several lines``: exit 2 but more than one non-log line;
+* ``traceback``: "Traceback" on stderr, or an exit status other than 0, 2 and 130;
+* ``accepted``: exit 0 for an input that must be refused (silently accepted);
+* ``said`` / ``silent``: for inputs that are fine but must be *said* (a search matching nothing,
+  constant losses), exit 0 with / without the expected words;
+* ``data lost``: the database copy's rows, ids or meta.json differ after a refused case, or a
+  concurrent run leaves rows stored twice or a reader dying; ``code ran``: a crafted database file
+  executed code.
+
+``--http`` starts ``llm2loss serve`` on a free port over the same world and asks the file route for
+files that are not indexed images (the manifest beside the images, a secret, a private key, the
+database's own files, traversal and symlinks) and uploads an unreadable image to the similar-image
+endpoint. Counted: files served that are not indexed images (goal 0) and the upload's answer.
+
+Cases are tagged with the part of issue 14 they come from and the branch that fixes them (``input``:
+hostile input; ``sec``: the serve allow-list, locks, export safety, pickles, NA ids); ``baseline``
+cases were already handled before the issue and guard against regressions. Prints a table and a JSON
+summary (the numbers BENCHMARKS.md records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
+TINY = ROOT / "indexer" / "configs" / "tiny-clip.json"
+
+
+# ---- the world ------------------------------------------------------------------------------------
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG declaring width x height pixels with ~100 bytes of data (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def build_world(base: Path) -> dict:
+    """World folder (images, manifest.csv, secret.txt, private/id_rsa), a database with a fitted
+    ensemble, and the bad files the cases pass."""
+    from diagnosis.run import diagnose
+    from tests.fakes import make_db
+
+    world = base / "world"
+    db = make_db(world, n=60, predicted=False)
+    diagnose(db, members=2, folds=2, progress=False)
+    (world / "secret.txt").write_text("not an image\n")
+    (world / "private").mkdir()
+    (world / "private" / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    os.symlink(world / "secret.txt", world / "images" / "zz_link.png")
+    bad = base / "bad"
+    bad.mkdir()
+    png_header(bad / "bomb.png", 30000, 30000)
+    png_header(bad / "big.png", 9000, 9000)  # 81 MP: under PIL's own limit, over the 40 MP budget
+    (bad / "notes.png").write_text("text, not a PNG")
+    (bad / "vocab.bin").write_bytes(bytes(range(256)) * 8)
+    (bad / "vocab_dir").mkdir()
+    (bad / "afile").write_text("keep me\n")
+    (bad / "broken.json").write_text('{"embed_dim": 128, "vision_cfg": {')
+    cfg = json.loads(TINY.read_text())
+    (bad / "partial.json").write_text(json.dumps({"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"]}))
+    (bad / "junk.pt").write_bytes(b"these are not weights")
+    _write_unsafe_checkpoint(bad / "unsafe.pt", base / "MARKER_checkpoint")
+    (bad / "models.py").write_text(MODELS)
+    # a class folder with a name that is not UTF-8
+    from PIL import Image
+
+    (bad / "folder" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(bad / "folder" / "cat" / "ok.png")
+    Image.new("RGB", (8, 8)).save(os.path.join(os.fsencode(bad / "folder" / "cat"), b"caf\xe9.png"))
+    return {"world": world, "db": db.path, "bad": bad, "base": base}
+
+
+MODELS = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, out=3, fail=False, kind="tensor", classes=None):
+        super().__init__()
+        self.lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(out))
+        self.fail, self.kind = fail, kind
+        if classes is not None:
+            self.classes = classes
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("pretend CUDA out of memory")
+        y = self.lin(x)
+        return {"logits": y} if self.kind == "dict" else y
+
+
+def raises():
+    raise ValueError("weights file missing")
+
+def forward_raises():
+    return Net(fail=True)
+
+def non_tensor():
+    return Net(kind="dict")
+
+def wrong_width():
+    return Net(out=4, classes=["circle", "square", "triangle"])
+'''
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that loading ran code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _write_unsafe_checkpoint(path: Path, marker: Path) -> None:
+    import torch
+
+    torch.save({"weights": _Marker(str(marker))}, path)
+
+
+# ---- cases -------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    name: str
+    part: str  # "one sentence" | "said" | "security" | "data loss" | "baseline"
+    owner: str  # "input" | "sec" | "baseline"
+    args: list[str] = field(default_factory=list)
+    expect: str = "refuse"  # "refuse" | "say" (exit 0 with `words`) | "safe" (custom check)
+    words: list[str] = field(default_factory=list)
+    setup: Callable[[dict, Path], None] | None = None
+    env: dict = field(default_factory=dict)
+    check: Callable[[dict, Path, list], str | None] | None = None  # -> a problem, or None
+    runs: int = 1  # >1: that many copies of the command at once (concurrency)
+
+
+def _manifest(edit=None, name="m.csv", drop_loss=False):
+    """setup: a copy of the world's manifest with absolute image paths, edited."""
+    def setup(w, d):
+        import pandas as pd
+
+        m = pd.read_csv(w["world"] / "manifest.csv")
+        m["image"] = [str(w["world"] / p) for p in m["image"]]
+        m["id"] = ["n" + i for i in m["id"]]  # new ids: the rows are added, not skipped as stored
+        if drop_loss:
+            m = m.drop(columns=["loss"])
+        if edit:
+            m = edit(m, w, d)
+        m.to_csv(d / name, index=False)
+    return setup
+
+
+def _predictions(kind):
+    def setup(w, d):
+        import numpy as np
+        import pandas as pd
+
+        _manifest(drop_loss=True)(w, d)
+        m = pd.read_csv(d / "m.csv")
+        p = np.random.default_rng(0).dirichlet(np.ones(3), len(m))
+        cols = {"circle": p[:, 0], "square": p[:, 1], "triangle": p[:, 2]}
+        if kind == "nan":
+            cols["square"][3] = np.nan
+        elif kind == "inf":
+            cols["circle"][2] = np.inf
+        elif kind == "one column":
+            cols = {"circle": p[:, 0]}
+        pd.DataFrame({"id": m["id"], **cols}).to_csv(d / "p.csv", index=False)
+    return setup
+
+
+def _na_ids(w, d):
+    _manifest(lambda m, w, d: m.assign(id=["nan", "NA", "null"] + list(m["id"][3:])))(w, d)
+
+
+def _check_na_ids(w, d, procs):
+    from indexer.store import Database
+
+    ids = set(Database(d / "db").read(["id"]).column("id").to_pylist())
+    missing = [i for i in ("nan", "NA", "null") if i not in ids]
+    return f"ids {missing} were not stored as given" if missing else None
+
+
+def _crafted_ensemble(w, d):
+    import joblib
+
+    joblib.dump(_Marker(str(d / "MARKER")), d / "db" / "diagnosis" / "ensemble.joblib")
+
+
+def _crafted_ensemble_and_new_rows(w, d):
+    from indexer import schema as S
+    from indexer.store import Database
+
+    _crafted_ensemble(w, d)
+    Database(d / "db").table.update(where="id = 's00001'", values={S.PREDICTED_LOSS: None})
+
+
+def _one_big_image(m, w, d):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(d / "big64.png")  # 4096 pixels; the world's images have 1024
+    m.loc[0, "image"] = str(d / "big64.png")
+    return m
+
+
+def _check_rejected_big(w, d, procs):
+    import csv
+
+    with open(d / "db" / "rejects.csv") as f:
+        rows = list(csv.DictReader(f))
+    if [r["reason"] for r in rows] != ["image too large"]:
+        return f"rejects.csv lists {[r['reason'] for r in rows]}"
+    return None
+
+
+def _check_no_code(w, d, procs):
+    return "a crafted database file ran code" if (d / "MARKER").exists() else None
+
+
+def _check_checkpoint_marker(w, d, procs):
+    return "the checkpoint ran code" if (w["base"] / "MARKER_checkpoint").exists() else None
+
+
+def _corrupt_meta(w, d):
+    (d / "db" / "meta.json").write_text('{"clip": ')
+
+
+def _selections(content):
+    def setup(w, d):
+        (d / "db" / "selections.json").write_text(content)
+    return setup
+
+
+def _constant_losses(w, d):
+    from indexer import schema as S
+    from indexer.store import Database
+
+    Database(d / "db").table.update(values={S.LOSS: 0.25})
+
+
+def _check_files_kept(*paths):
+    def check(w, d, procs):
+        for p in paths:
+            p = Path(str(p).format(db=d / "db", bad=w["bad"], d=d))
+            if not p.exists():
+                return f"{p} was destroyed"
+        return None
+    return check
+
+
+def _check_out_regular(w, d, procs):
+    out = d / "x.json"
+    if out.is_dir():
+        return "--out x.json made a folder"
+    return None
+
+
+def _two_index_setup(w, d):
+    shutil.rmtree(d / "db")
+    _manifest()(w, d)
+
+
+def _check_once(w, d, procs):
+    from indexer.store import Database
+
+    ids = Database(d / "db").read(["id"]).column("id").to_pylist()
+    if len(ids) != len(set(ids)):
+        return f"{len(ids)} rows stored for {len(set(ids))} ids"
+    if any(p.returncode not in (0, 2) for p in procs):
+        return "a concurrent run died"
+    return None
+
+
+def _check_readers(w, d, procs):
+    if any("Traceback" in p.stderr or p.returncode not in (0, 2) for p in procs):
+        return "a concurrent run died with a traceback"
+    return None
+
+
+def cases() -> list[Case]:
+    db, bad = "{db}", "{bad}"
+    models = f"{bad}/models.py"
+    m = "{d}/m.csv"
+    C = Case
+    return [
+        # ---- baseline: handled before issue 14 --------------------------------------------------
+        C("manifest missing", "baseline", "baseline", ["index", "{d}/nope.csv", "--db", db]),
+        C("manifest of another type", "baseline", "baseline", ["index", f"{bad}/broken.json", "--db", db]),
+        C("manifest without image column", "baseline", "baseline", ["index", m, "--db", db],
+          setup=_manifest(lambda m, w, d: m.rename(columns={"image": "path"}))),
+        C("duplicate ids", "baseline", "baseline", ["index", m, "--db", db],
+          setup=_manifest(lambda m, w, d: m.assign(id=["x"] * len(m)))),
+        C("no loss source", "baseline", "baseline", ["index", m, "--db", db], setup=_manifest(drop_loss=True)),
+        C("another CLIP model", "baseline", "baseline", ["index", m, "--db", db, "--clip", "RN50", "--pretrained", "none"],
+          setup=_manifest()),
+        C("unknown id for similar", "baseline", "baseline", ["similar", "no-such-id", "--db", db]),
+        C("bad --where SQL", "baseline", "baseline", ["search", "a circle", "--db", db, "--where", "nope >"]),
+        C("weight outside [0, 1]", "baseline", "baseline", ["search", "a circle", "--db", db, "--weight", "3"]),
+        C("-k 0", "baseline", "baseline", ["search", "a circle", "--db", db, "-k", "0"]),
+        C("--db not a database", "baseline", "baseline", ["search", "a circle", "--db", "{d}"]),
+        C("unknown selection", "baseline", "baseline", ["select", "show", "nope", "--db", db]),
+        C("corrupt image with --strict", "baseline", "baseline", ["index", m, "--db", db, "--strict"],
+          setup=_manifest(lambda m, w, d: m.assign(image=[str(w["bad"] / "notes.png")] + list(m["image"][1:])))),
+        # ---- one sentence, never a traceback ---------------------------------------------------
+        C("decompression bomb to similar FILE", "one sentence", "input", ["similar", f"{bad}/bomb.png", "--db", db]),
+        C("decompression bomb to search --image", "one sentence", "input",
+          ["search", "a circle", "--image", f"{bad}/bomb.png", "--db", db]),
+        C("unreadable file to similar FILE", "one sentence", "input", ["similar", f"{bad}/notes.png", "--db", db]),
+        C("export folder: label over 255 characters", "one sentence", "sec",
+          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"],
+          setup=lambda w, d: (_relabel(d, "x" * 300), (d / "ids.txt").write_text("s00001\n"))),
+        C("export folder: label named manifest.csv", "one sentence", "sec",
+          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"],
+          setup=lambda w, d: (_relabel(d, "manifest.csv"), (d / "ids.txt").write_text("s00001\n"))),
+        C("export folder: two ids that sanitise to one name", "one sentence", "sec",
+          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"],
+          setup=_same_sanitised),
+        C("class folder with a non-UTF-8 file name", "one sentence", "input", ["index", f"{bad}/folder", "--db", "{d}/new"]),
+        C("--model whose loader raises", "one sentence", "input", ["index", m, "--db", db, "--model", f"{models}:raises"],
+          setup=_manifest(drop_loss=True)),
+        C("--model whose forward raises", "one sentence", "input",
+          ["index", m, "--db", db, "--model", f"{models}:forward_raises"], setup=_manifest(drop_loss=True)),
+        C("--model returning a non-tensor", "one sentence", "input",
+          ["index", m, "--db", db, "--model", f"{models}:non_tensor"], setup=_manifest(drop_loss=True)),
+        C("--model whose forward raises, new --db", "one sentence", "input",
+          ["index", m, "--db", "{d}/new", "--model", f"{models}:forward_raises"], setup=_manifest(drop_loss=True),
+          check=lambda w, d, p: "an empty table was left behind" if (d / "new").exists() else None),
+        C("malformed JSON CLIP config", "one sentence", "input",
+          ["index", m, "--db", "{d}/new", "--clip", f"{bad}/broken.json"], setup=_manifest()),
+        C("corrupt meta.json", "one sentence", "sec", ["search", "a circle", "--db", db], setup=_corrupt_meta),
+        C("selections.json a list", "one sentence", "input", ["select", "list", "--db", db], setup=_selections("[1, 2]")),
+        C("selections.json ids not a list", "one sentence", "input", ["select", "show", "a", "--db", db],
+          setup=_selections('{"a": "s00001"}')),
+        C("binary --vocab", "one sentence", "input", ["explain", "--db", db, "--vocab", f"{bad}/vocab.bin"]),
+        C("--workers -3", "one sentence", "input", ["index", m, "--db", db, "--workers", "-3"], setup=_manifest()),
+        C("--db an existing file", "one sentence", "input", ["index", m, "--db", f"{bad}/afile"], setup=_manifest(),
+          check=_check_files_kept(f"{bad}/afile")),
+        C("--db under a file", "one sentence", "input", ["index", m, "--db", f"{bad}/afile/db"], setup=_manifest()),
+        C("--db that cannot be created", "one sentence", "input", ["index", m, "--db", "/proc/llm2loss/db"],
+          setup=_manifest()),
+        # ---- said, not silently accepted -------------------------------------------------------
+        C("NaN prediction score", "said", "input", ["index", m, "--db", db, "--predictions", "{d}/p.csv"],
+          setup=_predictions("nan")),
+        C("infinite prediction score", "said", "input", ["index", m, "--db", db, "--predictions", "{d}/p.csv"],
+          setup=_predictions("inf")),
+        C("--model width differs from its classes", "said", "input",
+          ["index", m, "--db", db, "--model", f"{models}:wrong_width"], setup=_manifest(drop_loss=True)),
+        C("single-column predictions, string labels", "said", "input",
+          ["index", m, "--db", db, "--predictions", "{d}/p.csv"], setup=_predictions("one column")),
+        C("--where with a trailing statement", "said", "input",
+          ["search", "a circle", "--db", db, "--where", "split = 'train'; DROP TABLE samples"]),
+        C("empty query", "said", "input", ["search", "", "--db", db]),
+        C("--candidates 0", "said", "input", ["search", "a circle", "--db", db, "--candidates", "0"]),
+        C("constant losses", "said", "input", ["diagnose", "--db", db, "--members", "2", "--folds", "2"],
+          expect="say", words=["undefined", "every loss is 0.25"], setup=_constant_losses),
+        C("search matching nothing", "said", "input",
+          ["search", "a circle", "--db", db, "--where", "label = 'hexagon'"], expect="say", words=["no results"]),
+        C("corrupt checkpoint", "said", "input",
+          ["index", m, "--db", "{d}/new", "--clip", str(TINY), "--clip-checkpoint", f"{bad}/junk.pt"],
+          setup=_manifest(), words=["junk.pt", "not a readable"]),
+        C("unsafe checkpoint", "said", "input",
+          ["index", m, "--db", "{d}/new", "--clip", str(TINY), "--clip-checkpoint", f"{bad}/unsafe.pt"],
+          setup=_manifest(), words=["unsafe.pt", "pickled Python objects"], check=_check_checkpoint_marker),
+        C("incomplete CLIP config", "said", "input", ["index", m, "--db", "{d}/new", "--clip", f"{bad}/partial.json"],
+          setup=_manifest(), words=["incomplete"]),
+        C("--vocab a folder", "said", "input", ["explain", "--db", db, "--vocab", f"{bad}/vocab_dir"],
+          words=["is a folder"]),
+        C("export --out x.json", "said", "sec", ["export", "--db", db, "--query", "a circle", "--out", "{d}/x.json"],
+          check=_check_out_regular),
+        C("image over the pixel budget to similar", "said", "input", ["similar", f"{bad}/big.png", "--db", db],
+          words=["81.0 MP", "40 MP budget"]),
+        C("image over the pixel budget to index", "said", "input", ["index", m, "--db", db], expect="say",
+          words=["image too large"], setup=_manifest(_one_big_image), env={"LLM2LOSS_MAX_PIXELS": "2000"},
+          check=_check_rejected_big),
+        # ---- security ------------------------------------------------------------------------
+        C("crafted ensemble file, explain", "security", "sec", ["explain", "--db", db], expect="safe",
+          setup=_crafted_ensemble, check=_check_no_code),
+        C("crafted ensemble file, diagnose --score-new", "security", "sec", ["diagnose", "--db", db, "--score-new"],
+          expect="safe", setup=_crafted_ensemble_and_new_rows, check=_check_no_code),
+        # ---- data loss -----------------------------------------------------------------------
+        C("export --out DB/meta.json", "data loss", "sec", ["export", "--db", db, "--query", "a circle",
+          "--out", "{db}/meta.json"], check=_check_meta_json),
+        C("export --out inside the table", "data loss", "sec", ["export", "--db", db, "--query", "a circle",
+          "--out", "{db}/samples.lance/x.csv"]),
+        C("export --out an existing file", "data loss", "sec", ["export", "--db", db, "--query", "a circle",
+          "--out", "{d}/keep.csv"], setup=lambda w, d: (d / "keep.csv").write_text("mine\n"),
+          check=lambda w, d, p: None if (d / "keep.csv").read_text() == "mine\n" else "an existing file was replaced"),
+        C("ids nan, NA, null", "data loss", "sec", ["index", m, "--db", db], expect="safe", setup=_na_ids,
+          check=_check_na_ids),
+        C("two index runs at once", "data loss", "sec", ["index", m, "--db", db, "--clip", str(TINY)], expect="safe", runs=2,
+          setup=_two_index_setup, check=_check_once),
+        C("two diagnose runs at once", "data loss", "sec", ["diagnose", "--db", db, "--members", "2", "--folds", "2"],
+          expect="safe", runs=2, check=_check_readers),
+    ]
+
+
+def _relabel(d: Path, label: str) -> None:
+    from indexer import schema as S
+    from indexer.store import Database
+
+    Database(d / "db").table.update(where="id = 's00001'", values={S.LABEL: label})
+
+
+def _same_sanitised(w, d):
+    """Two new rows whose ids differ only in characters a file name cannot hold."""
+    import pyarrow as pa
+
+    from indexer import schema as S
+    from indexer.store import Database
+
+    db = Database(d / "db")
+    t = db.read(where="id IN ('s00001', 's00002')")
+    t = t.set_column(t.column_names.index(S.ID), S.ID, pa.array(["a/b", "a:b"], pa.string()))
+    db.table.add(t)
+    (d / "ids.txt").write_text("a/b\na:b\n")
+
+
+def _check_meta_json(w, d, procs):
+    try:
+        json.loads((d / "db" / "meta.json").read_text())
+    except (OSError, ValueError):
+        return "meta.json was destroyed"
+    return None
+
+
+# ---- running -------------------------------------------------------------------------------------
+def db_state(db: Path) -> dict | None:
+    if not (db / "meta.json").exists():
+        return None
+    from indexer.store import Database
+
+    try:
+        ids = Database(db).read(["id"]).column("id").to_pylist()
+    except Exception as e:  # a case may have broken the table: that is what we count
+        return {"error": type(e).__name__}
+    meta = (db / "meta.json").read_bytes()
+    return {"rows": len(ids), "ids": sorted(ids), "meta": meta}
+
+
+def _fill(arg: str, w: dict, d: Path) -> str:
+    return arg.format(db=d / "db", bad=w["bad"], world=w["world"], d=d)
+
+
+def run_case(i: int, case: Case, w: dict, work: Path) -> dict:
+    d = work / f"{i:02d}"
+    d.mkdir()
+    shutil.copytree(w["db"], d / "db")
+    if case.setup:
+        case.setup(w, d)
+    before = db_state(d / "db")
+    args = [_fill(a, w, d) for a in case.args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **case.env}
+    cmd = [sys.executable, "-m", "search_ui.cli", *args]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=d)
+             for _ in range(case.runs)]
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    seconds = time.perf_counter() - t0
+    after = db_state(d / "db")
+    try:
+        problem = case.check(w, d, done) if case.check else None
+    except Exception as e:  # the check itself could not read what the case left: say so
+        problem = f"the check could not run ({type(e).__name__}: {str(e)[:150]})"
+    return classify(case, done, before, after, problem) | {"name": case.name, "part": case.part,
+                                                             "owner": case.owner, "seconds": round(seconds, 1)}
+
+
+def classify(case: Case, procs: list, before, after, problem: str | None) -> dict:
+    p = procs[0]
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip() and not LOG_LINE.match(ln)
+             and not ln.startswith(("indexing", "reading", "scoring"))]  # tqdm bars
+    tb = any("Traceback" in q.stderr or q.returncode not in (0, 2, 130) for q in procs)
+    said = "\n".join([p.stdout, p.stderr])
+    missing = [w for w in case.words if w not in said]
+    lost = None
+    if case.expect == "refuse" and before is not None and after != before:
+        lost = "the database changed" if after is not None else "the database is gone"
+    if problem and any(k in problem for k in ("destroyed", "replaced", "stored", "died", "left behind")):
+        lost = lost or problem
+    if tb and case.runs == 1:
+        outcome = "traceback"
+    elif case.expect == "refuse":
+        if p.returncode == 2 and len(lines) == 1 and not missing:
+            outcome = "refused"
+        elif p.returncode == 2 and len(lines) == 1:
+            outcome = "refused, words missing"
+        elif p.returncode == 2:
+            outcome = "refused, several lines"
+        else:
+            outcome = "accepted"
+    elif case.expect == "say":
+        outcome = "said" if p.returncode == 0 and not missing else ("silent" if p.returncode == 0 else "failed")
+    else:  # safe: no code ran, nothing lost, no traceback
+        outcome = "traceback" if tb else ("safe" if problem is None else "unsafe")
+    if problem and "code" in problem:
+        outcome = "code ran"
+    last = lines[-1] if lines else ""
+    return {"outcome": outcome, "rc": [q.returncode for q in procs], "stderr_lines": len(lines),
+            "message": last[:300], "missing_words": missing, "data_lost": lost, "problem": problem}
+
+
+# ---- the HTTP part -------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_probes(w: dict) -> dict:
+    """Start ``serve`` over the world and ask for what must not be served; upload a bad image."""
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    serve = subprocess.Popen([sys.executable, "-m", "search_ui.cli", "serve", "--db", str(w["db"]), "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if serve.poll() is not None:
+                return {"error": "serve exited: " + serve.stdout.read()[-500:]}
+            time.sleep(0.5)
+        world, db = w["world"], w["db"]
+        image = world / "images" / "00000_red_circle.png"
+        must_not = [world / "manifest.csv", world / "secret.txt", world / "private" / "id_rsa",
+                    f"{db}/../manifest.csv", db / "meta.json", f"{world}/images/../secret.txt",
+                    world / "images" / "zz_link.png", "/etc/passwd", "/etc/hostname",
+                    db / "diagnosis" / "ensemble.joblib", db / "faiss" / "info.json"]
+        from urllib.parse import quote
+
+        probes = {}
+        routes = [("{}/gradio_api/file={}", str), ("{}/file={}", str),  # today's route and the old one
+                  ("{}/gradio_api/file={}", lambda p: quote(str(p)).replace(".", "%2e"))]  # percent-encoded
+        for path in [image, *must_not]:
+            for route, enc in routes:
+                r = httpx.get(route.format(url, enc(path)), timeout=10)
+                probes[route.format("", enc(path))] = r.status_code
+        served_bad = [k for k, code in probes.items() if code == 200 and str(image) not in k
+                      and quote(str(image)).replace(".", "%2e") not in k]
+        upload = _upload_probe(url, w["bad"] / "notes.png")
+        return {"url": url, "indexed_image_served": probes[f"/gradio_api/file={image}"] == 200, "probes": probes,
+                "files_served_not_indexed_images": len(served_bad), "served": served_bad, "upload": upload}
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+
+
+def _upload_probe(url: str, path: Path) -> dict:
+    try:
+        import gradio_client
+    except ImportError:
+        return {"skipped": "gradio_client not installed"}
+    client = gradio_client.Client(url, verbose=False)
+    try:
+        client.predict(gradio_client.handle_file(str(path)), "", 5, 0.5, api_name="/similar_image")
+    except Exception as e:  # the app's answer to a bad upload is an error: that is what we read
+        msg = str(e)
+        return {"message": msg[:300], "one_sentence": "\n" not in msg.strip() and "preprocess" not in msg.lower()}
+    return {"message": "accepted", "one_sentence": False}
+
+
+# ---- main --------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=2, help="cases run at once (default 2)")
+    ap.add_argument("--only", default=None, help="comma-separated words: run the cases whose names contain one")
+    ap.add_argument("--http", action="store_true", help="also start `serve` and probe its file route and upload")
+    ap.add_argument("--json", default=None, help="write the full results here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
+    args = ap.parse_args(argv)
+
+    base = Path(tempfile.mkdtemp(prefix="llm2loss-hostile-"))
+    t0 = time.perf_counter()
+    try:
+        w = build_world(base)
+        todo = cases()
+        if args.only:
+            words = [x.strip() for x in args.only.split(",")]
+            todo = [c for c in todo if any(x in c.name for x in words)]
+        work = base / "cases"
+        work.mkdir()
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = list(pool.map(lambda ic: run_case(ic[0], ic[1], w, work), enumerate(todo)))
+        http = http_probes(w) if args.http else None
+    finally:
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    for r in results:
+        flag = "" if r["outcome"] in ("refused", "said", "safe") else "  <--"
+        print(f"{r['outcome']:24s} {r['part']:12s} {r['owner']:8s} {r['name']}{flag}")
+        if flag or r["data_lost"]:
+            print(f"{'':24s}   rc {r['rc']}, {r['stderr_lines']} stderr lines: {r['message'][:200]}"
+                  + (f"; problem: {r['problem']}" if r["problem"] else "")
+                  + (f"; missing words {r['missing_words']}" if r["missing_words"] else ""))
+    counts = Counter(r["outcome"] for r in results)
+    summary = {
+        "cases_tried": len(results),
+        "one_sentence_refusals": counts["refused"],
+        "said": counts["said"],
+        "safe": counts["safe"],
+        "tracebacks": counts["traceback"],
+        "silently_accepted": counts["accepted"] + counts["silent"],
+        "refused_several_lines": counts["refused, several lines"],
+        "refused_words_missing": counts["refused, words missing"],
+        "code_ran": counts["code ran"],
+        "unsafe": counts["unsafe"],
+        "data_lost": sum(1 for r in results if r["data_lost"]),
+        "by_owner_not_ok": dict(Counter(r["owner"] for r in results
+                                        if r["outcome"] not in ("refused", "said", "safe") or r["data_lost"])),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if http is not None:
+        summary["http_files_served_not_indexed_images"] = http.get("files_served_not_indexed_images")
+        summary["http_upload_one_sentence"] = (http.get("upload") or {}).get("one_sentence")
+    print(json.dumps(summary, indent=2))
+    if http is not None:
+        print(json.dumps(http, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "cases": results, "http": http}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
