@@ -131,7 +131,6 @@ class AppContext:
         self.guard = ImageGuard(image_roots(self.db))
         self._engine = None
         self._engine_lock = threading.Lock()
-        self.engine_lock = threading.Lock()  # held around each query (see Handlers._query)
         self._scratch = tempfile.TemporaryDirectory(prefix="llm2loss-ui-")
         self.scratch = self._scratch.name  # downloads are written here before Gradio caches them
         self._modes: dict[tuple, list[dict]] = {}
