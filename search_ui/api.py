@@ -518,8 +518,9 @@ def start_server(blocks, launch: dict, startup_timeout: float = 60.0) -> Server:
     mount = {k: v for k, v in launch.items() if k in takes}
     mount.update(server_name=host, server_port=sock.getsockname()[1], auth=auth)
     gr.mount_gradio_app(api, blocks, path="/", **mount)
-    config = uvicorn.Config(api, log_level="warning", lifespan="on", timeout_keep_alive=30,
-                            limit_max_requests=None, access_log=False)
+    # timeout_graceful_shutdown: an open page keeps a heartbeat stream; closing must not wait on it.
+    config = uvicorn.Config(api, log_level="warning", lifespan="on", timeout_keep_alive=30, access_log=False,
+                            timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     max_threads = int(launch.get("max_threads") or 40)
 

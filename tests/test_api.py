@@ -250,6 +250,18 @@ def test_openapi_lists_every_route(served, http):
         "/selections/{name}", "/selections/{name}/add", "/selections/{name}/remove", "/export", "/health")}
 
 
+def test_the_page_keeps_its_file_policy_through_the_mount(served):
+    """`serve` hands Gradio the same allowed and blocked folders as before: an indexed image is
+    served, the file beside it and the database folder are not."""
+    server, _, db, folder = served
+    base = server.local_url.rstrip("/") + "/gradio_api/file="
+    image = db.rows_by_id(["s00006"], [S.IMAGE]).column(S.IMAGE)[0].as_py()
+    assert requests.get(base + image, timeout=30).status_code == 200
+    for path in (folder / "secret.txt", db.meta_path, "/etc/hostname"):
+        assert requests.get(f"{base}{path}", timeout=30).status_code == 403
+    assert requests.get(server.local_url, timeout=30).status_code == 200
+
+
 def test_gradio_endpoints_stay(served):
     gradio_client = pytest.importorskip("gradio_client")
     c = gradio_client.Client(served[0].local_url, verbose=False)
