@@ -1,7 +1,7 @@
 """The JSON HTTP API against the engine it serves and against Gradio's API, in one run.
 
-    PYTHONPATH=. python scripts/bench_api.py --db DIR [--queries 200] [--clients 16] [--per-client 500]
-                                             [--k 24] [--out FILE.json]
+    PYTHONPATH=. python scripts/bench_api.py --db DIR [--queries 200] [--clients 16] [--total 500]
+                                             [--api-total 8000] [--k 24] [--out FILE.json]
 
 It starts the real server, ``python -m search_ui.cli serve --db DIR`` (this checkout's code), in its
 own process on a free local port, and measures:
@@ -13,11 +13,11 @@ own process on a free local port, and measures:
    encode it with CLIP) and ``repeated`` (the same phrases again: both reuse the text embedding
    from their LRU; ``requests`` is timed beside them). Reported: p50 / p99 of each, the ratio of
    the p50s, and whether the API returned exactly the engine's ids in the same order every time.
-2. **Under load**: ``--clients`` threads, each sending ``--per-client`` searches (k = ``--k``,
-   cycling through the phrases from a different offset each), first to ``/api/v1/search``, then the
-   same load to Gradio's ``/search`` through ``gradio_client``: errors, throughput, p50 / p99.
-   Meanwhile a page loader fetches what a browser needs to show the page (``GET /`` and
-   ``GET /config``) every 0.25 s: p50 / p99 / max of that pair.
+2. **Under load**: ``--clients`` threads sending ``--total`` searches in all (k = ``--k``, cycling
+   through the phrases from a different offset each), first to ``/api/v1/search``, then the same
+   load to Gradio's ``/search`` through ``gradio_client``: errors, throughput, p50 / p99; then
+   ``--api-total`` searches (16 x 500) to the API alone. Meanwhile a page loader fetches what a
+   browser needs to show the page (``GET /`` and ``GET /config``) every 0.25 s: p50 / p99 / max.
 
 Prints one JSON document on stdout (progress on stderr). A benchmark, not a test: run it on a quiet
 machine and record the numbers in BENCHMARKS.md.
@@ -157,7 +157,10 @@ def one_client(engine, url: str, phrases: list[str], k: int) -> dict:
     return out
 
 
-def under_load(kind: str, url: str, phrases: list[str], clients: int, per_client: int, k: int) -> dict:
+def under_load(kind: str, url: str, phrases: list[str], clients: int, total: int, k: int) -> dict:
+    """``clients`` threads sending ``total`` searches in all (spread evenly) to ``kind`` ("api" or
+    "gradio"), while a page loader fetches the page; every failure is counted, none stops the run."""
+    per = [total // clients + (c < total % clients) for c in range(clients)]
     import requests
 
     errors: list[str] = []
@@ -198,7 +201,7 @@ def under_load(kind: str, url: str, phrases: list[str], clients: int, per_client
             def call(p):
                 return g.predict(p, k, 0.5, "", [], api_name="/search")
 
-        for i in range(per_client):
+        for i in range(per[c]):
             p = phrases[(c * 37 + i) % len(phrases)]
             t = time.perf_counter()
             try:
@@ -219,7 +222,7 @@ def under_load(kind: str, url: str, phrases: list[str], clients: int, per_client
     wall = time.perf_counter() - t0
     stop.set()
     loader.join()
-    out = {"clients": clients, "queries": clients * per_client, "errors": len(errors),
+    out = {"clients": clients, "queries": total, "errors": len(errors),
            "error_examples": sorted(set(errors))[:5], "wall_s": round(wall, 1),
            "throughput_per_s": round(len(lats) / wall, 1), "p50_ms": ms(lats, 50), "p99_ms": ms(lats, 99),
            "page_loads": len(page), "page_p50_ms": ms(page, 50), "page_p99_ms": ms(page, 99),
@@ -233,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", required=True, help="database folder to serve")
     ap.add_argument("--queries", type=int, default=200, help="distinct phrases (the one-client comparison)")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--per-client", type=int, default=500, help="searches each client sends under load")
+    ap.add_argument("--total", type=int, default=500, help="searches in all under load, spread over the clients "
+                    "(the same load for the API and for Gradio)")
+    ap.add_argument("--api-total", type=int, default=8000, help="then this many against the API alone "
+                    "(16 x 500; 0: skip)")
     ap.add_argument("--k", type=int, default=24, help="results per search (the UI's default)")
     ap.add_argument("--skip-gradio", action="store_true", help="load only the JSON API")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -258,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             engine.search(p, k=args.k)
             requests.post(url + "api/v1/search", json={"text": p, "k": args.k}, timeout=600).raise_for_status()
         result["one_client"] = one_client(engine, url, phrases, args.k)
-        result["load_api"] = under_load("api", url, phrases, args.clients, args.per_client, args.k)
+        result["load_api"] = under_load("api", url, phrases, args.clients, args.total, args.k)
         if not args.skip_gradio:
-            result["load_gradio"] = under_load("gradio", url, phrases, args.clients, args.per_client, args.k)
+            result["load_gradio"] = under_load("gradio", url, phrases, args.clients, args.total, args.k)
+        if args.api_total:
+            result["load_api_long"] = under_load("api", url, phrases, args.clients, args.api_total, args.k)
     finally:
         stop_server(proc)
     print(json.dumps(result, indent=1))
