@@ -193,7 +193,8 @@ class ApiGuard:
         return secrets.compare_digest(token.strip().encode(), self._expected.encode())
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        # "//api/..." must not slip past the check: slashes are collapsed before comparing.
+        if scope["type"] != "http" or not re.sub("/+", "/", scope["path"]).startswith("/api/"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if not self._authorised(headers):

@@ -352,6 +352,9 @@ def test_auth_refuses_every_route_without_the_login(served):
                 assert "login" in r.json()["error"]
             r = requests.request(method, url + path, json=body, headers={"Authorization": "Bearer s3cret"}, timeout=30)
             assert r.status_code == 401
+        for path in ("//api/v1/health", "/api//v1/health", "/%61pi/v1/health"):  # no way around the check
+            r = requests.get(server.local_url.rstrip("/") + path, timeout=30)
+            assert r.status_code in (401, 404) and "rows" not in r.text
         ok = requests.get(f"{url}/health", auth=("ana", "s3cret"), timeout=30)
         assert ok.status_code == 200 and ok.json()["rows"] == 120
         res = requests.post(f"{url}/search", json={"text": "a red square", "k": 2}, auth=("ana", "s3cret"), timeout=30)
