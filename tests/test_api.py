@@ -316,6 +316,8 @@ def test_malformed_requests(served, http):
     assert "'k'" in _one_sentence(http.post(f"{url}/search", json={"text": "x", "k": "many"}), 422)
     assert "'text'" in _one_sentence(http.post(f"{url}/search", json={"k": 3}), 422)
     _one_sentence(http.post(f"{url}/search", json={"text": "x", "colour": "red"}), 422)  # unknown field
+    # What a cross-site form can send (text/plain) is not taken as JSON.
+    _one_sentence(http.post(f"{url}/search", data=b'{"text": "x"}', headers={"content-type": "text/plain"}), 422)
     assert "no route" in _one_sentence(http.get(f"{url}/nothing-here"), 404)
 
 
