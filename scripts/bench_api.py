@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,19 +42,16 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from scripts.load_ui import free_port, stop_server  # noqa: E402 -- after the path set-up above
+
 
 def ms(xs, q) -> float:
     return round(1000 * float(np.percentile(np.asarray(xs, float), q)), 2) if len(xs) else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(db: str, log_path: Path, timeout: float = 600) -> tuple[subprocess.Popen, str]:
-    """``python -m search_ui.cli serve`` on a free port; (process, url) once /api/v1/health answers."""
+    """``python -m search_ui.cli serve`` (this checkout's code, unlike load_ui's ``llm2loss``) on a free
+    port; (process, url) once /api/v1/health answers."""
     import requests
 
     port = free_port()
@@ -77,15 +72,6 @@ def start_server(db: str, log_path: Path, timeout: float = 600) -> tuple[subproc
         time.sleep(0.5)
     stop_server(proc)
     raise RuntimeError(f"the server did not answer on {url} within {timeout:.0f} s; see {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def phrases_for(db, n: int) -> list[str]:
