@@ -233,7 +233,12 @@ class ApiGuard:
 
 # ---- the routes -------------------------------------------------------------------------------
 def _router(ctx: AppContext) -> APIRouter:
+    from search_ui.app import CONCURRENCY
+
     r = APIRouter(prefix=PREFIX)
+    # Queries beyond twice the cores' worth wait here, off the GIL, instead of all taking turns on it:
+    # the same throughput, and the event loop (the page, /health, ...) keeps getting its turn.
+    slots = threading.BoundedSemaphore(2 * CONCURRENCY)
 
     def engine():
         return ctx.engine
@@ -253,10 +258,11 @@ def _router(ctx: AppContext) -> APIRouter:
         for p in (*req.negatives, *req.also):
             _check_text(p, "a phrase of negatives/also")
         eng = engine()
-        results = eng.search(
-            [(req.text, 1.0), *req.also], k=req.k, where=req.where, weight=req.weight,
-            negatives=req.negatives, image=None if req.image is None else (req.image, req.image_weight),
-            candidates=req.candidates, allow_paths=False)
+        with slots:
+            results = eng.search(
+                [(req.text, 1.0), *req.also], k=req.k, where=req.where, weight=req.weight,
+                negatives=req.negatives, image=None if req.image is None else (req.image, req.image_weight),
+                candidates=req.candidates, allow_paths=False)
         return _answer(eng, results, t0)
 
     @r.post("/similar", summary="Similar hard examples of a stored sample")
@@ -266,8 +272,9 @@ def _router(ctx: AppContext) -> APIRouter:
         _check_text(req.id, "id")
         _check_query(req.k, req.candidates, req.where)
         eng = engine()
-        results = eng.similar(req.id, k=req.k, where=req.where, weight=req.weight, candidates=req.candidates,
-                              allow_paths=False)
+        with slots:
+            results = eng.similar(req.id, k=req.k, where=req.where, weight=req.weight, candidates=req.candidates,
+                                  allow_paths=False)
         return _answer(eng, results, t0)
 
     def _sample(sample_id: str) -> dict:
