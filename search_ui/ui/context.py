@@ -179,5 +179,7 @@ class AppContext:
                 if progress is not None:
                     progress(0.1, desc="scoring the vocabulary with the diagnosis ensemble")
                 modes = explain(self.db, vocab=vocab, top=top)
+                for old in [k for k in self._modes if k[0] != key[0]]:  # an older table's: never asked again
+                    del self._modes[old]
                 self._modes[key] = [jsonable(m.to_dict(with_ids=True)) for m in modes]
             return self._modes[key]
