@@ -417,20 +417,21 @@ def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 78
 
 
 def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int | None = 7860,
-          auth: str | None = None, block: bool = True) -> gr.Blocks:
-    """Build and launch the app; with ``block`` (the CLI) it runs until interrupted."""
+          auth: str | None = None, block: bool = True):
+    """Build and launch the app with its JSON API (``/api/v1``, :mod:`search_ui.api`) on the same
+    port; with ``block`` (the CLI) it runs until interrupted. Returns the running
+    :class:`search_ui.api.Server` (``local_url``, ``close()``, and the Blocks' attributes)."""
     parse_auth(auth)  # refuse a malformed --auth before the slow part
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, not news
     app = build_app(db)
     kwargs = launch_kwargs(app, host, port, auth)
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log.warning("listening on %s without --auth: anyone who can reach this port can use the app", host)
-    try:
-        app.launch(prevent_thread_lock=True, **kwargs)
-    except OSError as e:  # Gradio's "Cannot find empty port", or an address that is not ours
-        raise UserError(f"cannot listen on {host}:{port} ({str(e).splitlines()[0]}); "
-                        "pass another --port (or --host).") from e
-    print(f"llm2loss UI for {Path(app.llm2loss_context.db.path)} at {app.local_url}", flush=True)
+    from search_ui.api import start_server
+
+    server = start_server(app, kwargs)  # the page at /, the JSON API at /api/v1, one port
+    print(f"llm2loss UI for {Path(app.llm2loss_context.db.path)} at {server.local_url} "
+          f"(JSON API: {server.local_url}api/v1/docs)", flush=True)
     if block:
-        app.block_thread()
-    return app
+        server.block()
+    return server

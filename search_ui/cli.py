@@ -339,11 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print `list` / `show` as JSON")
     s.set_defaults(func=cmd_select)
 
-    s = sub.add_parser("serve", help="the Gradio web UI")
+    s = sub.add_parser("serve", help="the Gradio web UI and its JSON HTTP API (/api/v1), on one port")
     db_arg(s)
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=7860)
-    s.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
+    s.add_argument("--auth", default=None, metavar="USER:PASS",
+                   help="require this login (the page's login form; HTTP Basic for /api/v1)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="build the offline world, index, diagnose and serve it")

@@ -30,15 +30,32 @@ fewer than N (see :mod:`search_ui.rowcache`, which also keeps the small columns 
 fetching a query's rows costs ~0.1 ms). Without the row cache (``cache_rows=False``, or a GPU
 index), FAISS is asked for N / (share of matching rows) * 2 neighbours, growing while too few
 match, and LanceDB's exact filtered scan takes over beyond ``max_ann_fetch``.
+
+Repeated phrases
+----------------
+Text embeddings are remembered in a bounded LRU (:data:`TEXT_CACHE`, ``TEXT_CACHE_SIZE`` phrases)
+keyed by the CLIP identity recorded in the database and the device, so a phrase asked again (a
+popular query, a failure mode's name, a benchmark's repeats) skips the text tower: every engine of a
+process (CLI, UI, HTTP API) shares it, and engines of different models never mix entries.
+
+Threads
+-------
+One engine may serve several threads at once (the UI's queue, the HTTP API's thread pool): loading
+CLIP, the FAISS index, the row cache and the sigma sample happen once under locks, the index and the
+row cache are swapped as one pair, ``notes`` and ``timings`` are per thread, and FAISS searches on
+the CPU release the GIL and run side by side. A GPU index sets search parameters on the shared index,
+so its searches are serialised.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +80,49 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
 SIGMA_SAMPLE_ROWS = 2048
+#: Phrases whose text embeddings are remembered (512-d: 2 KiB each, 8 MiB in all).
+TEXT_CACHE_SIZE = 4096
+
+
+class TextEmbeddingCache:
+    """A thread-safe LRU of text embeddings: (model key, phrase) -> (d,) float32 unit vector."""
+
+    def __init__(self, maxsize: int = TEXT_CACHE_SIZE):
+        self.maxsize = int(maxsize)
+        self._d: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        with self._lock:
+            v = self._d.get(key)
+            if v is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+
+    def put(self, key: tuple[str, str], v: np.ndarray) -> None:
+        v = np.array(v, dtype=np.float32)  # a private copy, never handed out itself
+        v.setflags(write=False)
+        with self._lock:
+            self._d[key] = v
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+#: Shared by every engine of this process (see module doc, "Repeated phrases").
+TEXT_CACHE = TextEmbeddingCache()
 
 
 @dataclass
@@ -128,7 +188,7 @@ class QueryEngine:
     most FAISS neighbours fetched for a filtered query before a filtered scan takes over.
     ``cache_rows``: keep the non-vector columns in memory (:mod:`search_ui.rowcache`).
     After each query, ``notes`` holds warnings worth showing a person and ``timings`` the seconds
-    spent in encode / ann / fetch / rank / total.
+    spent in encode / ann / fetch / rank / total (both per thread: see module doc, "Threads").
     """
 
     def __init__(self, db, device: str | None = None, rebuild_if_stale: bool = True,
@@ -144,17 +204,45 @@ class QueryEngine:
         self._rows: RowCache | None = None
         self._seen_version = self._seen_signature = None
         self._reload_lock = threading.Lock()
-        self.notes: list[str] = []
-        self.timings: dict[str, float] = {}
+        self._load_lock = threading.Lock()  # CLIP and the sigma sample load once
+        self._mask_lock = threading.Lock()  # the row cache's filter masks are a shared dict
+        self._gpu_lock = threading.Lock()  # a GPU index's search parameters are set on the index
+        self._local = threading.local()
+        self._clip_key: str | None = None
         self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+
+    # ---- per-thread query state ---------------------------------------------------------------
+    @property
+    def notes(self) -> list[str]:
+        """The calling thread's last query's warnings."""
+        return self._local.__dict__.setdefault("notes", [])
+
+    @notes.setter
+    def notes(self, value: list[str]) -> None:
+        self._local.notes = value
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """The calling thread's last query's seconds per part."""
+        return self._local.__dict__.setdefault("timings", {})
+
+    @timings.setter
+    def timings(self, value: dict[str, float]) -> None:
+        self._local.timings = value
 
     # ---- lazily loaded parts -----------------------------------------------------------------
     @property
     def clip(self):
         if self._clip is None:
-            from indexer.clip import clip_for_database
+            with self._load_lock:
+                if self._clip is None:
+                    from indexer.clip import clip_for_database
 
-            self._clip = clip_for_database(self.db.read_meta(), self.device)
+                    meta = self.db.read_meta()
+                    clip = clip_for_database(meta, self.device)
+                    self._clip_key = json.dumps([meta.get("clip"), str(getattr(clip, "device", ""))],
+                                                sort_keys=True, default=str)
+                    self._clip = clip
         return self._clip
 
     @property
@@ -200,19 +288,33 @@ class QueryEngine:
     def _sigma(self, c: np.ndarray) -> float:
         """Std of cos(x, c) over a sample of stored rows (see module doc); c (d,) unit."""
         if self._sample is None:
-            ds = self.db.table.to_lance()
-            n = ds.count_rows()
-            t = ds.sample(min(SIGMA_SAMPLE_ROWS, n), columns=[S.EMBEDDING]) if n > SIGMA_SAMPLE_ROWS \
-                else ds.to_table(columns=[S.EMBEDDING])
-            col = t.column(S.EMBEDDING).combine_chunks()
-            self._sample = np.asarray(col.values.to_numpy()).reshape(len(t), -1).astype(np.float32)
+            with self._load_lock:
+                if self._sample is None:
+                    ds = self.db.table.to_lance()
+                    n = ds.count_rows()
+                    t = ds.sample(min(SIGMA_SAMPLE_ROWS, n), columns=[S.EMBEDDING]) if n > SIGMA_SAMPLE_ROWS \
+                        else ds.to_table(columns=[S.EMBEDDING])
+                    col = t.column(S.EMBEDDING).combine_chunks()
+                    self._sample = np.asarray(col.values.to_numpy()).reshape(len(t), -1).astype(np.float32)
         sd = float((self._sample @ c).std())
         return sd if sd > 1e-6 else 1.0
 
     # ---- turning a query into a vector -------------------------------------------------------
     def encode_text(self, texts: list[str]) -> np.ndarray:
-        """Phrases -> (n, d) float32 unit CLIP text embeddings."""
-        return self.clip.encode_text(list(texts))
+        """Phrases -> (n, d) float32 unit CLIP text embeddings (a new array); phrases seen before
+        come from :data:`TEXT_CACHE`, the others are encoded in one batch."""
+        texts = [str(t) for t in texts]
+        clip = self.clip
+        found = [TEXT_CACHE.get((self._clip_key, t)) for t in texts]
+        todo = list(dict.fromkeys(t for t, v in zip(texts, found, strict=True) if v is None))
+        if todo:
+            new = dict(zip(todo, clip.encode_text(todo), strict=True))
+            for t, v in new.items():
+                TEXT_CACHE.put((self._clip_key, t), v)
+            found = [new[t] if v is None else v for t, v in zip(texts, found, strict=True)]
+        if not found:
+            return np.zeros((0, clip.embed_dim), np.float32)
+        return np.stack(found).astype(np.float32, copy=False)
 
     def stored_embedding(self, sample_id: str) -> np.ndarray | None:
         """(d,) float32 embedding of a stored row, or None when no row has that id."""
@@ -232,8 +334,11 @@ class QueryEngine:
         pixels = self.clip.preprocess(rgb).unsqueeze(0)
         return self.clip.encode_images(pixels)[0]
 
-    def resolve_image(self, item) -> tuple[np.ndarray, str | None]:
-        """A stored id, an image path or a (d,) vector -> (embedding, the stored id or None)."""
+    def resolve_image(self, item, allow_paths: bool = True) -> tuple[np.ndarray, str | None]:
+        """A stored id, an image path or a (d,) vector -> (embedding, the stored id or None).
+
+        ``allow_paths=False`` (a server answering remote callers) accepts stored ids only: a string
+        that is no stored id is refused without ever being opened as a file."""
         if isinstance(item, np.ndarray):
             v = np.asarray(item, np.float32).reshape(-1)
             return v / max(float(np.linalg.norm(v)), 1e-12), None
@@ -241,6 +346,8 @@ class QueryEngine:
         v = self.stored_embedding(item)
         if v is not None:
             return v, item
+        if not allow_paths:
+            raise UserError(f"no sample has the id '{item}' in {self.db.path}; pass an id as returned by a search.")
         if Path(item).expanduser().is_file():
             return self.encode_image(Path(item).expanduser()), None
         raise UserError(
@@ -289,6 +396,9 @@ class QueryEngine:
         self.timings["check"] = time.perf_counter() - t_check
         if cache is not None and ann.gpu_resources is None:
             return self._pool_cached(ann, cache, u, n, where, exclude)
+        if ann.gpu_resources is not None:
+            with self._gpu_lock:
+                return self._pool_lancedb(ann, u, n, where, exclude)
         return self._pool_lancedb(ann, u, n, where, exclude)
 
     def _pool_cached(self, ann, cache: RowCache, u, n, where, exclude) -> _Pool:
@@ -298,7 +408,8 @@ class QueryEngine:
         drop = cache.positions_of(exclude) if exclude else np.zeros(0, np.int64)
         if where:
             try:
-                mask = cache.where_mask(where)
+                with self._mask_lock:
+                    mask = cache.where_mask(where)
             except UserError:
                 raise
             except Exception as e:  # lance raises various errors for bad SQL
@@ -419,13 +530,15 @@ class QueryEngine:
 
     # ---- public queries ----------------------------------------------------------------------
     def search(self, text=None, k: int = 10, where: str | None = None, weight: float | None = None,
-               negatives=(), image=None, candidates: int | None = None) -> list[SearchResult]:
+               negatives=(), image=None, candidates: int | None = None,
+               allow_paths: bool = True) -> list[SearchResult]:
         """Rows about ``text`` (and/or like ``image``), best first by the documented score.
 
         ``text``: a phrase, or a list of phrases / ``"TEXT:W"`` strings / (text, weight) pairs, all
         to look for. ``negatives``: phrases to move away from (weight 0.5 unless ``TEXT:W``).
         ``image``: a stored id, an image path, or (either, weight). ``weight``: 0..1, see
         :mod:`search_ui.ranking`. ``candidates``: pool size (default ``max(100, 10 k)``).
+        ``allow_paths``: see :meth:`resolve_image`.
         """
         t0 = self._start(k)
         texts = [text] if isinstance(text, str) or (isinstance(text, tuple) and len(text) == 2) else list(text or [])
@@ -437,14 +550,15 @@ class QueryEngine:
         negs = [(emb[len(pos_t) + i], w) for i, (_, w) in enumerate(neg_t)]
         if image is not None:
             img, w = parse_weighted(image) if not isinstance(image, np.ndarray) else (image, 1.0)
-            vec, _ = self.resolve_image(img)
+            vec, _ = self.resolve_image(img, allow_paths)
             positives.append((vec, w))
         return self._run(t0, positives, negs, k, where, weight, candidates)
 
     def similar(self, query, k: int = 10, where: str | None = None, weight: float | None = None,
-                candidates: int | None = None) -> list[SearchResult]:
+                candidates: int | None = None, allow_paths: bool = True) -> list[SearchResult]:
         """Similar hard examples: the nearest neighbours of a stored id or a new image file
-        (embedded on the fly), ranked by the documented score; a stored query row is left out."""
+        (embedded on the fly; not with ``allow_paths=False``), ranked by the documented score; a
+        stored query row is left out."""
         t0 = self._start(k)
-        vec, own_id = self.resolve_image(query)
+        vec, own_id = self.resolve_image(query, allow_paths)
         return self._run(t0, [(vec, 1.0)], [], k, where, weight, candidates, exclude=[own_id] if own_id else [])

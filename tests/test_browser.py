@@ -36,15 +36,14 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from search_ui.app import build_app, launch_kwargs
+    from search_ui.app import serve
 
     folder = tmp_path_factory.mktemp("browser")
     db = make_db(folder, n=120)
     fit_ensemble_keep_planted(db)
-    app = build_app(db)
-    app.launch(prevent_thread_lock=True, **launch_kwargs(app, port=None))
-    yield app, app.local_url, db
-    app.close()
+    server = serve(db, port=None, block=False)  # what `llm2loss serve` runs: the page mounted beside the API
+    yield server, server.local_url, db
+    server.close()
 
 
 @pytest.fixture(scope="module")

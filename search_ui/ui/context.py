@@ -131,7 +131,6 @@ class AppContext:
         self.guard = ImageGuard(image_roots(self.db))
         self._engine = None
         self._engine_lock = threading.Lock()
-        self.engine_lock = threading.Lock()  # held around each query (see Handlers._query)
         self._scratch = tempfile.TemporaryDirectory(prefix="llm2loss-ui-")
         self.scratch = self._scratch.name  # downloads are written here before Gradio caches them
         self._modes: dict[tuple, list[dict]] = {}
@@ -180,5 +179,7 @@ class AppContext:
                 if progress is not None:
                     progress(0.1, desc="scoring the vocabulary with the diagnosis ensemble")
                 modes = explain(self.db, vocab=vocab, top=top)
+                for old in [k for k in self._modes if k[0] != key[0]]:  # an older table's: never asked again
+                    del self._modes[old]
                 self._modes[key] = [jsonable(m.to_dict(with_ids=True)) for m in modes]
             return self._modes[key]

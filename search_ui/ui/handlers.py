@@ -123,12 +123,11 @@ class Handlers:
         return self._query("similar", query, k=int(k), where=_none_if_blank(where), weight=float(weight))
 
     def _query(self, method: str, *args, **kwargs) -> list[dict]:
-        # One query at a time per engine: it loads CLIP and FAISS lazily and keeps per-query
-        # notes on itself; queries take milliseconds, the queue keeps the page responsive meanwhile.
-        with self.ctx.engine_lock:
-            engine = self.ctx.engine
-            results = getattr(engine, method)(*args, **kwargs)
-            self._local.notes = list(getattr(engine, "notes", []) or [])
+        # Queries run side by side: the engine loads its parts once under locks and keeps each
+        # thread's notes apart (search_ui.engine, "Threads").
+        engine = self.ctx.engine
+        results = getattr(engine, method)(*args, **kwargs)
+        self._local.notes = list(getattr(engine, "notes", []) or [])
         return [jsonable(r.to_dict()) for r in results]
 
     def _gallery_answer(self, records: list[dict], what: str):
