@@ -23,8 +23,9 @@ stops finding failures. Names are chosen by that gain, greedily:
 Selection stops when no phrase gathers ``MIN_GAIN_SHARE`` of the table's positive excess. Each mode
 comes with ``candidates``: its name and then the other phrases that best gather the same rows, each
 with ``phrase`` (index), ``r`` (rows of the selection sample), ``gain``, ``precision`` (share of its
-retrieved rows predicted to fail) and ``coverage`` (of the failing rows nearer this mode's name than
-any other mode's, the share it retrieves). :func:`diagnosis.explain.explain` checks each name
+retrieved rows predicted to fail) and ``coverage`` (of the failing rows among its top ``2r``, the
+share in its top ``r``: low when the failure reaches past what the name retrieves, as a too
+specific name's does). :func:`diagnosis.explain.explain` checks each name
 against the data before showing it.
 """
 
@@ -142,12 +143,12 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
         cands = []
         for c in [j, *alt][:N_CANDIDATES]:
             gi = int(np.argmax(J[c] if c == j else Jm[c]))
-            hit = order[c, : grid[gi]]
-            cands.append({"phrase": c, "r": int(grid[gi]), "gain": float((J if c == j else Jm)[c, gi]),
-                          "precision": float(fail[hit].mean())})
+            r = int(grid[gi])
+            hit = fail[order[c, : 2 * r]]  # (the top 2r rows, or all r_max when fewer)
+            cands.append({"phrase": c, "r": r, "gain": float((J if c == j else Jm)[c, gi]),
+                          "precision": float(hit[:r].mean()), "coverage": float(hit[:r].sum() / max(hit.sum(), 1))})
         modes.append({"candidates": cands})
         left[got] = 0.0
-    _coverage(modes, Xs, fail, T, order)
     return modes, phrases, T, sample
 
 
@@ -158,20 +159,3 @@ def gains(order: np.ndarray, grid: np.ndarray, excess: np.ndarray) -> np.ndarray
     for s in range(0, len(order), step):
         out[s : s + step] = np.cumsum(excess[order[s : s + step]], axis=1)[:, grid - 1]
     return out
-
-
-def _coverage(modes: list[dict], Xs: np.ndarray, fail: np.ndarray, T: np.ndarray, order: np.ndarray) -> None:
-    """Each candidate's ``coverage``: of the failing rows nearer its name than any chosen name is
-    (similarity above the name's last retrieved row, relative), the share it retrieves."""
-    if not modes:
-        return
-    rows = np.flatnonzero(fail)
-    names = [m["candidates"][0] for m in modes]
-    edge = np.array([float(T[c["phrase"]] @ Xs[order[c["phrase"], c["r"] - 1]]) for c in names])
-    sims = Xs[rows] @ T[[c["phrase"] for c in names]].T - edge[None, :]
-    nearest = np.argmax(sims, axis=1)
-    for i, m in enumerate(modes):
-        group = rows[nearest == i]
-        for c in m["candidates"]:
-            got = np.isin(group, order[c["phrase"], : c["r"]])
-            c["coverage"] = float(got.mean()) if len(group) else 0.0

@@ -25,6 +25,7 @@ from indexer.errors import UserError
 from indexer.store import Database
 from search_ui.ui.context import AppContext, serving_dirs
 from search_ui.ui.handlers import Handlers, friendly
+from search_ui.ui.modes import MODE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ def _modes_tab(ui: Handlers, tabs, search_q, run_search):
         top = gr.Slider(1, 50, value=10, step=1, label="Failure modes to find")
         go = gr.Button("Find failure modes", variant="primary", elem_id="explain-button")
     status = gr.Markdown(elem_id="modes-status")
-    table = gr.Dataframe(headers=["#", "failure mode", "predicted loss", "true loss", "size",
-                                  "share of loss", "found by"], interactive=False, elem_id="modes-table")
+    table = gr.Dataframe(headers=MODE_COLUMNS, interactive=False, elem_id="modes-table")
     modes = gr.State([])
     with gr.Row():
         choice = gr.Dropdown(label="Failure mode", choices=[], scale=3, elem_id="mode-choice",
