@@ -2,8 +2,10 @@
 
 For the default spec it times ``llm2loss demo --no-serve`` twice in a fresh cache (first run from
 scratch, second run reusing everything); for the other specs it builds the world alone. Printed and
-recorded per world: tiny-CLIP zero-shot accuracy per attribute and text->image recall@10 on the
-held-out split, the black-box CNN's accuracy, and each planted slice's mean loss / world mean.
+recorded per world: tiny-CLIP zero-shot accuracy per attribute, the training steps its stopping
+rule used, text->image recall@10 on the held-out split, phrase precision@100 over the vocabulary
+(mean, min, worst 5), the black-box CNN's accuracy, and each planted slice's mean loss / world mean
+and whether it became a failure.
 
     nice -n 10 .venv/bin/python scripts/eval_world.py [--cache-dir DIR] [--only default] [--no-record]
 """
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from indexer.world import ATTRIBUTES, benchmark_specs, build_world  # noqa: E402
+from indexer.world.build import is_failure  # noqa: E402
 
 SPECS = benchmark_specs()
 
@@ -49,11 +52,17 @@ def time_demo(cache: Path, log_dir: Path) -> list[dict]:
 
 def world_row(name: str, w) -> dict:
     q = w.quality
+    c = q["clip"]
+    pp = c["phrase_precision"]
     return {"name": name, "task": w.spec["task"], "seed": w.spec["seed"], "rows": q["rows"],
-            "zero_shot": q["clip"]["zero_shot"], "recall_at_10": q["clip"]["recall_at_10"],
+            "zero_shot": c["zero_shot"], "partial_zero_shot": c["partial_zero_shot"],
+            "recall_at_10": c["recall_at_10"],
+            "training": {k: c["training"][k] for k in ("steps", "cap", "target", "stopped")},
+            "precision": {"k": pp["k"], "mean": pp["mean"], "min": pp["min"], "worst": pp["worst"],
+                          "phrases": len(pp["per_phrase"])},
             "cnn_acc": q["blackbox"]["accuracy"], "seconds": q["seconds"],
-            "slices": [{"name": s["name"], "kind": s["kind"], "planted": s["planted"], "ratio": s["loss_ratio"]}
-                       for s in w.slices]}
+            "slices": [{"name": s["name"], "kind": s["kind"], "where": s["where"], "planted": s["planted"],
+                        "ratio": s["loss_ratio"], "failure": is_failure(s)} for s in w.slices]}
 
 
 MACHINE = "2-core CPU, 24 GiB, no GPU"
@@ -68,28 +77,42 @@ def markdown(rows: list[dict], demo: list[dict] | None, demo_summary: str, machi
         f"Machine: {machine}; {today}. "
         "Produced by `scripts/eval_world.py`. Quality is measured on the "
         "held-out test split (drawn uniformly, no planting). Zero-shot: the attribute read off the "
-        "best-matching full caption among all 240 attribute combinations. Recall@10: per attribute "
+        "best-matching full caption among all 240 attribute combinations / off the best single-attribute "
+        "prompt (\"a star\", \"a blue object\", ...). CLIP steps: steps trained until every zero-shot "
+        "accuracy on 600 other held-out images was >= the target, or the cap. Recall@10: per attribute "
         "combination, the canonical caption's top-10 retrieved test images, share of min(10, matching) "
-        "that match all four attributes. Loss ratio: the slice's mean black-box loss / the world's "
-        "mean loss (all rows; train and test in brackets).",
+        "that match all four attributes. Phrase precision@100: for every vocabulary phrase (single "
+        "attribute values, pairs, the slices' descriptions), the share of its 100 nearest images "
+        "(text->image, the whole world) whose attributes match the phrase. Loss ratio: the slice's mean "
+        "black-box loss / the world's mean loss (all rows; train and test in brackets); a slice is a "
+        "failure when its test ratio is >= 2x.",
         "",
-        "| world | task | seed | rows | zero-shot shape / color / size / background | recall@10 | "
-        "CNN acc train / test | build s (CLIP, CNN) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| world | task | seed | rows | zero-shot full / one-attribute: shape, color, size, background | "
+        "CLIP steps (cap) | recall@10 | phrase p@100 mean / min | CNN acc train / test | build s (CLIP, CNN) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        zs = " / ".join(f"{r['zero_shot'][a]:.3f}" for a in ATTRIBUTES)
-        s = r["seconds"]
-        out.append(f"| {r['name']} | {r['task']} | {r['seed']} | {r['rows']} | {zs} | {r['recall_at_10']:.3f} | "
+        zs = ", ".join(f"{r['zero_shot'][a]:.3f} / {r['partial_zero_shot'][a]:.3f}" for a in ATTRIBUTES)
+        s, tr, pp = r["seconds"], r["training"], r["precision"]
+        steps = f"{tr['steps']} ({tr['cap']}{', target not reached' if tr['stopped'] != 'target' else ''})"
+        out.append(f"| {r['name']} | {r['task']} | {r['seed']} | {r['rows']} | {zs} | {steps} | "
+                   f"{r['recall_at_10']:.3f} | {pp['mean']:.3f} / {pp['min']:.3f} | "
                    f"{r['cnn_acc']['train']:.3f} / {r['cnn_acc']['test']:.3f} | "
                    f"{s['total']:.0f} ({s['clip']:.0f}, {s['blackbox']:.0f}) |")
-    out += ["", "| world | slice | kind | planted in train | loss ratio all (train, test) |", "|---|---|---|---|---|"]
+    out += ["", "Lowest phrase precision@100 per world:", ""]
+    for r in rows:
+        worst = ", ".join(f"\"{p}\" {v:.2f}" for p, v in r["precision"]["worst"])
+        out.append(f"- {r['name']} ({r['precision']['phrases']} phrases): {worst}")
+    out += ["", "| world | slice | kind | attributes | planted in train | loss ratio all (train, test) | failure? |",
+            "|---|---|---|---|---|---|---|"]
     for r in rows:
         for sl in r["slices"]:
             p = {k: round(v, 4) for k, v in sl["planted"].items() if k in ("rate", "strength", "noise")}
             ratio = sl["ratio"]
-            out.append(f"| {r['name']} | {sl['name']} | {sl['kind']} | {p} | "
-                       f"{ratio['all']:.2f}x ({ratio['train']:.2f}x, {ratio['test']:.2f}x) |")
+            where = ", ".join(f"{a}={v}" for a, v in sl["where"].items())
+            out.append(f"| {r['name']} | {sl['name']} | {sl['kind']} | {where} | {p} | "
+                       f"{ratio['all']:.2f}x ({ratio['train']:.2f}x, {ratio['test']:.2f}x) | "
+                       f"{'yes' if sl['failure'] else '**no** (test < 2x)'} |")
     if demo:
         out += ["", "`llm2loss demo --no-serve` in a fresh cache (default spec):", ""]
         for d in demo:

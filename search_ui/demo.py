@@ -81,16 +81,24 @@ def _explain(db: Path, world, notes: list[str]) -> list[dict]:
         _missing(e, "failure-mode naming (diagnosis.explain)", notes)
         return []
     rows = world.rows().set_index("id")
+    failing = [s for s in world.slices if _is_failure(s)]
     modes = []
     for m in explain(db, top=TOP_MODES):
         d = m.to_dict()
-        d["planted"] = _best_slice(m.ids or m.examples, rows, world.slices)
+        d["planted"] = _best_slice(m.ids or m.examples, rows, failing)
         modes.append(d)
     return modes
 
 
+def _is_failure(s: dict) -> bool:
+    from indexer.world.build import is_failure
+
+    return is_failure(s)
+
+
 def _best_slice(ids: list[str], rows, slices: list[dict]) -> dict | None:
-    """The planted slice holding most of a mode's samples (precision = share of them in it)."""
+    """The planted slice holding most of a mode's samples (precision = share of them in it);
+    only slices that became failures are candidates."""
     ids = [i for i in ids if i in rows.index]
     if not ids or not slices:
         return None
@@ -141,7 +149,17 @@ def run_demo(db: str | os.PathLike | None = None, spec: str | os.PathLike | dict
 
 def format_summary(world, s: dict) -> str:
     """The demo's human-readable summary (several lines)."""
-    lines = [f"offline world: {world.root}", world.summary(), f"database: {s['db']} ({s['rows']} rows)"]
+    from indexer.world.build import MIN_LOSS_RATIO
+
+    lines = [f"offline world: {world.root}", world.summary()]
+    for sl in world.slices:
+        if not _is_failure(sl):
+            lines.append(
+                f"planted slice '{sl['name']}' did not become a failure: its held-out rows have "
+                f"{sl['loss_ratio']['test']:.2f}x the mean held-out loss (a failure needs {MIN_LOSS_RATIO:.0f}x), "
+                "so no failure mode is expected to name it."
+            )
+    lines.append(f"database: {s['db']} ({s['rows']} rows)")
     d = s["diagnosis"]
     if d:
         lines.append(

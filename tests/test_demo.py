@@ -66,3 +66,35 @@ def test_cli_demo_refuses_a_bad_spec(tmp_path, capsys):
     spec.write_text('{"task": "mood"}')
     assert main(["demo", "--spec", str(spec), "--no-serve"]) == 2
     assert "task" in capsys.readouterr().err
+
+
+def test_summary_says_plainly_when_a_planted_slice_did_not_become_a_failure(first_run):
+    from indexer.world import World
+    from search_ui.demo import format_summary
+
+    _, s = first_run
+    world = World.load(s["world"])
+    fails, not_fails = (dict(sl) for sl in world.slices)
+    fails["loss_ratio"] = {**fails["loss_ratio"], "test": 3.5}
+    not_fails["loss_ratio"] = {**not_fails["loss_ratio"], "test": 0.4}
+    world.slices = [fails, not_fails]
+    text = format_summary(world, {**s, "modes": []})
+    assert ("planted slice 'small stars' did not become a failure: its held-out rows have 0.40x the mean "
+            "held-out loss (a failure needs 2x)") in text
+    assert "'blue circles' did not become" not in text
+    lines = {ln.split("'")[1]: ln for ln in text.splitlines() if ln.startswith("  slice '")}
+    assert lines["small stars"].endswith("NOT a failure (held-out ratio below 2x)")
+    assert lines["blue circles"].endswith(": a failure")
+
+
+def test_modes_are_attributed_only_to_slices_that_became_failures():
+    import pandas as pd
+
+    from search_ui.demo import _best_slice
+
+    rows = pd.DataFrame({"slice_a": [True, True, False], "slice_b": [True, False, False]}, index=["x", "y", "z"])
+    a = {"name": "a", "column": "slice_a"}
+    b = {"name": "b", "column": "slice_b"}
+    assert _best_slice(["x", "y"], rows, [a, b]) == {"name": "a", "precision": 1.0}
+    assert _best_slice(["x", "y"], rows, [b]) == {"name": "b", "precision": 0.5}
+    assert _best_slice(["z"], rows, [a, b]) is None

@@ -14,9 +14,17 @@ import pytest
 from indexer.errors import UserError
 from indexer.world import build as world_build
 from indexer.world import build_world, default_spec, load_spec, slug
-from indexer.world.generate import finish_rows, plant_train, render_all, sample_rows
+from indexer.world.generate import (
+    TEMPLATES,
+    caption,
+    finish_rows,
+    plant_train,
+    render_all,
+    sample_captions,
+    sample_rows,
+)
 from indexer.world.spec import ATTRIBUTES
-from indexer.world.vocab import describe, vocabulary
+from indexer.world.vocab import describe, vocabulary, vocabulary_items
 
 TINY = {
     "seed": 3, "n_train": 400, "n_test": 160, "image_size": 32, "task": "shape",
@@ -128,6 +136,9 @@ def test_task_can_be_another_attribute():
     ({"slices": [{"kind": "correlation", "where": {"color": "red"}, "strength": 0.9}]}, "spurious"),
     ({"slices": [{"kind": "noisy_label", "where": {"shape": "star"}, "noise": 1.5}]}, "fraction"),
     ({"colour": 3}, "unknown keys"),
+    ({"clip": {"target": 1.5}}, "target"),
+    ({"clip": {"steps": 0}}, "clip.steps"),
+    ({"clip": {"eval_every": "often"}}, "clip.eval_every"),
 ])
 def test_bad_specs_are_refused_with_the_field_named(bad, words):
     with pytest.raises(UserError, match=words):
@@ -148,6 +159,112 @@ def test_descriptions_and_vocabulary():
     assert describe({"color": "orange"}) == "an orange object"
     v = vocabulary()
     assert len(v) == len(set(v)) and {"a small star", "a blue circle"} <= set(v)
+    assert [p for p, _ in vocabulary_items()] == v
+    assert all(describe(where) == p for p, where in vocabulary_items())
+
+
+# ---- the tiny CLIP's captions, loss, stopping rule and phrase precision ---------------------------
+def test_caption_sampler_produces_every_phrase_form_of_the_vocabulary():
+    rows = sample_rows(4000, 0, "clip")
+    rng = np.random.default_rng(0)
+    captions, masks = [], []
+    for _ in range(3):  # three training "epochs": each draws fresh captions
+        c, m = sample_captions(rows, rng)
+        captions += c
+        masks.append(m)
+    mask = np.concatenate(masks)
+    assert set(vocabulary()) <= set(captions)  # every single value and every pair, in describe()'s words
+    # every phrase form: each of the 15 non-empty attribute subsets is stated by some caption
+    assert len({tuple(m) for m in mask}) == 15
+    # three-attribute descriptions (a slice's own, e.g. "a small blue star") are taught too
+    assert {"a small blue star", "a small star on a striped background"} <= set(captions)
+    # each caption states exactly the attributes its mask says, true of its own image
+    recs = rows[list(ATTRIBUTES)].to_dict("records")
+    for text, m, r in zip(captions[:4000], mask[:4000], recs, strict=True):
+        if m.all():  # a full template, or describe() of all four (the canonical template's words)
+            assert text in {caption(r, t) for t in range(len(TEMPLATES))}
+        else:
+            assert text == describe({a: r[a] for a, k in zip(ATTRIBUTES, m, strict=True) if k})
+    assert 0.3 < mask.all(1).mean() < 0.6  # full captions (~0.4 + the 4-attribute partials)
+
+
+def test_multi_positive_loss_is_clip_loss_when_every_caption_is_unique_and_counts_shared_ones():
+    import open_clip
+    import torch
+
+    from indexer.world.tiny_clip import multi_positive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    scale = torch.tensor(10.0)
+    codes = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0], [2, 0, 1, 1], [3, 2, 1, 2]])
+    full = torch.ones(4, 4, dtype=torch.bool)
+    ours = multi_positive_loss(img, txt, scale, codes, full)
+    assert float(ours) == pytest.approx(float(open_clip.ClipLoss()(img, txt, scale)), rel=1e-5)
+    # caption 0 states only the size (code 0), which images 0 and 1 share: both are its positives
+    mask = full.clone()
+    mask[0] = torch.tensor([False, False, True, False])
+    logits = scale * txt @ img.T
+    t2i = [-(0.5 * logits[0].log_softmax(0)[0] + 0.5 * logits[0].log_softmax(0)[1])]
+    t2i += [-logits[j].log_softmax(0)[j] for j in (1, 2, 3)]
+    col = logits.log_softmax(0)  # image i over captions
+    i2t = [-col[0, 0], -(0.5 * col[0, 1] + 0.5 * col[1, 1]), -col[2, 2], -col[3, 3]]
+    expected = 0.5 * (torch.stack(t2i).mean() + torch.stack(i2t).mean())
+    assert float(multi_positive_loss(img, txt, scale, codes, mask)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def _tiny_training(target: float, steps: int = 6):
+    from indexer.configs import TINY_CLIP
+    from indexer.world import tiny_clip
+
+    spec = load_spec({**TINY, "clip": {"steps": steps, "batch_size": 16, "n_images": 48, "target": target,
+                                       "eval_every": 2, "n_eval": 40}})
+    _, pre, _ = tiny_clip.create(TINY_CLIP)
+    pool = sample_rows(48, 0, "clip")
+    watch = sample_rows(40, 0, "clip_eval")
+    px = tiny_clip.preprocess_images(render_all(pool, 32), pre)
+    wpx = tiny_clip.preprocess_images(render_all(watch, 32), pre)
+    return tiny_clip.train_clip(TINY_CLIP, px, pool, spec["clip"], 0, (wpx, watch), progress=False)
+
+
+def test_training_stops_as_soon_as_every_zero_shot_accuracy_reaches_the_target():
+    _, rec = _tiny_training(target=0.0)
+    assert rec["stopped"] == "target" and rec["steps"] == 2 and rec["cap"] == 6
+    assert rec["history"][0]["step"] == 2 and set(rec["history"][0]["zero_shot"]) >= set(ATTRIBUTES)
+    assert rec["eval_images"] == 40
+
+
+def test_training_stops_at_the_cap_when_the_target_is_not_reached():
+    _, rec = _tiny_training(target=1.0)  # every attribute perfect after 6 steps of 16 captions: never
+    assert rec["stopped"] == "cap" and rec["steps"] == 6
+    assert [h["step"] for h in rec["history"]] == [2, 4, 6]  # evaluations at 2 and 4, the final one at 6
+    for h in rec["history"]:
+        assert all(0.0 <= h["zero_shot"][a] <= 1.0 and 0.0 <= h["partial_zero_shot"][a] <= 1.0 for a in ATTRIBUTES)
+
+
+def test_phrase_precision_on_a_hand_made_case():
+    from indexer.world.tiny_clip import phrase_precision
+
+    # six images on a line; phrase "red" points at images 0..2 by similarity 1.0, 0.9, 0.8, ...
+    rows = pd.DataFrame({"color": ["red", "blue", "red", "red", "blue", "red"],
+                         "shape": ["star", "star", "circle", "star", "star", "star"]})
+    angles = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5])  # image i at angle i*0.1 from the x axis
+    img = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    txt = np.array([[1.0, 0.0], [1.0, 0.0], [np.cos(0.5), np.sin(0.5)]])
+    phrases = [("a red object", {"color": "red"}), ("a red star", {"color": "red", "shape": "star"}),
+               ("a blue circle", {"color": "blue", "shape": "circle"})]
+    out = phrase_precision(img, rows, phrases, txt, k=3)
+    # "a red object": top 3 = images 0, 1, 2 -> red, blue, red -> 2/3
+    # "a red star": 3 match (0, 3, 5), top 3 = 0, 1, 2 -> only image 0 -> 1/3
+    # "a blue circle": no image matches: skipped
+    assert out["per_phrase"] == pytest.approx({"a red object": 2 / 3, "a red star": 1 / 3})
+    assert out["mean"] == pytest.approx(0.5) and out["min"] == pytest.approx(1 / 3)
+    assert out["worst"][0] == ["a red star", pytest.approx(1 / 3)]
+    # k above the number of matching images: the share of that many nearest (2 blue: 1, 4)
+    out = phrase_precision(img, rows, [("a blue object", {"color": "blue"})], np.array([[np.cos(0.25), np.sin(0.25)]]),
+                           k=100)
+    assert out["per_phrase"]["a blue object"] == pytest.approx(0.0)  # nearest two are images 2 and 3, red
 
 
 # ---- a built tiny world ---------------------------------------------------------------------------
@@ -174,8 +291,18 @@ def test_world_reports_quality_numbers(world):
     for s in world.slices:
         assert s["column"] == slug(s["name"]) and s["loss_ratio"]["all"] > 0
         assert s["planted"]["kind"] == s["kind"]
+    tr = q["clip"]["training"]
+    assert tr["cap"] == 3 and tr["steps"] == 3 and tr["stopped"] == "cap"  # eval_every 25 > cap: no early stop
+    pp = q["clip"]["phrase_precision"]
+    assert pp["k"] == 100 and 0.0 <= pp["min"] <= pp["mean"] <= 1.0
+    assert set(pp["per_phrase"]) == set(world.vocab.read_text().splitlines())  # every phrase, the slices' too
+    assert len(pp["worst"]) == 5 and pp["worst"][0][1] == pp["min"]
     text = world.summary()
-    assert "zero-shot" in text and "slice 'blue circles'" in text
+    assert "zero-shot" in text and "slice 'blue circles'" in text and "phrase precision@100" in text
+    assert "3 of at most 3 steps" in text
+    for s in world.slices:
+        assert s["failure"] == (s["loss_ratio"]["test"] >= 2.0)
+        assert ("NOT a failure" in text.split(f"slice '{s['name']}'")[1].splitlines()[0]) == (not s["failure"])
 
 
 def test_world_is_deterministic(world, tmp_path):

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from indexer.world.spec import ATTRIBUTES, slug
 
-SPLIT_CODES = {"train": 1, "test": 2, "clip": 3}
+SPLIT_CODES = {"train": 1, "test": 2, "clip": 3, "clip_eval": 4}
 
 #: Object colours in RGB; backgrounds are grey so that colour names stay unambiguous.
 RGB = {
@@ -63,6 +63,55 @@ def caption(attrs: dict, template: int = 0) -> str:
 def with_articles(text: str) -> str:
     """English articles: "a orange star" -> "an orange star"."""
     return re.sub(r"\b([Aa]) ([aeiou])", r"\1n \2", text)
+
+
+def describe(where: dict) -> str:
+    """``{"shape": "circle", "color": "blue"}`` -> ``"a blue circle"``; canonical word order.
+
+    Any subset of the attributes: ``{"color": "blue"}`` -> ``"a blue object"``,
+    ``{"background": "noisy"}`` -> ``"an object on a noisy background"``. The vocabulary
+    ``llm2loss explain`` ranks and the tiny CLIP's partial training captions both come from here.
+    """
+    words = [where[a] for a in ("size", "color") if a in where]
+    words.append(where.get("shape", "object"))
+    text = "a " + " ".join(words)
+    if "background" in where:
+        text += f" on a {BG_WORDS[where['background']][0]} background"
+    return with_articles(text)
+
+
+#: Share of training captions that are a full template (all four attributes, varied wording); the
+#: rest describe a random subset of the attributes with :func:`describe`.
+FULL_CAPTION_SHARE = 0.4
+#: Probability of describing 1, 2, 3 or 4 attributes in a partial caption.
+SUBSET_SIZE_P = np.array([0.3, 0.4, 0.2, 0.1])
+
+
+def sample_captions(rows: pd.DataFrame, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+    """Fresh training captions for ``rows`` (attribute columns): one per row, drawn anew each call.
+
+    Returns the captions and an (n, 4) bool mask of the attributes each one states (in
+    :data:`ATTRIBUTES` order), so a contrastive loss can tell which other images a caption also
+    describes. Every phrase form of the vocabulary ("a star", "a blue object", "a small object on a
+    striped background", ...) has a non-zero chance for every row.
+    """
+    attrs = list(ATTRIBUTES)
+    n = len(rows)
+    records = rows[attrs].to_dict("records")
+    full = rng.random(n) < FULL_CAPTION_SHARE
+    templates = rng.choice(len(TEMPLATES), n, p=TEMPLATE_P)
+    sizes = rng.choice(len(SUBSET_SIZE_P), n, p=SUBSET_SIZE_P) + 1
+    mask = np.ones((n, len(attrs)), dtype=bool)
+    out = []
+    for i, rec in enumerate(records):
+        if full[i]:
+            out.append(caption(rec, int(templates[i])))
+            continue
+        keep = np.zeros(len(attrs), dtype=bool)
+        keep[rng.choice(len(attrs), sizes[i], replace=False)] = True
+        mask[i] = keep
+        out.append(describe({a: rec[a] for a, k in zip(attrs, keep, strict=True) if k}))
+    return out, mask
 
 
 def sample_rows(n: int, seed: int, split: str) -> pd.DataFrame:

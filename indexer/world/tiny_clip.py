@@ -1,5 +1,5 @@
-"""Training the world's tiny CLIP (open_clip architecture from a JSON config, open_clip's ClipLoss)
-and measuring it on held-out images: zero-shot accuracy per attribute and text->image recall@10.
+"""Training the world's tiny CLIP (open_clip architecture from a JSON config) and measuring it on
+held-out images: zero-shot accuracy per attribute, text->image recall@10, phrase precision@100.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from indexer.world.generate import caption
+from indexer.world.generate import caption, sample_captions, with_articles
 from indexer.world.spec import ATTRIBUTES
 
 log = logging.getLogger(__name__)
@@ -40,57 +40,102 @@ def preprocess_images(images: np.ndarray, preprocess) -> torch.Tensor:
     return torch.stack([preprocess(Image.fromarray(im)) for im in images])
 
 
+def _attribute_codes(rows: pd.DataFrame) -> torch.Tensor:
+    """(n, 4) int64: each row's attribute values as indices into :data:`ATTRIBUTES`."""
+    return torch.from_numpy(np.stack([pd.Categorical(rows[a], categories=list(v)).codes
+                                      for a, v in ATTRIBUTES.items()], axis=1).astype(np.int64))
+
+
+def multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss, with every true pair in the batch counted as a positive.
+
+    ``codes``: (b, 4) attribute values of the batch's images; ``mask``: (b, 4) bool, the attributes
+    caption ``j`` states. Caption ``j`` describes image ``i`` when ``i`` has every attribute ``j``
+    states, so "a blue object" is a positive for every blue image of the batch, not a negative for
+    all but one (open_clip's ``ClipLoss`` when each caption describes only its own image).
+    """
+    same = codes[None, :, :] == codes[:, None, :]  # [j, i, a]: image i agrees with image j on a
+    pos = (same | ~mask[:, None, :]).all(-1).float()  # [caption j, image i]
+    logits = scale * txt @ img.T  # [caption, image]
+    t2i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    i2t = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+    return 0.5 * (t2i + i2t)
+
+
 def train_clip(
     config_path: Path,
     pixels: torch.Tensor,
-    captions: list[str],
-    steps: int,
-    batch_size: int,
-    lr: float,
+    rows: pd.DataFrame,
+    cfg: dict,
     seed: int,
+    held_out: tuple[torch.Tensor, pd.DataFrame] | None = None,
     progress: bool = True,
 ):
-    """Contrastive training from scratch; returns the model in eval mode.
+    """Contrastive training from scratch until the zero-shot target holds or ``cfg["steps"]`` (the cap).
 
-    ``pixels``: (n, 3, s, s) float32 preprocessed images; ``captions``: n strings. AdamW with a
-    linear warm-up and cosine decay; the temperature is learned (open_clip's ``logit_scale``).
+    ``pixels``: (n, 3, s, s) float32 preprocessed images; ``rows``: their attributes. At every step
+    each image gets a fresh caption from :func:`~indexer.world.generate.sample_captions` (a full
+    template or any subset of its attributes, in the vocabulary's own words). Every
+    ``cfg["eval_every"]`` steps the zero-shot accuracy on ``held_out`` (pixels, rows) is measured
+    per attribute, from full captions and from single-attribute prompts; training stops as soon as
+    every one is >= ``cfg["target"]``. AdamW with a linear warm-up and cosine decay over the cap; the
+    temperature is learned (open_clip's ``logit_scale``).
+
+    Returns ``(model in eval mode, training record)``: steps used, why it stopped, the accuracies
+    of every evaluation.
     """
-    import open_clip
-
     torch.manual_seed(seed)
     model, _, tokenizer = create(config_path)
-    tokens = tokenizer(captions)
-    loss_fn = open_clip.ClipLoss()
+    steps, batch_size, target, every = cfg["steps"], cfg["batch_size"], cfg["target"], cfg["eval_every"]
+    codes = _attribute_codes(rows)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98), eps=1e-6)
+                            lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
     )
     gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 23])
     n = len(pixels)
     perm, pos = torch.randperm(n, generator=gen), 0
-    model.train()
+    history, stopped, used = [], "cap", 0
     bar = tqdm(range(steps), desc="tiny CLIP", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
+        model.train()
         if pos + batch_size > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + batch_size]
         pos += batch_size
+        texts, mask = sample_captions(rows.iloc[idx.numpy()], rng)
         img = model.encode_image(pixels[idx], normalize=True)
-        txt = model.encode_text(tokens[idx], normalize=True)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
+        txt = model.encode_text(tokenizer(texts), normalize=True)
+        loss = multi_positive_loss(img, txt, model.logit_scale.exp(), codes[idx], torch.from_numpy(mask))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
             model.logit_scale.clamp_(0, math.log(100))
+        used = step + 1
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if held_out is not None and every and used % every == 0 and used < steps:
+            model.eval()
+            acc = zero_shot(model, tokenizer, encode(model, pixels=held_out[0]), held_out[1])
+            history.append({"step": used, **acc})
+            worst = min(min(acc["zero_shot"][a], acc["partial_zero_shot"][a]) for a in ATTRIBUTES)
+            log.info("tiny CLIP step %d: lowest zero-shot accuracy %.3f (target %.2f)", used, worst, target)
+            if worst >= target:
+                stopped = "target"
+                break
+    bar.close()
     model.eval()
-    return model
+    if held_out is not None:
+        history.append({"step": used, **zero_shot(model, tokenizer, encode(model, pixels=held_out[0]), held_out[1])})
+    return model, {"steps": used, "cap": steps, "target": target, "stopped": stopped,
+                   "eval_images": 0 if held_out is None else len(held_out[1]), "history": history}
 
 
 @torch.inference_mode()
@@ -107,27 +152,44 @@ def encode(model, pixels: torch.Tensor | None = None, texts: list[str] | None = 
     return torch.cat(out).float().numpy()
 
 
-def evaluate_clip(model, tokenizer, pixels: torch.Tensor, rows: pd.DataFrame) -> dict:
-    """Quality on held-out images.
+PARTIAL_PROMPTS = {"shape": "a {}", "color": "a {} object", "size": "a {} object",
+                   "background": "an object on a {} background"}
 
-    ``zero_shot``: per attribute, the accuracy of reading the attribute off the best-matching full
-    caption (canonical template, every combination of attribute values). ``recall_at_10``: for each
-    attribute combination present, the canonical caption retrieves the images; the share of its
-    matching images found in the top 10 (out of min(10, matching)), averaged over combinations.
-    ``partial_zero_shot``: per attribute, accuracy of short prompts naming only that attribute.
+
+def zero_shot(model, tokenizer, img: np.ndarray, rows: pd.DataFrame) -> dict:
+    """Per-attribute zero-shot accuracy of image embeddings ``img`` (n, d) against ``rows``' truth.
+
+    ``zero_shot``: the attribute read off the best-matching full caption (canonical template, every
+    combination of attribute values; ``all``: every attribute right). ``partial_zero_shot``: the
+    best of the single-attribute prompts ("a star", "a blue object", ...), per attribute.
     """
     attrs = list(ATTRIBUTES)
     combos = list(itertools.product(*ATTRIBUTES.values()))
-    texts = [caption(dict(zip(attrs, c, strict=True))) for c in combos]
-    img = encode(model, pixels=pixels)
-    txt = encode(model, texts=texts, tokenizer=tokenizer)
-    sim = img @ txt.T  # (n_images, n_combos)
-    best = np.asarray(combos)[sim.argmax(1)]
+    txt = encode(model, texts=[caption(dict(zip(attrs, c, strict=True))) for c in combos], tokenizer=tokenizer)
+    best = np.asarray(combos)[(img @ txt.T).argmax(1)]
     truth = rows[attrs].to_numpy()
-    zero_shot = {a: float((best[:, j] == truth[:, j]).mean()) for j, a in enumerate(attrs)}
-    zero_shot["all"] = float((best == truth).all(1).mean())
+    full = {a: float((best[:, j] == truth[:, j]).mean()) for j, a in enumerate(attrs)}
+    full["all"] = float((best == truth).all(1).mean())
+    partial = {}
+    for j, a in enumerate(attrs):
+        t = encode(model, texts=[with_articles(PARTIAL_PROMPTS[a].format(v)) for v in ATTRIBUTES[a]],
+                   tokenizer=tokenizer)
+        partial[a] = float((np.asarray(ATTRIBUTES[a])[(img @ t.T).argmax(1)] == truth[:, j]).mean())
+    return {"zero_shot": full, "partial_zero_shot": partial}
 
-    key = ["|".join(r) for r in truth]
+
+def evaluate_clip(model, tokenizer, img: np.ndarray, rows: pd.DataFrame) -> dict:
+    """Quality on held-out image embeddings ``img`` (n, d) of ``rows``.
+
+    :func:`zero_shot`'s two accuracies, and ``recall_at_10``: for each attribute combination
+    present, the canonical caption retrieves the images; the share of its matching images found in
+    the top 10 (out of min(10, matching)), averaged over combinations.
+    """
+    attrs = list(ATTRIBUTES)
+    combos = list(itertools.product(*ATTRIBUTES.values()))
+    txt = encode(model, texts=[caption(dict(zip(attrs, c, strict=True))) for c in combos], tokenizer=tokenizer)
+    sim = img @ txt.T  # (n_images, n_combos)
+    key = ["|".join(r) for r in rows[attrs].to_numpy()]
     recalls = []
     for j, c in enumerate(combos):
         relevant = np.asarray([k == "|".join(c) for k in key])
@@ -135,15 +197,35 @@ def evaluate_clip(model, tokenizer, pixels: torch.Tensor, rows: pd.DataFrame) ->
             continue
         top = np.argsort(-sim[:, j])[:10]
         recalls.append(relevant[top].sum() / min(10, relevant.sum()))
-
-    partial = {}
-    prompts = {
-        "shape": "a {}", "color": "a {} object", "size": "a {} object",
-        "background": "an object on a {} background",
-    }
-    for j, a in enumerate(attrs):
-        t = encode(model, texts=[prompts[a].format(v) for v in ATTRIBUTES[a]], tokenizer=tokenizer)
-        pred = np.asarray(ATTRIBUTES[a])[(img @ t.T).argmax(1)]
-        partial[a] = float((pred == truth[:, j]).mean())
-    return {"zero_shot": zero_shot, "recall_at_10": float(np.mean(recalls)), "partial_zero_shot": partial,
+    return {**zero_shot(model, tokenizer, img, rows), "recall_at_10": float(np.mean(recalls)),
             "eval_images": len(rows)}
+
+
+def phrase_precision(img: np.ndarray, rows: pd.DataFrame, phrases: list[tuple[str, dict]], txt: np.ndarray,
+                     k: int = 100, worst: int = 5) -> dict:
+    """Text->image precision@k of each phrase: the share of its ``k`` nearest images (cosine
+    similarity of ``txt[i]`` to the rows of ``img``) whose attributes match everything the phrase
+    states (``phrases[i] = (text, {attribute: value})``). Where fewer than ``k`` images match, the
+    share is of that many nearest (so 1.0 stays reachable).
+
+    Returns ``{"k", "mean", "min", "worst": [[phrase, precision], ...] (lowest first),
+    "per_phrase": {phrase: precision}}``.
+    """
+    if len(phrases) != len(txt):
+        raise ValueError(f"{len(phrases)} phrases but {len(txt)} text embeddings")
+    sim = txt @ img.T  # (phrases, images)
+    per = {}
+    for (text, where), s in zip(phrases, sim, strict=True):
+        match = np.ones(len(rows), dtype=bool)
+        for a, v in where.items():
+            match &= (rows[a] == v).to_numpy()
+        kk = int(min(k, match.sum(), len(rows)))
+        if kk == 0:
+            continue
+        top = np.argpartition(-s, kk - 1)[:kk]
+        per[text] = float(match[top].mean())
+    vals = np.asarray(list(per.values()))
+    order = sorted(per.items(), key=lambda kv: (kv[1], kv[0]))
+    return {"k": k, "mean": float(vals.mean()) if len(vals) else float("nan"),
+            "min": float(vals.min()) if len(vals) else float("nan"),
+            "worst": [[p, v] for p, v in order[:worst]], "per_phrase": per}

@@ -5,18 +5,22 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from indexer.world.generate import BG_WORDS, with_articles
+from indexer.world.generate import describe
 from indexer.world.spec import ATTRIBUTES
 
+__all__ = ["describe", "vocabulary", "vocabulary_items", "write_vocab"]
 
-def describe(where: dict) -> str:
-    """``{"shape": "circle", "color": "blue"}`` -> ``"a blue circle"``; canonical word order."""
-    words = [where[a] for a in ("size", "color") if a in where]
-    words.append(where.get("shape", "object"))
-    text = "a " + " ".join(words)
-    if "background" in where:
-        text += f" on a {BG_WORDS[where['background']][0]} background"
-    return with_articles(text)
+
+def vocabulary_items() -> list[tuple[str, dict]]:
+    """(phrase, the attributes it states) for every single attribute value and every pair."""
+    items = []
+    attrs = list(ATTRIBUTES)
+    for r in (1, 2):
+        for combo in itertools.combinations(attrs, r):
+            for values in itertools.product(*(ATTRIBUTES[a] for a in combo)):
+                where = dict(zip(combo, values, strict=True))
+                items.append((describe(where), where))
+    return items
 
 
 def vocabulary(extra: list[str] = ()) -> list[str]:
@@ -25,12 +29,7 @@ def vocabulary(extra: list[str] = ()) -> list[str]:
     Pairs are where the planted slices live; triples are left out so that a slice's own
     description does not compete with near-copies of itself.
     """
-    phrases = []
-    attrs = list(ATTRIBUTES)
-    for r in (1, 2):
-        for combo in itertools.combinations(attrs, r):
-            for values in itertools.product(*(ATTRIBUTES[a] for a in combo)):
-                phrases.append(describe(dict(zip(combo, values, strict=True))))
+    phrases = [p for p, _ in vocabulary_items()]
     for p in extra:
         if p not in phrases:
             phrases.append(p)
