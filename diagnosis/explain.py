@@ -13,7 +13,8 @@ that its name describes a real failure.
    the check is named by the next best separating phrase that passes; when none does, the mode is
    hidden (``show_all`` lists it, with ``shown`` false and the reason).
 
-Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
+Modes are listed by :func:`impact` (members x how far above the failure line they are predicted),
+so the failures that cost the most come first. Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
 intervals, coverage and precision of the name against the group), its members (``ids``), their
 mean true and predicted loss, and their share of the table's total loss.
 """
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.modes import N_EXAMPLES, find_modes
+from diagnosis.modes import N_EXAMPLES, content_words, find_modes
 from diagnosis.text import Scorer
 from diagnosis.vocab import (
     Grammar,
@@ -254,6 +255,72 @@ def evidence(t: _Table, retrieved: np.ndarray, size: int, coverage: float, preci
     return ev
 
 
+def impact(m: FailureMode, t: _Table) -> float:
+    """How much a mode matters: the predicted loss its members carry above the failure line
+    (``FAIL_RATIO`` x the mean), summed -- as many samples as it holds, as badly as they fail."""
+    if m.mean_predicted_loss != m.mean_predicted_loss:  # no members
+        return 0.0
+    return m.size * (m.mean_predicted_loss - FAIL_RATIO * float(t.pred.mean()))
+
+
+def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray,
+               fail: np.ndarray) -> list[FailureMode]:
+    """Fold modes whose names share words into one mode named by what they share, when that shared
+    name is itself a failure.
+
+    "a blue circle" and "a large blue triangle" share "a blue object"; "a triangle on a striped
+    background" and its leftover "a small triangle on a striped background" share the former. A
+    phrase of the vocabulary whose content words lie within those of two or more modes' names is
+    checked like any name: its images (the prefix of its ranking gathering the most excess loss)
+    must hold at least half of each of those modes' members and must fail (:func:`evidence`). If they do, the modes are one failure seen through words that do not
+    matter, and become one mode under the shared phrase; if not ("a triangle" when only striped
+    and blue triangles fail, "a small object"), they are different failures and stay apart. Shared
+    phrases are tried most specific first, then by how much their images fail; a mode folds once per
+    pass, and passes repeat until nothing folds.
+    """
+    words = {p: content_words(p) for p in phrases}
+    excess = t.pred - FAIL_RATIO * float(t.pred.mean())
+    changed = True
+    while changed and len(modes) > 1:
+        changed = False
+        names = [words.get(m.description) or content_words(m.description) for m in modes]
+        found = []
+        for j, p in enumerate(phrases):
+            w = words[p]
+            group = [i for i, n in enumerate(names) if w and w <= n and modes[i].ids]
+            if len(group) < 2:
+                continue
+            members = np.flatnonzero(np.isin(t.ids, [x for i in group for x in modes[i].ids]))
+            # the shared phrase's own images: the prefix of its ranking gathering the most excess loss
+            order = np.argsort(-(t.X @ T[j]), kind="stable")
+            got = order[: int(np.argmax(np.cumsum(excess[order]))) + 1]
+            cover = [np.isin(np.flatnonzero(np.isin(t.ids, modes[i].ids)), got).mean() for i in group]
+            log.debug("shared name %r for %s: %d images hold %s of their members", p,
+                      [modes[i].description for i in group], len(got), [round(float(c), 2) for c in cover])
+            if min(cover) < 0.5:
+                continue
+            inside = np.isin(members, got)
+            ev = evidence(t, got, len(members), float(inside.mean()), float(fail[got].mean()),
+                          float(excess[got].sum()))
+            if ev["holds"]:
+                found.append((len(w), ev["true_loss_ratio"] or ev["predicted_loss_ratio"], j, group, got, members, ev))
+        used: set[int] = set()
+        merged = []
+        for _, _, j, group, got, members, ev in sorted(found, key=lambda f: (-f[0], -f[1])):
+            if used & set(group):
+                continue
+            used |= set(group)
+            others = [x for i in group for x in [modes[i].description, *modes[i].phrases[1:2]] if x != phrases[j]]
+            merged.append(FailureMode(
+                description=phrases[j], predicted_loss=ev["predicted_loss"], predicted_loss_std=float(t.std[got].mean()),
+                phrases=[phrases[j], *dict.fromkeys(others)], source="both", evidence=ev, shown=True,
+                **_members(members, got, t)))
+        if merged:
+            modes = [m for i, m in enumerate(modes) if i not in used] + merged
+            changed = True
+    return modes
+
+
 def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
     """(phrases, generic): a file path, a list of phrases, or None for the database's default (its
     ``vocab.txt``, else :func:`diagnosis.vocab.real_vocabulary`, ``generic`` True)."""
@@ -327,8 +394,8 @@ def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_
 
 def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True,
             seed: int = 0) -> list[FailureMode]:
-    """The ``top`` worst failure modes of ``db`` whose evidence holds, worst (highest predicted loss
-    of the images their name retrieves) first; with ``show_all``, then every mode whose evidence
+    """The ``top`` worst failure modes of ``db`` whose evidence holds, worst (:func:`impact`: most
+    predicted loss above the failure line, summed over its members) first; with ``show_all``, then every mode whose evidence
     does not hold (``shown`` False).
 
     ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else
@@ -371,6 +438,12 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
         if not checked:
             continue
         c, got, members, ev = next((x for x in checked if x[3]["holds"]), checked[0])
+        for tail in g["tails"]:  # the failure's leftovers past its name's prefix
+            extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
+            extra = extra[fail[extra] & ~taken[extra]]
+            members = np.union1d(members, extra)
+        if len(members) >= MIN_SAMPLES and not ev["holds"] and ev["reason"].endswith(f"fewer than {MIN_SAMPLES}"):
+            ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
         taken[members] = True
         used.add(phrases[c["phrase"]])
         others = [phrases[x["phrase"]] for x in g["candidates"] if x is not c]
@@ -378,6 +451,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             description=phrases[c["phrase"]], predicted_loss=ev["predicted_loss"],
             predicted_loss_std=float(t.std[got].mean()), phrases=[phrases[c["phrase"]], *others], source="both",
             evidence=ev, shown=ev["holds"], **_members(members, got, t)))
-    out.sort(key=lambda m: (not m.shown, -m.predicted_loss))
+    out = generalise(out, t, phrases, T, fail)
+    out.sort(key=lambda m: (not m.shown, -impact(m, t)))
     shown = [m for m in out if m.shown][:top]
     return shown + ([m for m in out if not m.shown] if show_all else [])

@@ -20,7 +20,9 @@ stops finding failures. Names are chosen by that gain, greedily:
   (:class:`diagnosis.vocab.Grammar`: "a small object" + "a blue circle" -> "a small blue circle",
   "a dog" + "a photo at night" -> "a dog at night") and compete with the rest.
 
-Selection stops when no phrase gathers ``MIN_GAIN_SHARE`` of the table's positive excess. Each mode
+A name retrieving mostly rows an earlier mode's name retrieved gathers that failure's tail (the
+part past the earlier prefix) and is recorded in the earlier mode's ``tails``, not as a mode of
+its own. Selection stops when no phrase gathers ``MIN_GAIN_SHARE`` of the table's positive excess. Each mode
 comes with ``candidates``: its name and then the other phrases that best gather the same rows, each
 with ``phrase`` (index), ``r`` (rows of the selection sample), ``gain``, ``precision`` (share of its
 retrieved rows predicted to fail) and ``coverage`` (of the failing rows among its top ``2r``, the
@@ -47,6 +49,7 @@ SPECIFIC_TOL = 0.02  # phrases within this share of the best gain compete on spe
 FAIL_RATIO = 2.0
 COMPOSE_TOP = 40  # phrases gathering the most excess loss, composed with each other
 N_CANDIDATES = 6  # names per group checked against the data, best first
+TAIL_SHARE = 0.5  # a name retrieving more than this share of an earlier one's rows is its tail
 MIN_GAIN_SHARE = 0.01  # a mode gathers at least this share of all excess predicted loss
 _BLOCK_CELLS = 1 << 24
 
@@ -147,8 +150,15 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
             hit = fail[order[c, : 2 * r]]  # (the top 2r rows, or all r_max when fewer)
             cands.append({"phrase": c, "r": r, "gain": float((J if c == j else Jm)[c, gi]),
                           "precision": float(hit[:r].mean()), "coverage": float(hit[:r].sum() / max(hit.sum(), 1))})
-        modes.append({"candidates": cands})
         left[got] = 0.0
+        # a name retrieving mostly rows an earlier name already retrieved gathers that failure's
+        # leftovers (its tail past the earlier name's prefix): the same failure, not a new one
+        prior = [np.isin(got, m["retrieved"]).mean() for m in modes]
+        if prior and max(prior) > TAIL_SHARE:
+            m = modes[int(np.argmax(prior))]
+            m["tails"].append({"phrase": j, "r": cands[0]["r"]})
+            continue
+        modes.append({"candidates": cands, "retrieved": got, "tails": []})
     return modes, phrases, T, sample
 
 
