@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.modes import N_EXAMPLES, content_words, find_modes
+from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, content_words, find_modes
 from diagnosis.text import Scorer
 from diagnosis.vocab import (
     Grammar,
@@ -257,10 +257,10 @@ def evidence(t: _Table, retrieved: np.ndarray, size: int, coverage: float, preci
 
 def impact(m: FailureMode, t: _Table) -> float:
     """How much a mode matters: the predicted loss its members carry above the failure line
-    (``FAIL_RATIO`` x the mean), summed -- as many samples as it holds, as badly as they fail."""
+    (``EXCESS_RATIO`` x the mean), summed -- as many samples as it holds, as badly as they fail."""
     if m.mean_predicted_loss != m.mean_predicted_loss:  # no members
         return 0.0
-    return m.size * (m.mean_predicted_loss - FAIL_RATIO * float(t.pred.mean()))
+    return m.size * (m.mean_predicted_loss - EXCESS_RATIO * float(t.pred.mean()))
 
 
 def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray,
@@ -279,7 +279,7 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
     pass, and passes repeat until nothing folds.
     """
     words = {p: content_words(p) for p in phrases}
-    excess = t.pred - FAIL_RATIO * float(t.pred.mean())
+    excess = t.pred - EXCESS_RATIO * float(t.pred.mean())
     changed = True
     while changed and len(modes) > 1:
         changed = False

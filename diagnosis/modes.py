@@ -1,7 +1,7 @@
 """Failure modes: which phrases name the model's failures (used by :func:`diagnosis.explain.explain`).
 
 A phrase *retrieves* the rows CLIP finds most similar to it. Each row carries an *excess*: its
-predicted loss minus ``FAIL_RATIO`` x the mean, positive where the row fails. The top ``r`` rows of a
+predicted loss minus ``EXCESS_RATIO`` x the mean, positive where the row fails more than that. The top ``r`` rows of a
 phrase gather the sum of their excesses -- its *gain* -- and the best ``r`` is where its retrieval
 stops finding failures. Names are chosen by that gain, greedily:
 
@@ -46,7 +46,12 @@ SELECT_ROWS = 50000  # phrases are ranked against a sample of this many rows (al
 GRID_POINTS = 48  # prefix sizes r on a geometric grid
 MIN_PREFIX = 10
 SPECIFIC_TOL = 0.02  # phrases within this share of the best gain compete on specificity
-FAIL_RATIO = 2.0
+#: The line a row's predicted loss is measured from (x the mean): a name gathers the rows above it
+#: and pays for those below. It is the failure line itself (the 2x a shown name's images must reach,
+#: explain.FAIL_RATIO). A lower line (1.5x) also gathered failures just above 2x whose worst rows
+#: another mode took, but on the default world it let one composed name ("a blue triangle on a
+#: striped background") gather two failures at once, through the rows that match two of its words.
+EXCESS_RATIO = 2.0
 COMPOSE_TOP = 40  # phrases gathering the most excess loss, composed with each other
 N_CANDIDATES = 6  # names per group checked against the data, best first
 TAIL_SHARE = 0.5  # a name retrieving more than this share of an earlier one's rows is its tail
@@ -111,7 +116,7 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
         return [], list(phrases), T, sample
     Xs, ps = X[sample], pred[sample]
     fail = ps >= threshold
-    excess = ps - FAIL_RATIO * float(pred.mean())  # > 0: the row fails; a name gathers as much as it can
+    excess = ps - EXCESS_RATIO * float(pred.mean())  # > 0: worth gathering; < 0: a cost
     r_max = int(min(len(sample), max(4 * int(fail.sum()), 200)))
     grid = prefix_grid(r_max)
     phrases = list(phrases)
