@@ -442,7 +442,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
             extra = extra[fail[extra] & ~taken[extra]]
             members = np.union1d(members, extra)
-        if len(members) >= MIN_SAMPLES and not ev["holds"] and ev["reason"].endswith(f"fewer than {MIN_SAMPLES}"):
+        if g["tails"]:
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
         taken[members] = True
         used.add(phrases[c["phrase"]])

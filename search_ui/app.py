@@ -203,7 +203,7 @@ def _api(ui: Handlers) -> None:
     @friendly
     def explain(top: int = 10) -> list[dict]:
         """Failure modes named in words, worst first (as `llm2loss explain --json`)."""
-        return [{k: v for k, v in m.items() if k != "ids"} for m in ui.ctx.modes(int(top))]
+        return [{k: v for k, v in m.items() if k != "ids"} for m in ui.ctx.modes(int(top)) if m.get("shown", True)]
 
     @friendly
     def details(ids: list[str]) -> list[dict]:

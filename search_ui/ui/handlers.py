@@ -172,10 +172,12 @@ class Handlers:
         modes = self.ctx.modes(int(top), progress=progress)
         rows = [mode_row(i, m) for i, m in enumerate(modes, 1)]
         choices = [f"{i}. {m['description']}" for i, m in enumerate(modes, 1)]
-        msg = (f"{len(modes)} failure modes, worst first: each name's own images fail (true loss on held-out "
-               f"rows, predicted loss with 95% intervals). Modes whose evidence does not hold (under 20 samples, "
-               f"or the name's images do not fail) are hidden; `llm2loss explain --all` lists them."
-               if modes else "No failure mode whose evidence holds (`llm2loss explain --all` lists the rejected ones).")
+        shown = sum(bool(m.get("shown", True)) for m in modes)
+        msg = (f"{shown} failure modes whose evidence holds, worst first: each name's own images fail (true loss "
+               f"on held-out rows, predicted loss with 95% intervals)."
+               + (f" {len(modes) - shown} more whose evidence does not hold (under 20 samples, or the name's images "
+                  f"do not fail) follow, marked hidden." if len(modes) > shown else "")
+               if modes else "No failure modes found.")
         return rows, gr.Dropdown(choices=choices, value=choices[0] if choices else None), msg, modes
 
     @staticmethod

@@ -21,7 +21,7 @@ def mode_row(i: int, m: dict) -> list:
     ev = m.get("evidence") or {}
     true = "n/a" if ev.get("true_loss") is None else f"{fmt(ev['true_loss'])} ({ev['true_loss_ratio']:.1f}x)"
     pred = f"{fmt(ev.get('predicted_loss', m.get('predicted_loss')))} {_ci(ev.get('predicted_loss_ci'))}".strip()
-    return [i, m["description"] + ("" if m.get("shown", True) else " (hidden)"), true, pred,
+    return [i, m["description"] + ("" if m.get("shown", True) else f" (hidden: {(m.get('evidence') or {}).get('reason')})"), true, pred,
             _pct(ev.get("coverage")), _pct(ev.get("precision")), m.get("size"), _pct(m.get("share_of_loss"))]
 
 
