@@ -258,9 +258,9 @@ def main(argv=None) -> int:
     built = {}
     if args.worlds_built:
         for line in Path(args.worlds_built).read_text().splitlines():
-            if line.strip():
-                k, v = line.split(None, 1)
-                built[k] = v.strip()
+            parts = line.split()
+            if len(parts) >= 2 and (Path(parts[1]) / "meta.json").exists():  # an indexed database
+                built[parts[0]] = parts[1]
     results = []
     for name in args.specs.split(","):
         spec = SPECS.get(name, name)
