@@ -1,28 +1,22 @@
-"""``llm2loss explain``: name the model's failure modes in words, worst first.
+"""``llm2loss explain``: name the model's failure modes in words, worst first, each with the evidence
+that its name describes a real failure.
 
-Two views, merged where they find the same samples:
+1. The rows predicted to fail (:func:`fail_threshold`) are grouped and each group is named by the
+   phrase of the vocabulary -- or a composition of its best phrases -- that best *separates* it from
+   the rest of the data: the F1 of the images CLIP retrieves for the phrase against the group, the
+   most specific phrase that keeps it; fragments of one failure merge, two failures never do
+   (:mod:`diagnosis.modes`).
+2. Every name is checked against the data before it is shown (:func:`evidence`): the images it
+   retrieves (as many as separate the group best) must fail -- their mean predicted loss, and
+   their mean true loss on the held-out rows where losses are known, at least ``FAIL_RATIO`` x the
+   table's mean -- and the group must hold ``MIN_SAMPLES`` samples. A group whose best name fails
+   the check is named by the next best separating phrase that passes; when none does, the mode is
+   hidden (``show_all`` lists it, with ``shown`` false and the reason).
 
-* **words** -- every phrase of a vocabulary is scored across the modality gap: by default its
-  predicted loss is the mean of the ensemble's (out-of-fold) predictions on the images CLIP retrieves
-  for it (its "neighbourhood"); ``correction="projection"`` scores the ensemble at the mean of those
-  images, ``"shift"`` at the text embedding moved by the mean offset (see :mod:`diagnosis.text`).
-  The neighbourhood mean never asks the ensemble about a point off the image manifold (the mean of
-  many images is one: there the projection scored "a blue object" 2.3, above every group's true loss),
-  and has the lowest sum of planted-slice ranks, though the shift names more slices in its top 3
-  (BENCHMARKS.md, issue 4). The worst phrases are failure modes. A phrase's group is its
-  nearest images (by CLIP similarity) that are predicted to fail (:func:`fail_threshold`); its examples are
-  the group's worst.
-* **images** -- the samples predicted to fail are clustered (k-means on the unit sphere); each cluster
-  is a failure group, named by the phrases nearest its centroid (both sides centred on their
-  modality's mean, so the shared offset does not decide the name). A cluster whose best name is
-  already one of a word mode's phrases is that mode (merged, like an overlapping one).
-
-Two modes are the same when their groups overlap (overlap coefficient |A n B| / min(|A|, |B|) >= 0.5):
-near-duplicate phrases fold into the worst one, and a word mode absorbs the image group it matches
-(``source`` "both"). Modes that all specialise one broader phrase predicted to fail are one failure
-seen through a word the model ignores, and are folded together too (:func:`diagnosis.modes.generalise`). Every
-mode reports its size, mean true and predicted loss, and its share of the table's total loss (what
-fixing it would be worth).
+Modes are listed by :func:`impact` (members x how far above the failure line they are predicted),
+so the failures that cost the most come first. Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
+intervals, coverage and precision of the name against the group), its members (``ids``), their
+mean true and predicted loss, and their share of the table's total loss.
 """
 
 from __future__ import annotations
@@ -34,15 +28,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.modes import N_EXAMPLES, generalise, image_modes, merge_image_groups, word_modes
-from diagnosis.text import Scorer, estimate_gap
+from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, content_words, find_modes
+from diagnosis.text import Scorer
 from diagnosis.vocab import (
+    Grammar,
     compose_pairs,
     dataset_vocabulary,
     generic_concepts,
     generic_modifiers,
-    generic_singles,
     read_vocab_file,
+    real_vocabulary,
 )
 from indexer import schema as S
 from indexer.errors import UserError
@@ -51,6 +46,10 @@ log = logging.getLogger(__name__)
 
 FAIL_QUANTILE = 0.90
 FAIL_RATIO = 2.0
+MIN_SAMPLES = 20
+MIN_EVIDENCE_ROWS = 10  # retrieved rows with a true loss needed before the true loss is judged
+BOOTSTRAP = 500
+TRAIN_SPLITS = frozenset({"train", "training"})
 _BLOCK_CELLS = 1 << 23  # query x row similarities computed at once by _top_neighbours
 
 
@@ -58,12 +57,13 @@ _BLOCK_CELLS = 1 << 23  # query x row similarities computed at once by _top_neig
 class FailureMode:
     """A named group of samples the model fails on.
 
-    ``predicted_loss`` (loss units) is the score of the description itself (see :func:`explain`);
-    ``mean_loss`` / ``mean_predicted_loss`` average the group's samples (``mean_loss`` is None
-    without true losses); ``share_of_loss`` is the group's fraction of the table's total loss;
-    ``ids`` lists every member (``examples``: the worst few, for display); ``phrases`` are the
-    description and then the other phrases whose groups the mode absorbed and that are themselves
-    predicted to fail, worst-scoring first.
+    ``predicted_loss`` (loss units) is the mean predicted loss of the images the description
+    retrieves (``evidence``); ``mean_loss`` / ``mean_predicted_loss`` average the group's members
+    (``mean_loss`` over the rows whose true loss counts: the held-out ones when the table has a
+    training split; None without losses); ``share_of_loss`` is the members' fraction of those rows'
+    total loss; ``ids`` lists every member (``examples``: the worst few the name retrieves, for
+    display); ``phrases`` are the description and the next best separating phrases; ``shown`` is
+    False for a mode whose evidence does not hold (``evidence["reason"]`` says why).
     """
 
     description: str
@@ -77,6 +77,8 @@ class FailureMode:
     phrases: list[str]
     source: str  # "words" | "images" | "both"
     ids: list[str] = field(default_factory=list, repr=False)
+    evidence: dict = field(default_factory=dict)
+    shown: bool = True
 
     def to_dict(self, with_ids: bool = False) -> dict:
         d = asdict(self)
@@ -87,14 +89,26 @@ class FailureMode:
     def summary(self) -> str:
         loss = "n/a" if self.mean_loss is None else f"{self.mean_loss:.3f}"
         share = "n/a" if self.share_of_loss is None else f"{100 * self.share_of_loss:.1f}%"
+        head = f"{self.description!r}: {self.size} samples, mean loss {loss} (predicted {self.mean_predicted_loss:.3f}), " \
+               f"{share} of all loss"
+        if not self.shown:
+            head = f"[hidden: {self.evidence.get('reason')}] " + head
+        ev = self.evidence
+        out = head
+        if ev:
+            true = "true loss n/a" if ev.get("true_loss") is None else (
+                f"true loss {ev['true_loss']:.3f} [{ev['true_loss_ci'][0]:.3f}, {ev['true_loss_ci'][1]:.3f}] "
+                f"= {ev['true_loss_ratio']:.1f}x the mean")
+            out += (f"\n      evidence: the {ev['retrieved']} images it names have {true}, predicted "
+                    f"{ev['predicted_loss']:.3f} [{ev['predicted_loss_ci'][0]:.3f}, {ev['predicted_loss_ci'][1]:.3f}] "
+                    f"= {ev['predicted_loss_ratio']:.1f}x; it covers {100 * ev['coverage']:.0f}% of the group at "
+                    f"{100 * ev['precision']:.0f}% precision")
         also = [p for p in self.phrases if p != self.description][:2]
-        return (
-            f"{self.description!r}: predicted loss {self.predicted_loss:.3f} +/- {self.predicted_loss_std:.3f}; "
-            f"{self.size} samples, mean loss {loss} (predicted {self.mean_predicted_loss:.3f}), "
-            f"{share} of all loss [{self.source}]"
-            + (f"; also {', '.join(repr(p) for p in also)}" if also else "")
-            + (f"; e.g. {', '.join(self.examples[:3])}" if self.examples else "")
-        )
+        if also:
+            out += f"\n      also: {', '.join(repr(p) for p in also)}"
+        if self.examples:
+            out += f"\n      e.g. {', '.join(self.examples[:3])}"
+        return out
 
 
 @dataclass
@@ -104,10 +118,24 @@ class _Table:
     loss: np.ndarray  # (n,) float64, NaN where unknown
     pred: np.ndarray  # (n,) float64, the stored out-of-fold predicted_loss
     std: np.ndarray  # (n,) float64, the stored predicted_loss_std
+    split: np.ndarray | None = None  # (n,) object, or None
 
     @property
     def total_loss(self) -> float:
-        return float(np.nansum(self.loss))
+        return float(np.nansum(self.loss[self.judged]))
+
+    @property
+    def judged(self) -> np.ndarray:
+        """(n,) bool: rows whose true loss is evidence: those with a loss, and of them only the
+        held-out ones when the table has both a training split and another (training losses of a
+        model that memorised its training set say little of where it fails)."""
+        known = np.isfinite(self.loss)
+        if self.split is None:
+            return known
+        split = np.array([str(s).lower() if s is not None else "" for s in self.split], dtype=object)
+        train = np.isin(split, list(TRAIN_SPLITS))
+        held = known & ~train & (split != "")
+        return held if train.any() and held.sum() >= MIN_SAMPLES else known
 
 
 def _read_table(db) -> _Table:
@@ -117,6 +145,8 @@ def _read_table(db) -> _Table:
 
     snap = db.snapshot()
     cols = [S.ID, S.LOSS, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]
+    if S.SPLIT in db.table.schema.names:
+        cols.append(S.SPLIT)
     t = pa.concat_tables(pa.Table.from_batches([b]) for b in db.iter_batches(cols, snapshot=snap))
     pred = t.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
     if np.isnan(pred).any():
@@ -128,7 +158,8 @@ def _read_table(db) -> _Table:
     std = t.column(S.PREDICTED_LOSS_STD).to_numpy(zero_copy_only=False).astype(np.float64)
     return _Table(ids=t.column(S.ID).to_numpy(zero_copy_only=False), X=X,
                   loss=t.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64),
-                  pred=pred, std=np.nan_to_num(std))
+                  pred=pred, std=np.nan_to_num(std),
+                  split=t.column(S.SPLIT).to_numpy(zero_copy_only=False) if S.SPLIT in t.column_names else None)
 
 
 def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) -> np.ndarray:
@@ -156,27 +187,146 @@ def fail_threshold(pred: np.ndarray) -> float:
     return min(float(np.quantile(pred, FAIL_QUANTILE)), FAIL_RATIO * float(np.mean(pred)))
 
 
-def _stats(rows: np.ndarray, t: _Table) -> dict:
+def _members(rows: np.ndarray, retrieved: np.ndarray, t: _Table) -> dict:
+    """A mode's members: size, mean true / predicted loss, share of the loss, ids (worst first) and
+    examples (the worst members its name retrieves, then the worst others)."""
     rows = np.asarray(sorted(rows), dtype=np.int64)
-    loss = t.loss[rows]
-    known = np.isfinite(loss)
+    judged = rows[t.judged[rows]]
     order = rows[np.argsort(-t.pred[rows], kind="stable")]
+    named = np.isin(order, retrieved)
+    shown = np.concatenate([order[named], order[~named]])[:N_EXAMPLES]
     total = t.total_loss
     return {
-        "examples": [str(i) for i in t.ids[order[:N_EXAMPLES]]],
+        "examples": [str(i) for i in t.ids[shown]],
         "size": len(rows),
-        "mean_loss": float(loss[known].mean()) if known.any() else None,
+        "mean_loss": float(t.loss[judged].mean()) if len(judged) else None,
         "mean_predicted_loss": float(t.pred[rows].mean()) if len(rows) else float("nan"),
-        "share_of_loss": float(loss[known].sum() / total) if known.any() and total > 0 else None,
+        "share_of_loss": float(t.loss[judged].sum() / total) if len(judged) and total > 0 else None,
         "ids": [str(i) for i in t.ids[order]],
     }
 
 
+def bootstrap_ci(values: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (at most 5,000 of them resampled)."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    if len(v) > 5000:
+        v = rng.choice(v, 5000, replace=False)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return (float(lo), float(hi))
+
+
+def retrieve(t: _Table, q: np.ndarray, r: int) -> np.ndarray:
+    """Row numbers of the ``r`` rows most similar to the (d,) text embedding ``q``, most similar first."""
+    sims = t.X @ q
+    r = max(1, min(int(r), len(sims)))
+    top = np.argpartition(-sims, r - 1)[:r] if r < len(sims) else np.arange(len(sims))
+    return top[np.argsort(-sims[top], kind="stable")]
+
+
+def evidence(t: _Table, retrieved: np.ndarray, size: int, coverage: float, precision: float, gain: float) -> dict:
+    """Whether a name's own images fail: the retrieved rows' mean predicted loss (and, on the
+    judged rows among them, true loss) with bootstrap 95% intervals and their ratio to the
+    table's mean; ``holds`` and, when it does not, ``reason``."""
+    judged = t.judged
+    mean_pred = float(t.pred.mean())
+    mean_true = float(t.loss[judged].mean()) if judged.any() else None
+    p = t.pred[retrieved]
+    truth = t.loss[retrieved[judged[retrieved]]]
+    ev = {"retrieved": len(retrieved), "retrieved_examples": [str(i) for i in t.ids[retrieved[:N_EXAMPLES]]],
+          "predicted_loss": float(p.mean()), "predicted_loss_ci": list(bootstrap_ci(p)),
+          "predicted_loss_ratio": float(p.mean() / mean_pred) if mean_pred > 0 else None,
+          "true_rows": len(truth), "true_loss": None, "true_loss_ci": None, "true_loss_ratio": None,
+          "coverage": coverage, "precision": precision, "excess_loss": gain}
+    if len(truth) and mean_true is not None:
+        ev.update(true_loss=float(truth.mean()), true_loss_ci=list(bootstrap_ci(truth)),
+                  true_loss_ratio=float(truth.mean() / mean_true) if mean_true > 0 else None)
+    reason = None
+    if size < MIN_SAMPLES:
+        reason = f"{size} samples, fewer than {MIN_SAMPLES}"
+    elif ev["predicted_loss_ratio"] is not None and ev["predicted_loss_ratio"] < FAIL_RATIO:
+        reason = f"its images are predicted {ev['predicted_loss_ratio']:.1f}x the mean loss, below {FAIL_RATIO:g}x"
+    elif len(truth) >= MIN_EVIDENCE_ROWS and (ev["true_loss_ratio"] or 0) < FAIL_RATIO:
+        reason = f"its images' true loss is {ev['true_loss_ratio'] or 0:.1f}x the mean, below {FAIL_RATIO:g}x"
+    ev["holds"], ev["reason"] = reason is None, reason
+    return ev
+
+
+def impact(m: FailureMode, t: _Table) -> float:
+    """How much a mode matters: the predicted loss its members carry above the failure line
+    (``EXCESS_RATIO`` x the mean), summed -- as many samples as it holds, as badly as they fail."""
+    if m.mean_predicted_loss != m.mean_predicted_loss:  # no members
+        return 0.0
+    return m.size * (m.mean_predicted_loss - EXCESS_RATIO * float(t.pred.mean()))
+
+
+def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray,
+               fail: np.ndarray) -> list[FailureMode]:
+    """Fold modes whose names share words into one mode named by what they share, when that shared
+    name is itself a failure.
+
+    "a blue circle" and "a large blue triangle" share "a blue object"; "a triangle on a striped
+    background" and its leftover "a small triangle on a striped background" share the former. A
+    phrase of the vocabulary whose content words lie within those of two or more modes' names is
+    checked like any name: its images (the prefix of its ranking gathering the most excess loss)
+    must hold at least half of each of those modes' members and must fail (:func:`evidence`). If they do, the modes are one failure seen through words that do not
+    matter, and become one mode under the shared phrase; if not ("a triangle" when only striped
+    and blue triangles fail, "a small object"), they are different failures and stay apart. Shared
+    phrases are tried most specific first, then by how much their images fail; a mode folds once per
+    pass, and passes repeat until nothing folds.
+    """
+    words = {p: content_words(p) for p in phrases}
+    excess = t.pred - EXCESS_RATIO * float(t.pred.mean())
+    changed = True
+    while changed and len(modes) > 1:
+        changed = False
+        names = [words.get(m.description) or content_words(m.description) for m in modes]
+        found = []
+        for j, p in enumerate(phrases):
+            w = words[p]
+            group = [i for i, n in enumerate(names) if w and w <= n and modes[i].ids]
+            if len(group) < 2:
+                continue
+            members = np.flatnonzero(np.isin(t.ids, [x for i in group for x in modes[i].ids]))
+            # the shared phrase's own images: the prefix of its ranking gathering the most excess loss
+            order = np.argsort(-(t.X @ T[j]), kind="stable")
+            got = order[: int(np.argmax(np.cumsum(excess[order]))) + 1]
+            cover = [np.isin(np.flatnonzero(np.isin(t.ids, modes[i].ids)), got).mean() for i in group]
+            log.debug("shared name %r for %s: %d images hold %s of their members", p,
+                      [modes[i].description for i in group], len(got), [round(float(c), 2) for c in cover])
+            if min(cover) < 0.5:
+                continue
+            inside = np.isin(members, got)
+            ev = evidence(t, got, len(members), float(inside.mean()), float(fail[got].mean()),
+                          float(excess[got].sum()))
+            if ev["holds"]:
+                found.append((len(w), ev["true_loss_ratio"] or ev["predicted_loss_ratio"], j, group, got, members, ev))
+        used: set[int] = set()
+        merged = []
+        for _, _, j, group, got, members, ev in sorted(found, key=lambda f: (-f[0], -f[1])):
+            if used & set(group):
+                continue
+            used |= set(group)
+            others = [x for i in group for x in [modes[i].description, *modes[i].phrases[1:2]] if x != phrases[j]]
+            merged.append(FailureMode(
+                description=phrases[j], predicted_loss=ev["predicted_loss"], predicted_loss_std=float(t.std[got].mean()),
+                phrases=[phrases[j], *dict.fromkeys(others)], source="both", evidence=ev, shown=True,
+                **_members(members, got, t)))
+        if merged:
+            modes = [m for i, m in enumerate(modes) if i not in used] + merged
+            changed = True
+    return modes
+
+
 def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
-    """(phrases, generic): a file path, a list of phrases, or None for the database's default."""
+    """(phrases, generic): a file path, a list of phrases, or None for the database's default (its
+    ``vocab.txt``, else :func:`diagnosis.vocab.real_vocabulary`, ``generic`` True)."""
     if vocab is None:
         found = dataset_vocabulary(db)
-        return (found[0], False) if found else (generic_singles(), True)
+        return (found[0], False) if found else (real_vocabulary(db), True)
     if isinstance(vocab, str | os.PathLike):
         return read_vocab_file(vocab), False
     phrases = [str(p).strip() for p in vocab if str(p).strip()]
@@ -242,17 +392,15 @@ def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_
     return phrases, T, pred, std
 
 
-def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours: int | None = None,
-            images: bool = True, correction: str = "neighbourhood") -> list[FailureMode]:
-    """The ``top`` worst failure modes of ``db``, worst (highest predicted loss) first.
+def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True,
+            seed: int = 0) -> list[FailureMode]:
+    """The ``top`` worst failure modes of ``db`` whose evidence holds, worst (:func:`impact`: most
+    predicted loss above the failure line, summed over its members) first; with ``show_all``, then every mode whose evidence
+    does not hold (``shown`` False).
 
-    ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else the
-    generic concepts composed into pairs). ``neighbours``: images considered near a phrase (default
-    2% of the table, between 50 and 2000). ``images``: also discover groups by clustering.
-    ``correction``: how phrases cross the modality gap: ``"neighbourhood"`` (default: the mean
-    predicted loss of the phrase's :func:`neighbourhood_size` most similar images), ``"projection"``
-    (the ensemble at their mean) or ``"shift"`` (the mean offset; see :mod:`diagnosis.text`);
-    ``correct_gap=False`` scores raw text embeddings (for measuring what the correction buys).
+    ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else
+    :func:`diagnosis.vocab.real_vocabulary`). ``compose``: also name groups by compositions of their
+    best phrases ("a small" + "blue circle"). See the module doc for how names are chosen and checked.
     """
     from diagnosis.run import open_db
 
@@ -260,44 +408,50 @@ def explain(db, vocab=None, top: int = 10, correct_gap: bool = True, neighbours:
         raise UserError(f"--top {top} must be at least 1.")
     db = open_db(db)
     scorer = Scorer(db)
-    phrases, generic = resolve_vocabulary(db, vocab)
+    phrases, _ = resolve_vocabulary(db, vocab)
     t = _read_table(db)
-    phrases, T, pred, std = score_vocabulary(scorer, phrases, generic, correct_gap, correction=correction,
-                                             table=t, k=neighbourhood_size(len(t.ids)))
-    threshold = fail_threshold(t.pred)
-    fail = t.pred >= threshold
-    m = neighbours or int(np.clip(0.02 * len(t.ids), 50, 2000))
-    m = min(m, len(t.ids))
-    order = np.argsort(-pred, kind="stable")[: max(4 * top, 40)]
-    modes = word_modes(phrases, pred, std, order, _top_neighbours(t.X, T[order], m), fail, t.pred)
-    if images:
-        groups = image_modes(t.X, phrases, T, pred, std, fail, scorer.image_mean)
-        modes = merge_image_groups(modes, groups, phrases, pred, std)
-    modes = generalise(modes, phrases, pred, threshold)
-    modes.sort(key=lambda w: -w["predicted_loss"])
-    score = dict(zip(phrases, pred, strict=True))
-    out = []
-    for w in modes[:top]:
-        # the name first, then the other phrases that are themselves predicted to fail, worst first
-        # (a phrase whose group merely touched this one, "a blue square" beside failing blue circles,
-        # does not describe the failure)
-        others = [p for p in w["phrases"] if p != w["description"] and score[p] >= threshold]
-        w["phrases"] = [w["description"]] + sorted(others, key=lambda p: -score[p])
-        rows = np.fromiter(w.pop("rows"), dtype=np.int64)
-        out.append(FailureMode(**w, **_stats(rows, t)))
-    return out
+    T = scorer.encode_text(phrases)
+    return name_modes(t, phrases, T, scorer.encode_text if compose else None, top, show_all, seed)
 
 
-def explain_gap_report(db, vocab=None) -> dict:
-    """Diagnostics of the modality gap on ``db``: the gap's norm, and the mean cosine of phrases to
-    the mean image before and after the correction (higher = the ensemble reads them in-distribution)."""
-    db_scorer = Scorer(db)
-    phrases, _ = resolve_vocabulary(db_scorer.db, vocab)
-    T = db_scorer.encode_text(phrases)
-    gap = estimate_gap(db_scorer.image_mean, T)
-    mi = db_scorer.image_mean / np.linalg.norm(db_scorer.image_mean)
-    return {
-        "gap_norm": float(np.linalg.norm(gap)),
-        "cos_to_image_mean_raw": float((T @ mi).mean()),
-        "cos_to_image_mean_corrected": float((db_scorer.to_image_space(T, gap=gap) @ mi).mean()),
-    }
+def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: int = 10, show_all: bool = False,
+               seed: int = 0) -> list[FailureMode]:
+    """:func:`explain` on a table already read, with the vocabulary's (m, d) text embeddings ``T``;
+    ``encode`` (phrases -> embeddings) lets it score compositions of the best phrases."""
+    groups, phrases, T, sample = find_modes(t.X, t.pred, fail_threshold(t.pred), phrases, T, encode=encode,
+                                            grammar=Grammar(phrases) if encode is not None else None, seed=seed)
+    scale = len(t.ids) / len(sample)
+    fail = t.pred >= fail_threshold(t.pred)
+    taken = np.zeros(len(t.ids), dtype=bool)  # failing rows already a member of an earlier mode
+    out, used = [], set()
+    for g in groups:
+        checked = []
+        for c in g["candidates"]:
+            if phrases[c["phrase"]] in used:
+                continue
+            got = retrieve(t, T[c["phrase"]], round(c["r"] * scale))
+            members = got[fail[got] & ~taken[got]]
+            ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
+            checked.append((c, got, members, ev))
+            if ev["holds"] or len(members) < MIN_SAMPLES:
+                break
+        if not checked:
+            continue
+        c, got, members, ev = next((x for x in checked if x[3]["holds"]), checked[0])
+        for tail in g["tails"]:  # the failure's leftovers past its name's prefix
+            extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
+            extra = extra[fail[extra] & ~taken[extra]]
+            members = np.union1d(members, extra)
+        if g["tails"]:
+            ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
+        taken[members] = True
+        used.add(phrases[c["phrase"]])
+        others = [phrases[x["phrase"]] for x in g["candidates"] if x is not c]
+        out.append(FailureMode(
+            description=phrases[c["phrase"]], predicted_loss=ev["predicted_loss"],
+            predicted_loss_std=float(t.std[got].mean()), phrases=[phrases[c["phrase"]], *others], source="both",
+            evidence=ev, shown=ev["holds"], **_members(members, got, t)))
+    out = generalise(out, t, phrases, T, fail)
+    out.sort(key=lambda m: (not m.shown, -impact(m, t)))
+    shown = [m for m in out if m.shown][:top]
+    return shown + ([m for m in out if not m.shown] if show_all else [])

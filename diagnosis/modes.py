@@ -1,38 +1,65 @@
-"""Failure modes: how groups of samples are formed from phrases and from the images, and when two of
-them are the same failure (used by :func:`diagnosis.explain.explain`).
+"""Failure modes: which phrases name the model's failures (used by :func:`diagnosis.explain.explain`).
 
-A mode is a dict: ``description``, ``predicted_loss`` / ``predicted_loss_std`` (its description's
-score), ``phrases``, ``rows`` (a set of table row numbers) and ``source`` ("words", "images",
-"both"). Two modes are the same when their groups overlap (overlap coefficient
-|A n B| / min(|A|, |B|) >= ``SAME_GROUP``) or when they specialise one broader phrase that is itself
-predicted to fail (:func:`generalise`); the worse one keeps its name.
+A phrase *retrieves* the rows CLIP finds most similar to it. Each row carries an *excess*: its
+predicted loss minus ``EXCESS_RATIO`` x the mean, positive where the row fails more than that. The top ``r`` rows of a
+phrase gather the sum of their excesses -- its *gain* -- and the best ``r`` is where its retrieval
+stops finding failures. Names are chosen by that gain, greedily:
+
+* **Names by what they describe.** The phrase and prefix gathering the most excess loss name the
+  first mode. A precise phrase ("a blue circle") gathers the failing rows and nothing else; a vague
+  one ("a blue object") gathers them too but pays for every blue square it also retrieves, and a
+  too-specific one ("a small blue circle") misses half of them. Of the phrases within
+  ``SPECIFIC_TOL`` of the best gain the most specific (most content words) wins.
+* **One failure, one mode.** The rows a mode's name retrieves stop counting (their excess is set to
+  zero) and the next mode is chosen the same way. Fragments of one failure seen through an
+  irrelevant word ("a red / green ... triangle on a striped background") each gather a sixth of what
+  "a triangle on a striped background" gathers, so the shared name wins and leaves them nothing;
+  two different failures are never one name, because no phrase retrieves both without paying for
+  everything between them.
+* **Compositions.** The ``COMPOSE_TOP`` phrases gathering most are composed with each other
+  (:class:`diagnosis.vocab.Grammar`: "a small object" + "a blue circle" -> "a small blue circle",
+  "a dog" + "a photo at night" -> "a dog at night") and compete with the rest.
+
+A name retrieving mostly rows an earlier mode's name retrieved gathers that failure's tail (the
+part past the earlier prefix) and is recorded in the earlier mode's ``tails``, not as a mode of
+its own. Selection stops when no phrase gathers ``MIN_GAIN_SHARE`` of the table's positive excess. Each mode
+comes with ``candidates``: its name and then the other phrases that best gather the same rows, each
+with ``phrase`` (index), ``r`` (rows of the selection sample), ``gain``, ``precision`` (share of its
+retrieved rows predicted to fail) and ``coverage`` (of the failing rows among its top ``2r``, the
+share in its top ``r``: low when the failure reaches past what the name retrieves, as a too
+specific name's does). :func:`diagnosis.explain.explain` checks each name
+against the data before showing it.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 
 import numpy as np
 
-SAME_GROUP = 0.5  # overlap coefficient above which two modes are one
+log = logging.getLogger(__name__)
+
 N_EXAMPLES = 10
-MAX_CLUSTER_ROWS = 20000  # k-means runs on a sample of the failing rows; all are then assigned
-
-
-def overlap(a: set, b: set) -> float:
-    return len(a & b) / max(1, min(len(a), len(b))) if a and b else 0.0
-
-
-def fold(into: dict, other: dict) -> None:
-    """Make ``other``'s samples and phrases part of mode ``into`` (which keeps its description)."""
-    into["rows"] |= other["rows"]
-    into["phrases"] += [p for p in other["phrases"] if p not in into["phrases"]]
-    if into["source"] != other["source"]:
-        into["source"] = "both"
-
+SELECT_ROWS = 50000  # phrases are ranked against a sample of this many rows (all rows below it)
+GRID_POINTS = 48  # prefix sizes r on a geometric grid
+MIN_PREFIX = 10
+SPECIFIC_TOL = 0.02  # phrases within this share of the best gain compete on specificity
+#: The line a row's predicted loss is measured from (x the mean): a name gathers the rows above it
+#: and pays for those below. It is the failure line itself (the 2x a shown name's images must reach,
+#: explain.FAIL_RATIO). A lower line (1.5x) also gathered failures just above 2x whose worst rows
+#: another mode took, but on the default world it let one composed name ("a blue triangle on a
+#: striped background") gather two failures at once, through the rows that match two of its words.
+EXCESS_RATIO = 2.0
+COMPOSE_TOP = 40  # phrases gathering the most excess loss, composed with each other
+N_CANDIDATES = 6  # names per group checked against the data, best first
+TAIL_SHARE = 0.5  # a name retrieving more than this share of an earlier one's rows is its tail
+MIN_GAIN_SHARE = 0.01  # a mode gathers at least this share of all excess predicted loss
+_BLOCK_CELLS = 1 << 24
 
 _FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and", "or", "to", "by",
-                             "photo", "picture", "image", "object", "objects", "thing", "things"})
+                             "is", "that", "photo", "picture", "image", "object", "objects", "thing", "things"})
 
 
 def content_words(phrase: str) -> frozenset[str]:
@@ -41,115 +68,109 @@ def content_words(phrase: str) -> frozenset[str]:
     return frozenset(w for w in re.findall(r"[a-z0-9]+", phrase.lower()) if w not in _FUNCTION_WORDS)
 
 
-def generalise(modes: list[dict], phrases: list[str], pred: np.ndarray, threshold: float) -> list[dict]:
-    """Fold modes that are specialisations of one failing broader phrase into one mode.
+def overlap(a, b) -> float:
+    """Overlap coefficient |A n B| / min(|A|, |B|) of two collections of row numbers."""
+    a, b = set(a), set(b)
+    return len(a & b) / max(1, min(len(a), len(b))) if a and b else 0.0
 
-    One failure often surfaces as several modes that differ in a word the model does not care about:
-    "a red / a green / a large object on a dark background" are all "an object on a dark
-    background". Broader phrases are taken worst first; one that is itself predicted to fail (its
-    score at least ``threshold``, the samples' :func:`diagnosis.explain.fail_threshold`) and whose content words are
-    in the descriptions of two or more modes not yet folded makes them one mode, named by the worst
-    of them, with the broader phrase among its phrases. Each mode is folded at most once, so two
-    failures (red squares; anything on a dark background) do not chain into one blob through a
-    mode that has both ("a red object on a dark background").
+
+def rank_rows(X: np.ndarray, T: np.ndarray, r_max: int) -> np.ndarray:
+    """(m, r_max) int32: for each phrase, the rows of X most cosine-similar to it, most similar first."""
+    n = len(X)
+    r_max = max(1, min(int(r_max), n))
+    out = np.empty((len(T), r_max), dtype=np.int32)
+    step = max(1, _BLOCK_CELLS // max(1, n))
+    for s in range(0, len(T), step):
+        sims = T[s : s + step] @ X.T
+        part = np.argpartition(-sims, r_max - 1, axis=1)[:, :r_max] if r_max < n else \
+            np.broadcast_to(np.arange(n), sims.shape)
+        o = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
+        out[s : s + step] = np.take_along_axis(part, o, axis=1)
+    return out
+
+
+def prefix_grid(r_max: int) -> np.ndarray:
+    """Prefix sizes ``r`` at which a phrase's retrieval is judged: geometric from 10 to ``r_max``."""
+    lo = min(MIN_PREFIX, r_max)
+    return np.unique(np.geomspace(lo, r_max, GRID_POINTS).round().astype(np.int64))
+
+
+def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[str], T: np.ndarray,
+               encode: Callable[[list[str]], np.ndarray] | None = None, grammar=None, max_modes: int = 30,
+               seed: int = 0) -> tuple[list[dict], list[str], np.ndarray, np.ndarray]:
+    """Name the failures of a table (see the module doc).
+
+    ``pred``: (n,) predicted loss; ``threshold``: the predicted loss a row fails from (at least
+    ``FAIL_RATIO`` x the mean); ``phrases`` / ``T`` (m, d): the vocabulary and its L2-normalised
+    CLIP text embeddings; ``encode`` + ``grammar``: compose and encode new phrases (skipped when
+    None). Returns (modes, phrases, T, sample) where phrases / T include the compositions and
+    ``sample`` holds the row numbers the phrases were ranked against (every row when the table has
+    at most ``SELECT_ROWS``); a mode's ``r`` counts rows of that sample.
     """
-    words = [content_words(m["description"]) for m in modes]
-    used = [False] * len(modes)
-    gone: set[int] = set()
-    for j in np.argsort(-pred, kind="stable"):
-        if pred[j] < threshold:
-            break
-        broad = content_words(phrases[j])
-        same = [i for i, w in enumerate(words) if broad and not used[i] and broad <= w]
-        if len(same) < 2:
-            continue
-        keep = max(same, key=lambda i: modes[i]["predicted_loss"])
-        for i in same:
-            used[i] = True
-            if i != keep:
-                fold(modes[keep], modes[i])
-                gone.add(i)
-        if phrases[j] not in modes[keep]["phrases"]:
-            modes[keep]["phrases"].insert(1, phrases[j])
-    return [m for i, m in enumerate(modes) if i not in gone]
+    from diagnosis.vocab import compose_phrases
 
-
-def word_modes(phrases: list[str], pred, std, order: np.ndarray, near: np.ndarray, fail: np.ndarray,
-               row_pred: np.ndarray) -> list[dict]:
-    """A mode per phrase ``order[i]`` (worst first), grouping its nearest rows ``near[i]`` that are
-    predicted to fail (``fail``; ``row_pred``: each row's predicted loss); a phrase whose group
-    overlaps an earlier mode's is a near-duplicate and joins that mode's phrases."""
-    modes = []
-    for j, rows in zip(order, near, strict=True):
-        group = {int(r) for r in rows if fail[r]}
-        if not group:  # nothing near it fails: its worst neighbours still illustrate it
-            group = {int(r) for r in rows[np.argsort(-row_pred[rows])[:N_EXAMPLES]]}
-        for m in modes:
-            if overlap(m["rows"], group) >= SAME_GROUP:
-                m["phrases"].append(phrases[j])
-                break
-        else:
-            modes.append({"description": phrases[j], "predicted_loss": float(pred[j]),
-                          "predicted_loss_std": float(std[j]), "phrases": [phrases[j]],
-                          "rows": group, "source": "words"})
-    return modes
-
-
-def image_modes(X: np.ndarray, phrases: list[str], T: np.ndarray, pred, std, fail: np.ndarray, image_mean,
-                seed: int = 0) -> list[dict]:
-    """Cluster the failing rows; name each cluster by the phrases nearest its (centred) centroid."""
-    from sklearn.cluster import KMeans
-
-    rows = np.flatnonzero(fail)
-    if len(rows) < 10:
-        return []
-    k = int(np.clip(round(np.sqrt(len(rows) / 20)), 1, 12))  # ~20 x k^2 failing rows per k clusters
+    n = len(X)
     rng = np.random.default_rng(seed)
-    fit_rows = rows if len(rows) <= MAX_CLUSTER_ROWS else rng.choice(rows, MAX_CLUSTER_ROWS, replace=False)
-    km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(X[fit_rows])
-    assign = km.predict(X[rows])
-    Tc = T - T.mean(axis=0)
-    Tc /= np.maximum(np.linalg.norm(Tc, axis=1, keepdims=True), 1e-12)
-    min_size = max(5, int(0.02 * len(rows)))
+    sample = np.arange(n) if n <= SELECT_ROWS else np.sort(rng.choice(n, SELECT_ROWS, replace=False))
+    if not phrases or n == 0:
+        return [], list(phrases), T, sample
+    Xs, ps = X[sample], pred[sample]
+    fail = ps >= threshold
+    excess = ps - EXCESS_RATIO * float(pred.mean())  # > 0: worth gathering; < 0: a cost
+    r_max = int(min(len(sample), max(4 * int(fail.sum()), 200)))
+    grid = prefix_grid(r_max)
+    phrases = list(phrases)
+    order = rank_rows(Xs, T, r_max)
+    if encode is not None and grammar is not None:
+        gain = gains(order, grid, excess).max(axis=1)
+        top = [phrases[j] for j in np.argsort(-gain, kind="stable")[:COMPOSE_TOP] if gain[j] > 0]
+        new = compose_phrases(top, grammar, existing=phrases)
+        if new:
+            T2 = encode(new)
+            phrases, T, order = phrases + new, np.vstack([T, T2]), np.vstack([order, rank_rows(Xs, T2, r_max)])
+            log.info("explain: %d compositions of the %d best phrases scored", len(new), len(top))
+    spec = np.array([len(content_words(p)) for p in phrases])
+
+    left = excess.copy()
+    stop = MIN_GAIN_SHARE * float(np.clip(excess, 0, None).sum())
     modes = []
-    for c in range(k):
-        members = rows[assign == c]
-        if len(members) < min_size:
+    while len(modes) < max_modes:
+        J = gains(order, grid, left)
+        per_phrase = J.max(axis=1)
+        best = float(per_phrase.max())
+        if best <= max(stop, 0.0):
+            break
+        near = np.flatnonzero(per_phrase >= (1 - SPECIFIC_TOL) * best)
+        j = int(max(near, key=lambda i: (spec[i], per_phrase[i])))
+        got = order[j, : grid[int(np.argmax(J[j]))]]
+        # other names for the same failing rows: the excess they gather from these rows alone
+        mine = np.where(left > 0, 0.0, left)
+        mine[got] = left[got]
+        Jm = gains(order, grid, mine)
+        alt = [int(a) for a in np.argsort(-Jm.max(axis=1), kind="stable")[:N_CANDIDATES + 1] if a != j]
+        cands = []
+        for c in [j, *alt][:N_CANDIDATES]:
+            gi = int(np.argmax(J[c] if c == j else Jm[c]))
+            r = int(grid[gi])
+            hit = fail[order[c, : 2 * r]]  # (the top 2r rows, or all r_max when fewer)
+            cands.append({"phrase": c, "r": r, "gain": float((J if c == j else Jm)[c, gi]),
+                          "precision": float(hit[:r].mean()), "coverage": float(hit[:r].sum() / max(hit.sum(), 1))})
+        left[got] = 0.0
+        # a name retrieving mostly rows an earlier name already retrieved gathers that failure's
+        # leftovers (its tail past the earlier name's prefix): the same failure, not a new one
+        prior = [np.isin(got, m["retrieved"]).mean() for m in modes]
+        if prior and max(prior) > TAIL_SHARE:
+            m = modes[int(np.argmax(prior))]
+            m["tails"].append({"phrase": j, "r": cands[0]["r"]})
             continue
-        centre = X[members].mean(axis=0) - image_mean
-        sims = Tc @ (centre / max(np.linalg.norm(centre), 1e-12))
-        best = np.argsort(-sims)[:5]
-        modes.append({"description": phrases[best[0]], "predicted_loss": float(pred[best[0]]),
-                      "predicted_loss_std": float(std[best[0]]), "phrases": [phrases[b] for b in best],
-                      "rows": {int(r) for r in members}, "source": "images"})
-    return modes
+        modes.append({"candidates": cands, "retrieved": got, "tails": []})
+    return modes, phrases, T, sample
 
 
-def merge_image_groups(modes: list[dict], groups: list[dict], phrases: list[str], pred, std) -> list[dict]:
-    """Fold each image group into the word modes it is (by shared samples, else by its best name);
-    a group that matches none becomes a mode of its own, named by its best unused phrase."""
-    phrase_index = {p: i for i, p in enumerate(phrases)}
-    for g in groups:
-        # every word mode lying (mostly) inside this image group is the same failure, named
-        # several ways ("a red / a green object on a dark background"): fold them into the worst
-        same = [w for w in modes if overlap(w["rows"], g["rows"]) >= SAME_GROUP]
-        if not same:
-            # the same best name as a word mode's phrase: the same failure, seen from the images
-            same = [w for w in modes if g["phrases"][0] in w["phrases"]][:1]
-        if same:
-            match = max(same, key=lambda w: w["predicted_loss"])
-            for w in same:
-                if w is not match:
-                    fold(match, w)
-                    modes.remove(w)
-            fold(match, g)
-        else:
-            # name it by its best phrase that no other mode already uses as its description
-            used = {w["description"] for w in modes}
-            fresh = [p for p in g["phrases"] if p not in used]
-            if fresh:
-                j = phrase_index[fresh[0]]
-                g.update(description=fresh[0], predicted_loss=float(pred[j]),
-                         predicted_loss_std=float(std[j]))
-            modes.append(g)
-    return modes
+def gains(order: np.ndarray, grid: np.ndarray, excess: np.ndarray) -> np.ndarray:
+    """(m, len(grid)): the excess predicted loss each phrase's top ``grid[g]`` rows gather."""
+    out = np.empty((len(order), len(grid)), dtype=np.float64)
+    step = max(1, _BLOCK_CELLS // max(1, order.shape[1]))
+    for s in range(0, len(order), step):
+        out[s : s + step] = np.cumsum(excess[order[s : s + step]], axis=1)[:, grid - 1]
+    return out

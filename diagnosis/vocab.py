@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -104,3 +106,190 @@ def default_vocabulary(db) -> list[str]:
     singles = generic_singles()
     log.info("vocabulary: %d generic concepts (composed into pairs by explain)", len(singles))
     return singles
+
+
+# ---- the phrases of a real dataset ---------------------------------------------------------------
+
+#: Manifest columns read as captions when present (free text describing each image).
+CAPTION_COLUMNS = ("caption", "captions", "text", "description", "title")
+MAX_LABELS = 5000
+MAX_CAPTIONS = 2000
+
+
+def with_article(noun: str) -> str:
+    """``"orange"`` -> ``"an orange"``; a phrase that already starts with an article is kept."""
+    noun = noun.strip()
+    first = noun.split(" ", 1)[0].lower()
+    if first in _ARTICLES:
+        return noun
+    return ("an " if first[:1] in "aeiou" else "a ") + noun
+
+
+def imagenet_classnames() -> list[str]:
+    """open_clip's shipped ImageNet-1k class names (offline; empty if this open_clip lacks them)."""
+    try:
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    except ImportError:  # pragma: no cover - every supported open_clip ships them
+        return []
+    return list(IMAGENET_CLASSNAMES)
+
+
+def _top_strings(values, limit: int) -> list[str]:
+    """The distinct non-empty, non-numeric strings of ``values``, most frequent first."""
+    from collections import Counter
+
+    counts = Counter(str(v).strip() for v in values if v is not None and str(v).strip())
+    out = [s for s, _ in counts.most_common() if not re.fullmatch(r"[-+0-9.eE]+", s)]
+    return out[:limit]
+
+
+def dataset_phrases(db) -> dict[str, list[str]]:
+    """``{"labels": [...], "captions": [...]}`` read from the table: its label names (as "a dog")
+    and a caption-like text column of the manifest, if it has one (most frequent first)."""
+    from indexer import schema as S
+
+    cols = set(db.table.schema.names) if db.has_table() else set()
+    out = {"labels": [], "captions": []}
+    if S.LABEL in cols:
+        labels = db.read([S.LABEL]).column(S.LABEL).to_pylist()
+        names = _top_strings(labels, MAX_LABELS)
+        out["labels"] = [with_article(n.replace("_", " ")) for n in names]
+    for c in CAPTION_COLUMNS:
+        if c in cols and str(db.table.schema.field(c).type) in ("string", "large_string"):
+            out["captions"] = _top_strings(db.read([c]).column(c).to_pylist(), MAX_CAPTIONS)
+            break
+    return out
+
+
+def real_vocabulary(db) -> list[str]:
+    """The vocabulary of a dataset without a ``vocab.txt``: its label names, its caption column,
+    open_clip's ImageNet class names and the shipped generic concepts (objects alone, modifiers as
+    "a photo <modifier>"); ``explain`` composes the best of them into pairs."""
+    found = dataset_phrases(db)
+    imagenet = [with_article(n) for n in imagenet_classnames()]
+    phrases = _unique(found["labels"] + found["captions"] + generic_singles() + imagenet)
+    log.info("vocabulary: %d label names, %d captions, %d ImageNet classes and %d generic concepts",
+             len(found["labels"]), len(found["captions"]), len(imagenet), len(generic_singles()))
+    return phrases
+
+
+# ---- composing phrases ---------------------------------------------------------------------------
+
+_ARTICLES = frozenset({"a", "an", "the"})
+#: Head nouns that only carry modifiers: "a blue object", "a photo at night".
+PLACEHOLDERS = frozenset({"object", "photo", "picture", "image", "thing"})
+#: Words that open a trailing modifier: "a dog | in the snow", "a circle | on a dark background".
+_SUFFIX_START = frozenset({"on", "in", "at", "with", "under", "over", "near", "by", "from", "seen", "that",
+                           "which", "inside", "behind", "against", "during"})
+
+
+@dataclass(frozen=True)
+class Parsed:
+    article: str  # "", "a", "an", "the"
+    adjectives: tuple[str, ...]  # known adjectives before the head: ("small", "blue")
+    head: str  # "circle", "object", "great white shark"
+    suffix: str  # "on a dark background", ""
+
+    @property
+    def placeholder(self) -> bool:
+        return self.head in PLACEHOLDERS
+
+
+class Grammar:
+    """How the phrases of one vocabulary compose: "a blue circle" + "an object on a dark background"
+    -> "a blue circle on a dark background"; "a dog" + "a photo at night" -> "a dog at night".
+
+    Learned from the vocabulary itself, so it holds for any phrase set written that way:
+    *adjectives* are the words standing before a placeholder head ("a blue object" -> blue); two
+    adjectives may join only if some phrase of the vocabulary joins them ("a small blue object"),
+    in that phrase's order; two heads join only if one is a placeholder; two trailing modifiers
+    join unless they open with the same word ("on a dark ..." and "on a striped ..." exclude each
+    other, as do "that is red" and "that is blue").
+    """
+
+    def __init__(self, phrases: list[str]):
+        self.adjectives: set[str] = set()
+        for p in phrases:
+            w = p.lower().split()
+            for i, t in enumerate(w):
+                if t in PLACEHOLDERS:
+                    self.adjectives.update(x for x in w[:i] if x not in _ARTICLES)
+                    break
+        self.order: dict[tuple[str, str], int] = {}  # (a, b) -> +1 when a goes before b
+        for p in phrases:
+            adj = self.parse(p).adjectives
+            for i, a in enumerate(adj):
+                for b in adj[i + 1 :]:
+                    self.order[(a, b)], self.order[(b, a)] = 1, -1
+
+    def parse(self, phrase: str) -> Parsed:
+        w = phrase.strip().split()
+        article = w[0].lower() if w and w[0].lower() in _ARTICLES else ""
+        rest = w[1:] if article else w
+        cut = len(rest)
+        for i, t in enumerate(rest):
+            if t.lower() in PLACEHOLDERS:
+                cut = i + 1
+                break
+            if i > 0 and t.lower() in _SUFFIX_START:
+                cut = i
+                break
+        noun, suffix = rest[:cut], " ".join(rest[cut:])
+        adj = []
+        while len(noun) > 1 and noun[0].lower() in self.adjectives:
+            adj.append(noun.pop(0).lower())
+        return Parsed(article, tuple(adj), " ".join(noun), suffix)
+
+    def _adjectives(self, a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...] | None:
+        out = list(a)
+        for x in b:
+            if x in out:
+                continue
+            if any((y, x) not in self.order for y in out):
+                return None
+            pos = next((i for i, y in enumerate(out) if self.order[(x, y)] > 0), len(out))
+            out.insert(pos, x)
+        return tuple(out)
+
+    def compose(self, a: str, b: str) -> str | None:
+        """The phrase saying both ``a`` and ``b``, or None when they do not compose."""
+        pa, pb = self.parse(a), self.parse(b)
+        if not pa.head or not pb.head:
+            return None
+        if pa.placeholder and not pb.placeholder:
+            pa, pb = pb, pa
+        if not pb.placeholder and pa.head.lower() != pb.head.lower():
+            return None
+        adj = self._adjectives(pa.adjectives, pb.adjectives)
+        if adj is None:
+            return None
+        if pa.suffix and pb.suffix and pa.suffix != pb.suffix:
+            if pa.suffix.split()[0].lower() == pb.suffix.split()[0].lower():
+                return None
+            suffix = f"{pa.suffix} {pb.suffix}"
+        else:
+            suffix = pa.suffix or pb.suffix
+        head = pa.head
+        if pa.placeholder and pb.placeholder and (adj and "object" in (pa.head, pb.head)):
+            head = "object"
+        words = " ".join([*adj, head])
+        article = (pa.article or pb.article) if pa.placeholder else pa.article
+        text = with_article(words) if article else words
+        out = f"{text} {suffix}".strip()
+        return None if out.lower() in (a.lower(), b.lower()) else out
+
+
+def compose_phrases(phrases: list[str], grammar: Grammar, existing=(), limit: int = 2000) -> list[str]:
+    """Every composition of two of ``phrases`` (taken in order, so the best pairs come first) that
+    says more than either and is not in ``existing``; at most ``limit``."""
+    seen = {p.lower() for p in existing} | {p.lower() for p in phrases}
+    out = []
+    for i, a in enumerate(phrases):
+        for b in phrases[i + 1 :]:
+            c = grammar.compose(a, b)
+            if c is not None and c.lower() not in seen:
+                seen.add(c.lower())
+                out.append(c)
+                if len(out) >= limit:
+                    return out
+    return out

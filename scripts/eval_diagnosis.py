@@ -1,99 +1,121 @@
-"""Evaluate diagnosis + explain on offline worlds with planted slices (issue 4, "Measured").
+"""Evaluate `llm2loss explain` on offline worlds with planted slices: the criterion of issue 13.
 
-For each world spec (the default and two others below): build the world (cached), index it with its
-tiny CLIP, run ``diagnose``, then for every planted slice whose true mean loss is at least 2x the
-world's mean, print side by side:
+For each world (the benchmark specs of :func:`indexer.world.benchmark_specs`, or JSON spec paths):
+build it (cached), index it with its tiny CLIP, run ``diagnose``, run ``explain`` and judge its top
+N modes, N = max(3, planted slices with at least 2x the mean held-out loss), by their **names only**
+(each name's attribute words form a conjunction C: "a blue object" -> {color: blue}):
 
-* ``p@10`` -- precision@10 of a search for the slice's description ranked by predicted failure
-  (the engine's documented score, ``search_ui.ranking.rank_scores`` over a pool of the 100 most
-  similar rows, weight 0.5); a hit is a slice member whose true loss is above the world's 90th
-  percentile. Columns: ensemble, single ridge, similarity only (weight 0).
-* ``explain rank`` -- rank of the first failure mode whose description names the slice's attribute
-  values, in ``explain`` with each way of crossing the modality gap: the neighbourhood mean
-  (default), the projection, the mean shift, and none; and the rank of the slice's phrase among all
-  vocabulary phrases scored by the ensemble that way, and by a single ridge (neighbourhood mean of
-  the ridge's predictions).
-* per world: AUROC of out-of-fold ``predicted_loss`` for the top 10% of true losses on the test
-  split, with Spearman rho, for the ensemble and a single ridge.
+1. every such slice is named among the top N by a C nested with the slice's attributes (C within
+   the slice's, or the slice's within C) whose held-out rows have at least 2x the mean loss;
+2. every top-N name is a true failure: held-out rows matching C have at least 2x the mean loss,
+   and the mode has at least 20 samples;
+3. no two top-N modes share more than half of their members (overlap coefficient);
+4. kept: test AUROC (top-10% losses) >= 0.85 and search p@10 >= 0.8 for each such slice's phrase.
 
-Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--work DIR] [--specs default,b,c] [--small] [--out FILE.json]``
+``--baseline DIR`` also runs the ``explain`` of another checkout of the project (e.g. the code before
+this change, unpacked with ``git archive``) on the same database, in a subprocess, and judges its
+top N the same way, printed beside. ``--worlds-built FILE`` takes already-built databases from lines
+``<spec name> <db path>`` instead of building them.
+
+Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--specs default,color-task] [--baseline DIR] [--out F.json]``
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from diagnosis.ensemble import DiagnosisEnsemble
-from diagnosis.explain import _Table, explain, neighbourhood_size, score_vocabulary
+from diagnosis.explain import explain
 from diagnosis.metrics import quality
 from diagnosis.run import diagnose, load_ensemble, read_training_data
 from diagnosis.text import Scorer
-from diagnosis.vocab import read_vocab_file
 from indexer.store import Database
 from indexer.world import benchmark_specs
+from indexer.world.generate import BG_WORDS
+from indexer.world.spec import ATTRIBUTES
 
 log = logging.getLogger("eval_diagnosis")
 
 #: The same worlds as scripts/eval_world.py, so one cached build serves both scripts.
 SPECS = benchmark_specs()
 
-
 #: ``--small``: the sizes of the demo's quick world (4,500 rows), for a shared 2-core machine.
 SMALL = {"n_train": 3000, "n_test": 1500, "image_size": 48, "clip": {"steps": 150, "batch_size": 128, "n_images": 3000},
          "blackbox": {"epochs": 4, "batch_size": 128, "width": 24}}
+RATIO, MIN_SAMPLES, AUROC_MIN, P10_MIN = 2.0, 20, 0.85, 0.8
 
 
-def names_slice(text: str, where: dict) -> bool:
-    """True when ``text`` contains every attribute value of the slice as a word."""
-    words = set(re.findall(r"[a-z]+", text.lower()))
-    return all(str(v).lower() in words for v in where.values())
-
-
-def first_rank(texts: list[str], where: dict) -> int | None:
-    return next((i + 1 for i, t in enumerate(texts) if names_slice(t, where)), None)
-
-
-def first_mode_rank(modes, where: dict) -> int | None:
-    """Rank of the first failure mode with any phrase naming the slice (a merged mode lists every
-    phrase whose group it absorbed; its headline is its worst-scoring one)."""
-    return next((i + 1 for i, m in enumerate(modes) if any(names_slice(p, where) for p in m.phrases)), None)
-
-
-def phrase_position(modes, where: dict) -> str | None:
-    """Where that phrase stands in its mode's list (the name first, the rest worst first): "3/13"."""
-    for m in modes:
-        hit = next((j + 1 for j, p in enumerate(m.phrases) if names_slice(p, where)), None)
-        if hit is not None:
-            return f"{hit}/{len(m.phrases)}"
-    return None
-
-
-def worst_groups(rows, loss: np.ndarray, min_rows: int = 30) -> list[tuple[str, float]]:
-    """Every group of one or two attribute values, worst true mean loss first (min ``min_rows`` rows):
-    the ground truth explain is measured against, planted slices and emergent failures alike."""
-    from itertools import combinations
-
-    from indexer.world.spec import ATTRIBUTES
-
+def conjunction(name: str) -> dict | None:
+    """The attribute values a name's words say: "a small star on a striped background" ->
+    {size: small, shape: star, background: striped}; None when it says two values of one attribute
+    or none at all (then it names no group of rows)."""
+    words = set(re.findall(r"[a-z]+", name.lower()))
     out = {}
-    attrs = [a for a in ATTRIBUTES if a in rows]
-    for r in (1, 2):
-        for combo in combinations(attrs, r):
-            g = rows[list(combo)].astype(str).agg(" ".join, axis=1).to_numpy()
-            for key in np.unique(g):
-                m = g == key
-                if m.sum() >= min_rows:
-                    out[key] = float(loss[m].mean())
-    return sorted(out.items(), key=lambda kv: -kv[1])
+    for attr, values in ATTRIBUTES.items():
+        said = [v for v in values if v in words or (attr == "background" and set(BG_WORDS[v]) & words
+                                                   and "background" in words)]
+        if len(said) > 1:
+            return None
+        if said:
+            out[attr] = said[0]
+    return out or None
+
+
+def nested(c: dict, where: dict) -> bool:
+    a, b = set(c.items()), set(where.items())
+    return a <= b or b <= a
+
+
+def judge(modes: list[dict], rows, loss, is_test, slices, n_top: int) -> dict:
+    """The criterion's points 1-3 for a list of modes ({description, ids}) judged by name only."""
+    test_rows = rows[is_test]
+    mean = float(loss[is_test].mean())
+
+    def ratio(c):
+        if not c:
+            return None
+        m = np.all([test_rows[a].to_numpy() == v for a, v in c.items()], axis=0)
+        return float(loss[is_test][m].mean() / mean) if m.any() else None
+
+    top = modes[:n_top]
+    table = []
+    for m in top:
+        c = conjunction(m["description"])
+        table.append({"name": m["description"], "conjunction": c, "ratio": ratio(c), "size": len(m["ids"]),
+                      "true_failure": (ratio(c) or 0) >= RATIO and len(m["ids"]) >= MIN_SAMPLES})
+    named = {}
+    for s in slices:
+        hit = next((t["name"] for t in table if t["conjunction"] and nested(t["conjunction"], s["where"])
+                    and (t["ratio"] or 0) >= RATIO), None)
+        named[s["slice"]] = hit
+    overlaps = [(a["description"], b["description"],
+                 len(set(a["ids"]) & set(b["ids"])) / max(1, min(len(a["ids"]), len(b["ids"]))))
+                for i, a in enumerate(top) for b in top[i + 1 :]]
+    return {"top": table, "named": named,
+            "c1_every_slice_named": all(v is not None for v in named.values()),
+            "c2_every_name_a_true_failure": all(t["true_failure"] for t in table) and len(table) > 0,
+            "c3_max_member_overlap": max((o for *_, o in overlaps), default=0.0),
+            "c3_no_shared_majority": all(o <= 0.5 for *_, o in overlaps)}
+
+
+def baseline_modes(checkout: Path, db: Path, top: int) -> list[dict]:
+    """The top modes of another checkout's ``explain`` (descriptions and member ids), run in a subprocess."""
+    code = ("import json,sys; from diagnosis.explain import explain; "
+            f"ms = explain({str(db)!r}, top={int(top)}); "
+            "json.dump([{'description': m.description, 'ids': list(m.ids or m.examples)} for m in ms], sys.stdout)")
+    env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
 
 
 def search_p10(X, q, pred, hit, k=10, weight=0.5):
@@ -104,22 +126,6 @@ def search_p10(X, q, pred, hit, k=10, weight=0.5):
     score = rank_scores(sims[pool], pred[pool] if pred is not None else np.full(len(pool), np.nan), weight)
     order = pool[np.lexsort((-sims[pool], -score))][:k]
     return float(hit[order].mean())
-
-
-def broad_p10(scorer, X, rows, where: dict, failing: np.ndarray, pred, ridge_pred) -> dict:
-    """p@10 of searches for each single attribute of the slice ("a blue object", "a circle"), where a
-    hit is any failing row with that attribute: "show me the blue objects the model fails on", the
-    search in which ranking by predicted failure must beat similarity. Mean over the attributes."""
-    from indexer.world.vocab import describe
-
-    out = {"ensemble": [], "ridge": [], "similarity only": []}
-    for attr, value in where.items():
-        q = scorer.encode_text([describe({attr: value})])[0]
-        hit = (rows[attr].to_numpy() == value) & failing
-        out["ensemble"].append(search_p10(X, q, pred, hit))
-        out["ridge"].append(search_p10(X, q, ridge_pred, hit))
-        out["similarity only"].append(search_p10(X, q, None, hit, weight=0.0))
-    return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 def ensure_db(world, work: Path, progress: bool) -> Database:
@@ -149,167 +155,123 @@ def ensure_db(world, work: Path, progress: bool) -> Database:
     return db
 
 
-def evaluate(name: str, spec, work: Path, progress: bool) -> dict:
+def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None = None,
+             built: dict | None = None) -> dict:
     from indexer.world import build_world
     from indexer.world.vocab import describe
 
     t0 = time.perf_counter()
     world = build_world(spec, progress=progress)
-    db = ensure_db(world, work, progress)
+    db = Database(built[name]) if built and name in built else ensure_db(world, work, progress)
     rows = world.rows().set_index("id")
     ids, X, loss, split = read_training_data(db, progress=False)
     is_test = split == "test"
     rows = rows.loc[ids]
-    stored = db.read(["id", "predicted_loss", "predicted_loss_std"]).to_pandas().set_index("id").loc[ids]
+    stored = db.read(["id", "predicted_loss"]).to_pandas().set_index("id").loc[ids]
     pred = stored["predicted_loss"].to_numpy(np.float64)
-    table = _Table(ids, X, loss, pred, stored["predicted_loss_std"].to_numpy(np.float64))
-    # single ridge, fitted on the same rows as diagnose (held-out ones) and scored out-of-fold there
-    fit = is_test if load_ensemble(db).info.get("fit_split") == "held-out" else np.isfinite(loss)
-    ridge = DiagnosisEnsemble(n_members=1, n_folds=5, kinds=("ridge",), bootstrap=False, random_state=0)
-    ridge.fit(X[fit], loss[fit])
-    ridge_pred = ridge.predict(X)
-    ridge_pred[fit] = ridge.oof_prediction_
-    q_ens, q_ridge = quality(loss[is_test], pred[is_test]), quality(loss[is_test], ridge_pred[is_test])
-
+    q = quality(loss[is_test], pred[is_test])
     scorer = Scorer(db)
-    vocab = read_vocab_file(world.vocab)
-    T = scorer.encode_text(vocab)
-    gap = scorer.gap(T)
-
-    def words(correction: str, tbl: _Table = table, correct_gap: bool = True) -> np.ndarray:
-        """The vocabulary's scores exactly as explain computes them (same neighbourhood size)."""
-        return score_vocabulary(scorer, vocab, False, correct_gap, correction=correction, table=tbl,
-                                k=neighbourhood_size(len(ids)))[2]
-
-    word_scores = {
-        "ensemble neighbourhood": words("neighbourhood"),
-        "ensemble projection": words("projection"),
-        "ensemble shift": words("shift"),
-        "ensemble raw": words("shift", correct_gap=False),
-        "ridge neighbourhood": words("neighbourhood", dataclasses.replace(table, pred=ridge_pred)),
-    }
-    ranked = {k: [vocab[i] for i in np.argsort(-v, kind="stable")] for k, v in word_scores.items()}
-    modes = {c: explain(db, top=30, **kw) for c, kw in
-             {"neighbourhood": {}, "projection": {"correction": "projection"}, "shift": {"correction": "shift"},
-              "no gap": {"correct_gap": False}}.items()}
-
-    mean_loss, p90 = float(loss.mean()), float(np.quantile(loss, 0.9))
+    mean = float(loss[is_test].mean())
+    p90 = float(np.quantile(loss, 0.9))
     slices = []
     for s in world.slices:
         member = rows[s["column"]].to_numpy(bool)
-        ratio = float(loss[member].mean() / mean_loss) if member.any() else 0.0
-        if ratio < 2.0:
-            slices.append({"slice": s["name"], "loss_ratio": round(ratio, 2), "eligible": False})
-            continue
-        desc = describe(s["where"])
-        q = scorer.encode_text([desc])[0]
-        hit = member & (loss > p90)
-        slices.append({
-            "slice": s["name"], "kind": s["kind"], "description": desc, "loss_ratio": round(ratio, 2),
-            "eligible": True, "members": int(member.sum()), "failing_members": int(hit.sum()),
-            "p@10": {"ensemble": search_p10(X, q, pred, hit), "ridge": search_p10(X, q, ridge_pred, hit),
-                     "similarity only": search_p10(X, q, None, hit, weight=0.0)},
-            "p@10 broad": broad_p10(scorer, X, rows, s["where"], loss > p90, pred, ridge_pred),
-            "explain rank": {**{f"explain ({c})": first_rank([m.description for m in v], s["where"])
-                                for c, v in modes.items()},
-                             **{f"explain any phrase ({c})": first_mode_rank(v, s["where"]) for c, v in modes.items()},
-                             **{f"phrase position ({c})": phrase_position(v, s["where"]) for c, v in modes.items()},
-                             **{f"words {k}": first_rank(v, s["where"]) for k, v in ranked.items()}},
-        })
-    return {"world": name, "hash": world.hash, "rows": len(ids), "test_rows": int(is_test.sum()),
-            "mean_loss": mean_loss, "test": {"ensemble": q_ens, "ridge": q_ridge},
-            "gap": {"norm": float(np.linalg.norm(gap)),
-                    "cos_text_to_image_mean": {
-                        "raw": float((T @ _unit(scorer.image_mean)).mean()),
-                        "corrected": float((scorer.to_image_space(T, True, gap) @ _unit(scorer.image_mean)).mean())}},
-            "diagnosis": load_ensemble(db).info.get("quality"), "slices": slices,
-            "worst_groups_true_loss": [(k, round(v / mean_loss, 2)) for k, v in worst_groups(rows, loss)[:8]],
-            "explain_top5": [(m.description, round(m.predicted_loss, 3), m.mean_loss and round(m.mean_loss / mean_loss, 2))
-                             for m in modes["neighbourhood"][:5]],
-            "seconds": round(time.perf_counter() - t0, 1)}
-
-
-CORRECTIONS = ("neighbourhood", "projection", "shift", "no gap")
-
-
-def explain_summary(results: list[dict]) -> list[str]:
-    """Per way of crossing the gap: scored slices in explain's top 3 (headline, any phrase) and the
-    sum of the any-phrase ranks (a slice not in the top 30 counts 31)."""
-    out = ["| correction | slices in top 3: by headline / by any phrase | sum of ranks, any phrase |", "|---|---|---|"]
-    for c in CORRECTIONS:
-        ranks = [(s["explain rank"][f"explain ({c})"], s["explain rank"][f"explain any phrase ({c})"])
-                 for r in results for s in r["slices"] if s["eligible"]]
-        top3 = [sum(1 for x in col if x is not None and x <= 3) for col in zip(*ranks, strict=True)]
-        total = sum(a if a is not None else 31 for _, a in ranks)
-        out.append(f"| {c} | {top3[0]} / {top3[1]} of {len(ranks)} | {total} |")
+        ratio = float(loss[member & is_test].mean() / mean) if (member & is_test).any() else 0.0
+        entry = {"slice": s["name"], "kind": s["kind"], "where": s["where"], "loss_ratio": round(ratio, 2),
+                 "eligible": ratio >= RATIO}
+        if entry["eligible"]:
+            phrase = describe(s["where"])
+            qv = scorer.encode_text([phrase])[0]
+            entry.update(description=phrase, p10=search_p10(X, qv, pred, member & (loss > p90)))
+        slices.append(entry)
+    eligible = [s for s in slices if s["eligible"]]
+    n_top = max(3, len(eligible))
+    t1 = time.perf_counter()
+    new = [{"description": m.description, "ids": m.ids} for m in explain(db, top=n_top)]
+    explain_s = time.perf_counter() - t1
+    out = {"world": name, "hash": world.hash, "rows": len(ids), "test_rows": int(is_test.sum()), "N": n_top,
+           "slices": slices, "auroc_top10": q["auroc_top10"], "spearman": q["spearman"],
+           "c4_auroc": q["auroc_top10"] >= AUROC_MIN, "c4_p10": all(s["p10"] >= P10_MIN for s in eligible),
+           "new": judge(new, rows, loss, is_test, eligible, n_top), "explain_seconds": round(explain_s, 1)}
+    if baseline is not None:
+        out["old"] = judge(baseline_modes(baseline, db.path, n_top), rows, loss, is_test, eligible, n_top)
+    out["resolved"] = bool(out["new"]["c1_every_slice_named"] and out["new"]["c2_every_name_a_true_failure"]
+                           and out["new"]["c3_no_shared_majority"] and out["c4_auroc"] and out["c4_p10"])
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
-def _unit(v):
-    return v / np.linalg.norm(v)
+def _cell(t: dict | None) -> str:
+    if t is None:
+        return "-"
+    ratio = "no conjunction" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+    return f"{t['name']} ({ratio}, {t['size']})"
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["| world | slice (kind, loss ratio) | p@10 ensemble / ridge / sim-only (single-attribute queries) | explain rank "
-           "by headline (by any phrase of the mode: phrase's place in its list) neighbourhood / projection / shift / no gap "
-           "| word rank ensemble neighbourhood / projection / shift / raw; ridge neighbourhood |", "|---|---|---|---|---|"]
+    out = []
     for r in results:
-        for s in r["slices"]:
-            if not s["eligible"]:
-                out.append(f"| {r['world']} | {s['slice']} (loss ratio {s['loss_ratio']}x: below 2x, not scored) | | | |")
+        sl = "; ".join(f"{s['slice']} ({s['kind']}, {s['loss_ratio']}x" + (f", p@10 {s['p10']:.1f})" if s["eligible"]
+                                                                         else ", below 2x: not scored)")
+                       for s in r["slices"])
+        out += [f"**{r['world']}** ({r['rows']} rows, {r['test_rows']} held out; N = {r['N']}; slices: {sl}; "
+                f"test AUROC {r['auroc_top10']:.3f}; explain {r['explain_seconds']} s)", ""]
+        has_old = "old" in r
+        out.append("| # | new: name (held-out loss ratio of its words, members) |"
+                   + (" old: name (ratio, members) |" if has_old else ""))
+        out.append("|---|---|" + ("---|" if has_old else ""))
+        for i in range(r["N"]):
+            new = r["new"]["top"][i] if i < len(r["new"]["top"]) else None
+            row = f"| {i + 1} | {_cell(new)} |"
+            if has_old:
+                old = r["old"]["top"][i] if i < len(r["old"]["top"]) else None
+                row += f" {_cell(old)} |"
+            out.append(row)
+        for key, label in (("new", "new"), ("old", "old")):
+            if key not in r:
                 continue
-            p, e = s["p@10"], s["explain rank"]
-            b = s["p@10 broad"]
-            out.append(
-                f"| {r['world']} | {s['slice']} ({s['kind']}, {s['loss_ratio']}x) | {p['ensemble']:.1f} / "
-                f"{p['ridge']:.1f} / {p['similarity only']:.1f} ({b['ensemble']:.2f} / {b['ridge']:.2f} / "
-                f"{b['similarity only']:.2f}) | "
-                + " / ".join(f"{e[f'explain ({c})'] or '-'} ({e[f'explain any phrase ({c})'] or '-'}: "
-                             f"{e.get(f'phrase position ({c})') or '-'})" for c in CORRECTIONS) + " | "
-                f"{e['words ensemble neighbourhood']} / {e['words ensemble projection']} / "
-                f"{e['words ensemble shift']} / {e['words ensemble raw']}; {e['words ridge neighbourhood']} |")
-    out += ["", "| world | rows (test) | test AUROC top-10% ensemble / ridge | test Spearman ensemble / ridge "
-            "| gap norm | cos(text, mean image) raw -> corrected |", "|---|---|---|---|---|---|"]
-    for r in results:
-        te, tr = r["test"]["ensemble"], r["test"]["ridge"]
-        g = r["gap"]
-        out.append(f"| {r['world']} | {r['rows']} ({r['test_rows']}) | {te['auroc_top10']:.3f} / {tr['auroc_top10']:.3f} "
-                   f"| {te['spearman']:.3f} / {tr['spearman']:.3f} | {g['norm']:.2f} | "
-                   f"{g['cos_text_to_image_mean']['raw']:.2f} -> {g['cos_text_to_image_mean']['corrected']:.2f} |")
-    out += ["", "| world | explain's top 5 (true mean loss / world mean) | worst attribute groups by true loss "
-            "(x world mean) |", "|---|---|---|"]
-    for r in results:
-        top = "; ".join(f"{d} ({ratio}x)" for d, _, ratio in r["explain_top5"])
-        worst = "; ".join(f"{k} ({v}x)" for k, v in r["worst_groups_true_loss"][:5])
-        out.append(f"| {r['world']} | {top} | {worst} |")
-    out += [""] + explain_summary(results)
+            j = r[key]
+            out.append(f"| {label}: 1. slices named | {sum(v is not None for v in j['named'].values())}/{len(j['named'])} "
+                       f"| 2. true failures {sum(t['true_failure'] for t in j['top'])}/{len(j['top'])}; "
+                       f"3. max member overlap {j['c3_max_member_overlap']:.2f} |" + (" |" if has_old else ""))
+        out += ["", f"criterion met: **{'yes' if r['resolved'] else 'no'}** "
+                f"(1 {r['new']['c1_every_slice_named']}, 2 {r['new']['c2_every_name_a_true_failure']}, "
+                f"3 {r['new']['c3_no_shared_majority']}, 4 AUROC {r['c4_auroc']} p@10 {r['c4_p10']})", ""]
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=",".join(SPECS),
-                    help=f"comma list of: {', '.join(SPECS)}, or JSON spec paths (default: all three)")
+                    help=f"comma list of: {', '.join(SPECS)}, or JSON spec paths (default: all of them)")
     ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--small", action="store_true", help="build the named worlds at the demo's quick size")
+    ap.add_argument("--baseline", default=None, help="another checkout whose explain is judged beside")
+    ap.add_argument("--worlds-built", default=None, help="file of '<spec name> <db path>' lines to use")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
 
     torch.set_num_threads(2)
-    work = Path(args.work)
+    built = {}
+    if args.worlds_built:
+        for line in Path(args.worlds_built).read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and (Path(parts[1]) / "meta.json").exists():  # an indexed database
+                built[parts[0]] = parts[1]
     results = []
     for name in args.specs.split(","):
         spec = SPECS.get(name, name)
         if args.small and isinstance(spec, dict):
             spec = {**spec, **SMALL}
-        r = evaluate(name, spec, work, not args.quiet)
+        r = evaluate(name, spec, Path(args.work), not args.quiet, Path(args.baseline) if args.baseline else None,
+                     built)
         results.append(r)
-        print(json.dumps(r, indent=1, default=float), file=sys.stderr)
+        print(json.dumps(r, indent=1, default=str), file=sys.stderr)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
     return 0
 

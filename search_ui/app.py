@@ -29,6 +29,7 @@ from indexer.errors import UserError
 from indexer.store import Database
 from search_ui.ui.context import AppContext, serving_dirs
 from search_ui.ui.handlers import Handlers, friendly
+from search_ui.ui.modes import MODE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ def _modes_tab(ui: Handlers, tabs, search_q, run_search):
         top = gr.Slider(1, 50, value=10, step=1, label="Failure modes to find")
         go = gr.Button("Find failure modes", variant="primary", elem_id="explain-button")
     status = gr.Markdown(elem_id="modes-status")
-    table = gr.Dataframe(headers=["#", "failure mode", "predicted loss", "true loss", "size",
-                                  "share of loss", "found by"], interactive=False, elem_id="modes-table")
+    table = gr.Dataframe(headers=MODE_COLUMNS, interactive=False, elem_id="modes-table")
     modes = gr.State([])
     with gr.Row():
         choice = gr.Dropdown(label="Failure mode", choices=[], scale=3, elem_id="mode-choice",
@@ -207,7 +207,7 @@ def _api(ui: Handlers) -> None:
     @friendly
     def explain(top: int = 10) -> list[dict]:
         """Failure modes named in words, worst first (as `llm2loss explain --json`)."""
-        return [{k: v for k, v in m.items() if k != "ids"} for m in ui.ctx.modes(int(top))]
+        return [{k: v for k, v in m.items() if k != "ids"} for m in ui.ctx.modes(int(top)) if m.get("shown", True)]
 
     @friendly
     def details(ids: list[str]) -> list[dict]:

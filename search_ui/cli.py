@@ -97,11 +97,12 @@ def cmd_diagnose(args) -> int:
 def cmd_explain(args) -> int:
     from diagnosis.explain import explain
 
-    gap = {"correct_gap": False} if args.correction == "none" else {"correction": args.correction}
-    modes = explain(args.db, vocab=args.vocab, top=args.top, **gap)
+    modes = explain(args.db, vocab=args.vocab, top=args.top, show_all=args.all)
     if args.json:
         _print_json([m.to_dict() for m in modes])
     else:
+        if not modes:
+            print("No failure mode whose evidence holds" + ("." if args.all else "; --all lists the rejected ones."))
         for i, m in enumerate(modes, 1):
             print(f"{i:2d}. {m.summary()}")
     return 0
@@ -277,12 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("explain", help="name the model's failure modes in words, worst first")
     db_arg(s)
-    s.add_argument("--vocab", default=None, help="file of phrases, one per line (default: built-in vocabulary)")
+    s.add_argument("--vocab", default=None, help="file of phrases, one per line (default: the dataset's vocab.txt, else its label names, caption "
+                   "column, open_clip's ImageNet class names and generic concepts, composed)")
     s.add_argument("--top", type=int, default=10, help="failure modes to show (default 10)")
-    s.add_argument("--correction", choices=("neighbourhood", "projection", "shift", "none"), default="neighbourhood",
-                   help="how a phrase crosses CLIP's modality gap: the mean predicted loss of its nearest images "
-                        "(default), the ensemble at their mean, the ensemble at the text embedding moved by the "
-                        "mean image-minus-text offset, or none (raw text embeddings)")
+    s.add_argument("--all", action="store_true",
+                   help="also list the modes whose evidence does not hold (fewer than 20 samples, or the images "
+                        "their name retrieves do not fail), marked hidden")
     s.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     s.set_defaults(func=cmd_explain)
 

@@ -31,10 +31,12 @@ def test_first_run_indexes_diagnoses_and_explains(first_run, capsys):
     _, s = first_run
     assert s["rows"] == 420 and s["index"] == {"indexed": True, "reused": False, "rows": 420}
     assert s["diagnosis"] and not s["diagnosis"]["reused"] and s["diagnosis"]["rows"] == 420
-    assert s["modes"]
-    # explain names modes from the world's own vocab.txt (beside the manifest) by default
-    vocab = set((Path(s["world"]) / "vocab.txt").read_text().splitlines())
-    assert all(m["description"] in vocab for m in s["modes"])
+    # explain names modes from the world's own vocab.txt (beside the manifest) by default, or from
+    # compositions of its phrases, and lists only modes whose evidence holds: on this 420-row world
+    # with a 3-step CLIP there may be none (issue 13)
+    vocab = (Path(s["world"]) / "vocab.txt").read_text().splitlines()
+    words = {w for p in vocab for w in p.split()}
+    assert all(m["shown"] and m["size"] >= 20 and set(m["description"].split()) <= words for m in s["modes"])
     assert s["not_available"] == []
     assert [sl["name"] for sl in s["slices"]] == ["blue circles", "small stars"]
     assert any('search "a blue circle"' in q for q in s["queries"])

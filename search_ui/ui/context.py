@@ -170,15 +170,17 @@ class AppContext:
 
     def modes(self, top: int, vocab: str | None = None, progress=None) -> list[dict]:
         """``diagnosis.explain`` output as dicts with every member id (``ids``), cached per table
-        version: explain takes seconds, and every visitor would otherwise pay for it."""
+        version: explain takes seconds, and every visitor would otherwise pay for it. The ``top``
+        modes whose evidence holds come first, then those whose evidence does not (``shown``
+        False), for the tab to list marked; the API returns only the first."""
         key = (self.db.version, int(top), vocab)
         with self._modes_lock:
             if key not in self._modes:
                 from diagnosis.explain import explain
 
                 if progress is not None:
-                    progress(0.1, desc="scoring the vocabulary with the diagnosis ensemble")
-                modes = explain(self.db, vocab=vocab, top=top)
+                    progress(0.1, desc="naming the failures and checking each name against the data")
+                modes = explain(self.db, vocab=vocab, top=top, show_all=True)
                 for old in [k for k in self._modes if k[0] != key[0]]:  # an older table's: never asked again
                     del self._modes[old]
                 self._modes[key] = [jsonable(m.to_dict(with_ids=True)) for m in modes]

@@ -23,6 +23,7 @@ from indexer import schema as S
 from indexer.errors import UserError
 from search_ui.ui import health as H
 from search_ui.ui.context import AppContext, fmt, jsonable
+from search_ui.ui.modes import evidence_markdown, mode_row
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,14 @@ class Handlers:
     @friendly
     def explain(self, top, progress=gr.Progress()):
         modes = self.ctx.modes(int(top), progress=progress)
-        rows = [[i, m["description"], round(m["predicted_loss"] or 0, 3), round(m.get("mean_loss") or 0, 3),
-                 m.get("size"), f"{100 * (m.get('share_of_loss') or 0):.1f}%", m.get("source", "")]
-                for i, m in enumerate(modes, 1)]
+        rows = [mode_row(i, m) for i, m in enumerate(modes, 1)]
         choices = [f"{i}. {m['description']}" for i, m in enumerate(modes, 1)]
-        msg = f"{len(modes)} failure modes, worst first." if modes else "No failure modes found."
+        shown = sum(bool(m.get("shown", True)) for m in modes)
+        msg = (f"{shown} failure modes whose evidence holds, worst first: each name's own images fail (true loss "
+               f"on held-out rows, predicted loss with 95% intervals)."
+               + (f" {len(modes) - shown} more whose evidence does not hold (under 20 samples, or the name's images "
+                  f"do not fail) follow, marked hidden." if len(modes) > shown else "")
+               if modes else "No failure modes found.")
         return rows, gr.Dropdown(choices=choices, value=choices[0] if choices else None), msg, modes
 
     @staticmethod
@@ -210,12 +214,10 @@ class Handlers:
         mode = self._mode_at(modes, choice)
         rows = self.ctx.rows(mode.get("examples", [])[:MODE_EXAMPLES_SHOWN])
         items, _ = self.ctx.gallery(rows)
-        md = (f"**{mode['description']}** — predicted loss {fmt(mode.get('predicted_loss'))}, "
-              f"true loss {fmt(mode.get('mean_loss'))} (predicted {fmt(mode.get('mean_predicted_loss'))}) "
-              f"over {mode.get('size')} samples, {100 * (mode.get('share_of_loss') or 0):.1f}% of all loss.")
+        md = evidence_markdown(mode)
         also = [p for p in mode.get("phrases") or [] if p != mode["description"]][:PHRASES_SHOWN]
         if also:
-            md += "\n\nAlso described as: " + "; ".join(also)
+            md += "\n\nNext best names: " + "; ".join(also)
         if len(items) < len(rows):
             md += f"\n\n{len(rows) - len(items)} example images could not be shown (missing or outside the dataset's folders)."
         return items, md

@@ -1,0 +1,212 @@
+"""Naming failure modes (issue 13): on a synthetic CLIP space where each attribute word is a
+direction, an image is the sum of its attributes' directions (plus noise) and a phrase the sum of
+its words', so the right name of every failure is known."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from diagnosis.explain import FailureMode, _Table, name_modes
+from diagnosis.vocab import Grammar, compose_phrases, dataset_phrases, real_vocabulary, with_article
+
+ATTR = {"shape": ["circle", "square", "triangle", "star", "cross"],
+        "color": ["red", "green", "blue", "yellow", "purple", "orange"],
+        "size": ["small", "large"], "background": ["dark", "light", "striped", "noisy"]}
+WORDS = [v for vals in ATTR.values() for v in vals]
+
+
+def describe(where: dict) -> str:
+    words = [where[a] for a in ("size", "color") if a in where] + [where.get("shape", "object")]
+    text = with_article(" ".join(words))
+    return text + (f" on a {where['background']} background" if "background" in where else "")
+
+
+def vocab() -> list[str]:
+    """Every attribute value and every pair of attributes, described (as the offline world's)."""
+    return [describe(dict(zip(combo, vals, strict=True)))
+            for k in (1, 2) for combo in itertools.combinations(ATTR, k)
+            for vals in itertools.product(*(ATTR[a] for a in combo))]
+
+
+class Space:
+    def __init__(self, n=8000, d=48, seed=0, noise=0.1):
+        self.rng = np.random.default_rng(seed)
+        self.D = np.linalg.qr(self.rng.normal(size=(d, d)))[0][:, : len(WORDS)].T
+        self.rows = {a: self.rng.choice(vals, n) for a, vals in ATTR.items()}
+        X = sum(self.D[[WORDS.index(v) for v in self.rows[a]]] for a in ATTR)
+        X = X + noise * self.rng.normal(size=X.shape)
+        self.X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+        self.loss = self.rng.gamma(2.0, 0.1, n)
+        self.n = n
+
+    def where(self, **w) -> np.ndarray:
+        return np.all([self.rows[a] == v for a, v in w.items()], axis=0)
+
+    def encode(self, phrases: list[str]) -> np.ndarray:
+        out = []
+        for p in phrases:
+            ws = [w for w in p.split() if w in WORDS]
+            v = self.D[[WORDS.index(w) for w in ws]].sum(axis=0) if ws else np.zeros(self.D.shape[1])
+            v = v + 0.05 * self.rng.normal(size=len(v))
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, dtype=np.float32)
+
+    def table(self, split=None) -> _Table:
+        pred = self.loss * np.exp(self.rng.normal(0, 0.2, self.n))
+        return _Table(ids=np.array([f"r{i:05d}" for i in range(self.n)], dtype=object), X=self.X,
+                      loss=self.loss, pred=pred, std=np.full(self.n, 0.1), split=split)
+
+    def explain(self, phrases, compose=True, **kw) -> list[FailureMode]:
+        return name_modes(self.table(), phrases, self.encode(phrases), self.encode if compose else None, **kw)
+
+
+def test_the_precise_phrase_beats_the_vague_one_for_the_same_failing_group():
+    s = Space()
+    blue_circle = s.where(shape="circle", color="blue")
+    s.loss[blue_circle] *= 8
+    modes = s.explain(["a blue object", "a blue circle", "a circle", "a small blue circle", "a red square",
+                       "an object on a dark background"], compose=False)
+    assert [m.description for m in modes] == ["a blue circle"]
+    m = modes[0]
+    assert m.shown and m.evidence["holds"] and m.evidence["true_loss_ratio"] > 3
+    assert blue_circle[[int(i[1:]) for i in m.ids]].mean() > 0.9  # its members are blue circles
+    assert m.size > 0.8 * blue_circle.sum() * 0.9  # and most of those predicted to fail
+    assert "a blue object" not in {x.description for x in s.explain(["a blue object", "a blue circle"],
+                                                                       compose=False, show_all=True)}
+
+
+def test_a_fragmented_failure_is_one_mode_and_two_failures_stay_two():
+    """Striped triangles fail whatever their colour: six colour-specific phrases describe fragments,
+    "a triangle on a striped background" the whole; blue circles are a second failure."""
+    s = Space(seed=1)
+    striped = s.where(shape="triangle", background="striped")
+    blue_circle = s.where(shape="circle", color="blue")
+    s.loss[striped] *= 6
+    s.loss[blue_circle] *= 8
+    phrases = vocab() + [describe({"color": c, "shape": "triangle", "background": "striped"})
+                         for c in ATTR["color"]]
+    modes = s.explain(phrases)
+    assert {m.description for m in modes} == {"a triangle on a striped background", "a blue circle"}
+    by = {m.description: m for m in modes}
+    rows = lambda m: np.array([int(i[1:]) for i in m.ids])  # noqa: E731
+    assert striped[rows(by["a triangle on a striped background"])].mean() > 0.9
+    assert blue_circle[rows(by["a blue circle"])].mean() > 0.9
+    assert not set(by["a blue circle"].ids) & set(by["a triangle on a striped background"].ids)
+    for m in modes:  # the evidence: its own images fail, and it covers its group
+        assert m.evidence["true_loss_ratio"] > 2.5 and m.evidence["coverage"] > 0.7
+
+
+def test_three_attribute_failure_is_named_by_a_composition():
+    s = Space(seed=2)
+    s.loss[s.where(shape="star", size="small", background="dark")] *= 10
+    modes = s.explain(vocab())
+    assert modes[0].description == "a small star on a dark background"  # composed, not in vocab()
+    assert "a small star on a dark background" not in vocab()
+
+
+def test_a_group_below_20_samples_is_hidden_unless_all_is_asked():
+    s = Space(seed=3)
+    rare = np.flatnonzero(s.where(shape="cross", color="green", size="large", background="noisy"))[:15]
+    s.loss[rare] *= 15
+    phrases = vocab() + ["a large green cross on a noisy background"]
+    assert s.explain(phrases, compose=False) == []
+    hidden = s.explain(phrases, compose=False, show_all=True)
+    assert hidden and not any(m.shown for m in hidden)
+    m = next(m for m in hidden if "cross" in m.description)
+    assert m.size < 20 and "fewer than 20" in m.evidence["reason"]
+    assert "[hidden: " in m.summary()
+
+
+def test_evidence_fields_and_the_cli_json(monkeypatch, capsys, tmp_path):
+    import diagnosis.explain
+    from search_ui.cli import main
+
+    s = Space(seed=4)
+    s.loss[s.where(shape="circle", color="blue")] *= 8
+    s.loss[np.flatnonzero(s.where(shape="cross", color="green", size="large"))[:12]] *= 20
+    modes = s.explain(vocab() + ["a large green cross"], compose=False, show_all=True)
+    monkeypatch.setattr(diagnosis.explain, "explain",
+                        lambda db, vocab=None, top=10, show_all=False: [m for m in modes if show_all or m.shown])
+    assert main(["explain", "--db", str(tmp_path), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [m["description"] for m in shown] == ["a blue circle"]
+    ev = shown[0]["evidence"]
+    assert {"retrieved", "retrieved_examples", "true_loss", "true_loss_ci", "true_loss_ratio", "predicted_loss",
+            "predicted_loss_ci", "predicted_loss_ratio", "coverage", "precision", "holds", "reason"} <= set(ev)
+    assert ev["true_loss_ci"][0] <= ev["true_loss"] <= ev["true_loss_ci"][1]
+    assert ev["predicted_loss_ci"][0] <= ev["predicted_loss"] <= ev["predicted_loss_ci"][1]
+    assert 0 < ev["coverage"] <= 1 and 0 < ev["precision"] <= 1 and ev["holds"] and ev["reason"] is None
+    assert len(ev["retrieved_examples"]) == 10 and ev["retrieved"] >= 10
+    assert shown[0]["shown"] is True and shown[0]["size"] >= 20
+    assert main(["explain", "--db", str(tmp_path), "--json", "--all"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert len(every) > 1 and all(not m["shown"] and m["evidence"]["reason"] for m in every[1:])
+    assert main(["explain", "--db", str(tmp_path), "--all"]) == 0
+    text = capsys.readouterr().out
+    assert "evidence: the " in text and "[hidden: " in text and "precision" in text
+
+
+def test_true_loss_evidence_counts_held_out_rows_only():
+    s = Space(seed=5)
+    split = np.where(np.arange(s.n) % 4 == 0, "test", "train").astype(object)
+    blue = s.where(shape="circle", color="blue")
+    s.loss[blue & (split == "test")] *= 8  # the model memorised its training rows: low loss there
+    t = s.table(split=split)
+    t.pred = np.where(blue, 8 * 0.2, 0.2) * np.exp(s.rng.normal(0, 0.1, s.n))
+    modes = name_modes(t, vocab(), s.encode(vocab()), None)
+    assert modes[0].description == "a blue circle"
+    ev = modes[0].evidence
+    assert ev["true_rows"] < 0.35 * ev["retrieved"]  # a quarter of the rows are held out
+    assert ev["true_loss_ratio"] > 3  # on all rows it would be diluted by the training rows
+
+
+@pytest.mark.parametrize(("a", "b", "out"), [
+    ("a blue circle", "an object on a dark background", "a blue circle on a dark background"),
+    ("a small object", "a blue circle", "a small blue circle"),
+    ("an orange object", "a small object", "a small orange object"),
+    ("a red object", "a blue object", None),
+    ("a circle", "a square", None),
+    ("a circle on a dark background", "an object on a noisy background", None),
+])
+def test_world_phrases_compose_by_the_vocabulary_s_own_grammar(a, b, out):
+    assert Grammar(vocab()).compose(a, b) == out
+
+
+def test_generic_phrases_compose_object_and_modifier():
+    from diagnosis.vocab import generic_singles
+
+    g = Grammar(generic_singles())
+    assert g.compose("a dog", "a photo in the snow") == "a dog in the snow"
+    assert g.compose("grass", "a photo at night") == "grass at night"
+    assert g.compose("a photo that is red", "a photo that is blue") is None
+    assert g.compose("a dog", "a cat") is None
+    assert compose_phrases(["a dog", "a photo at night", "a cat"], g) == ["a dog at night", "a cat at night"]
+
+
+class _StubDB:
+    """Just what dataset_phrases reads: a table schema and columns."""
+
+    def __init__(self, table):
+        import pyarrow as pa
+
+        self._t = pa.table(table)
+        self.table = type("T", (), {"schema": self._t.schema})()
+
+    def has_table(self):
+        return True
+
+    def read(self, cols):
+        return self._t.select(cols)
+
+
+def test_a_real_dataset_gets_its_labels_captions_imagenet_and_generic_concepts():
+    db = _StubDB({"id": ["1", "2", "3", "4"], "label": ["golden_retriever", "tabby cat", "tabby cat", "7"],
+                  "caption": ["a dog on a sofa", "a cat asleep", "a cat asleep", None]})
+    found = dataset_phrases(db)
+    assert found == {"labels": ["a tabby cat", "a golden retriever"], "captions": ["a cat asleep", "a dog on a sofa"]}
+    v = real_vocabulary(db)
+    assert v[:4] == ["a tabby cat", "a golden retriever", "a cat asleep", "a dog on a sofa"]
+    assert "a tench" in v and "a goldfish" in v  # open_clip's ImageNet class names, offline
+    assert "a photo at night" in v and "a dog" in v and len(v) == len(set(v)) > 1000
