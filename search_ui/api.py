@@ -305,7 +305,8 @@ def _router(ctx: AppContext) -> APIRouter:
         if top < 1:
             raise UserError(f"top {top} asks for no failure modes; pass top=1 or more.")
         _bound(top, "top", MAX_TOP)
-        return _json([{k: v for k, v in m.items() if k != "ids"} for m in ctx.modes(int(top))])
+        return _json([{k: v for k, v in m.items() if k != "ids"} for m in ctx.modes(int(top))
+                      if m.get("shown", True)])  # as the CLI and /explain: names whose evidence holds
 
     def _selections():
         from search_ui.selections import Selections
