@@ -328,8 +328,9 @@ def test_bad_options_are_one_sentence(world, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     manifest = folder / "manifest.csv"
     assert "--workers -3 is negative" in refused(capsys, "index", manifest, "--db", tmp_path / "db", "--workers", "-3")
-    assert "is an existing file" in refused(capsys, "index", manifest, "--db", tmp_path / "afile")
-    assert "cannot be created because" in refused(capsys, "index", manifest, "--db", tmp_path / "afile" / "db")
+    # the writer lock (indexer.store.writer_lock) is taken first and names the problem itself
+    assert "is a file, not a folder" in refused(capsys, "index", manifest, "--db", tmp_path / "afile")
+    assert "cannot be created or written" in refused(capsys, "index", manifest, "--db", tmp_path / "afile" / "db")
     assert not (tmp_path / "db").exists() and (tmp_path / "afile").read_text() == "x"
     assert "--candidates 0 leaves no rows" in refused(capsys, "search", "a circle", "--db", db.path, "--candidates", "0")
     assert "--candidates -5" in refused(capsys, "similar", "s00001", "--db", db.path, "--candidates", "-5")
