@@ -342,12 +342,15 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
 
 
 #: The only types a stored ensemble may hold beyond skops' own safe list (numpy arrays and
-#: scikit-learn estimators): ours and the trees of gradient boosting. Nothing else is instantiated.
+#: scikit-learn estimators): ours, the trees of gradient boosting and the Adam state a fitted
+#: MLP keeps (members fitted on 2,000+ rows; plain arrays and floats, set as attributes). Nothing
+#: else is instantiated.
 TRUSTED_TYPES = (
     "diagnosis.ensemble.DiagnosisEnsemble",
     "diagnosis.ensemble.NeighboursRegressor",
     "diagnosis.ensemble._GlobalScale",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
 )
 
 

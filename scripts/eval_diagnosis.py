@@ -250,11 +250,12 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="build the named worlds at the demo's quick size")
     ap.add_argument("--baseline", default=None, help="another checkout whose explain is judged beside")
     ap.add_argument("--worlds-built", default=None, help="file of '<spec name> <db path>' lines to use")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two evaluations share 2 cores)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(max(1, args.threads))
     built = {}
     if args.worlds_built:
         for line in Path(args.worlds_built).read_text().splitlines():

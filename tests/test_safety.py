@@ -111,15 +111,16 @@ class Payload:
         open(state["marker"], "w").close()
 
 
-def test_the_stored_ensemble_predicts_exactly_as_in_memory_for_every_member_kind(tmp_path):
+@pytest.mark.parametrize("rows", [600, 4400])  # 4,400 rows in 2 folds: the MLPs take the Adam path (2,000+)
+def test_the_stored_ensemble_predicts_exactly_as_in_memory_for_every_member_kind(tmp_path, rows):
     import numpy as np
 
     from diagnosis.ensemble import ALL_KINDS, DiagnosisEnsemble, load_ensemble_file, save_ensemble
 
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(600, 16)).astype(np.float32)
+    X = rng.normal(size=(rows, 16)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
-    y = rng.gamma(1.0, 0.2, 600) + 2.0 * (X[:, 0] > 0.3)
+    y = rng.gamma(1.0, 0.2, rows) + 2.0 * (X[:, 0] > 0.3)
     ens = DiagnosisEnsemble(n_members=6, n_folds=2, kinds=ALL_KINDS + ("knn",), n_rff=64, random_state=0).fit(X, y)
     ens.estimators_[0][5].set_params(exact_max_rows=100)  # one kNN member on the IVF path
     ens.estimators_[0][5].fit(X[:300], np.log1p(y[:300]))
