@@ -68,7 +68,7 @@ def _diagnose(db: Path, notes: list[str], progress: bool) -> dict | None:
         loaded = load_ensemble(db)
         if loaded.stale is None:
             log.info("the stored diagnosis ensemble is current; not refitting")
-            return {**loaded.info, "reused": True}
+            return {**loaded.info, **loaded.info.get("quality", {}), "reused": True}  # quality as diagnose reports it
     except UserError:
         pass  # none yet, or stale: fit it
     return {**diagnose(db, progress=progress).to_dict(), "reused": False}

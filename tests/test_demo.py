@@ -47,6 +47,9 @@ def test_second_run_reuses_world_index_and_ensemble(first_run, capsys):
     s2 = run_demo(spec=TINY, serve=False, cache_dir=cache, progress=False)
     assert s2["world"] == s1["world"] and s2["db"] == s1["db"]
     assert s2["index"]["reused"] and s2["diagnosis"]["reused"]
+    # a reused ensemble reports the quality it was fitted with, not NaN
+    for k in ("spearman", "auroc_top10"):
+        assert s2["diagnosis"][k] == pytest.approx(s1["diagnosis"][k], rel=1e-12)
     out = capsys.readouterr().out
     assert "planted" not in out or "slice 'blue circles'" in out
     assert "loss ratio" in out and "llm2loss search" in out and "420 rows" in out
