@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, content_words, find_modes
+from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, Faithfulness, content_words, find_modes
 from diagnosis.text import Scorer
 from diagnosis.vocab import (
     Grammar,
@@ -99,7 +99,9 @@ class FailureMode:
             true = "true loss n/a" if ev.get("true_loss") is None else (
                 f"true loss {ev['true_loss']:.3f} [{ev['true_loss_ci'][0]:.3f}, {ev['true_loss_ci'][1]:.3f}] "
                 f"= {ev['true_loss_ratio']:.1f}x the mean")
-            out += (f"\n      evidence: the {ev['retrieved']} images it names have {true}, predicted "
+            what = {"held-out rows that show the name": "held-out images that show it",
+                    "rows that show the name": "images that show it"}.get(ev.get("rows"), "images it names")
+            out += (f"\n      evidence: the {ev['retrieved']} {what} have {true}, predicted "
                     f"{ev['predicted_loss']:.3f} [{ev['predicted_loss_ci'][0]:.3f}, {ev['predicted_loss_ci'][1]:.3f}] "
                     f"= {ev['predicted_loss_ratio']:.1f}x; it covers {100 * ev['coverage']:.0f}% of the group at "
                     f"{100 * ev['precision']:.0f}% precision")
@@ -240,7 +242,8 @@ def evidence(t: _Table, retrieved: np.ndarray, size: int, coverage: float, preci
           "predicted_loss": float(p.mean()), "predicted_loss_ci": list(bootstrap_ci(p)),
           "predicted_loss_ratio": float(p.mean() / mean_pred) if mean_pred > 0 else None,
           "true_rows": len(truth), "true_loss": None, "true_loss_ci": None, "true_loss_ratio": None,
-          "coverage": coverage, "precision": precision, "excess_loss": gain}
+          "coverage": coverage, "precision": precision, "excess_loss": gain,
+          "rows": "images the name retrieves"}
     if len(truth) and mean_true is not None:
         ev.update(true_loss=float(truth.mean()), true_loss_ci=list(bootstrap_ci(truth)),
                   true_loss_ratio=float(truth.mean() / mean_true) if mean_true > 0 else None)
@@ -263,62 +266,74 @@ def impact(m: FailureMode, t: _Table) -> float:
     return m.size * (m.mean_predicted_loss - EXCESS_RATIO * float(t.pred.mean()))
 
 
-def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray,
-               fail: np.ndarray) -> list[FailureMode]:
-    """Fold modes whose names share words into one mode named by what they share, when that shared
-    name is itself a failure.
+def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray, fail: np.ndarray,
+               words: Faithfulness) -> list[FailureMode]:
+    """Fold fragments of one failure into one mode named by what they share, when the group that
+    shared name describes is itself a failure.
 
-    "a blue circle" and "a large blue triangle" share "a blue object"; "a triangle on a striped
-    background" and its leftover "a small triangle on a striped background" share the former. A
-    phrase of the vocabulary whose content words lie within those of two or more modes' names is
-    checked like any name: its images (the prefix of its ranking gathering the most excess loss)
-    must hold at least half of each of those modes' members and must fail (:func:`evidence`). If they do, the modes are one failure seen through words that do not
-    matter, and become one mode under the shared phrase; if not ("a triangle" when only striped
-    and blue triangles fail, "a small object"), they are different failures and stay apart. Shared
-    phrases are tried most specific first, then by how much their images fail; a mode folds once per
-    pass, and passes repeat until nothing folds.
+    *Fragments* are modes whose names say a shared phrase S and at most one part more, the extra
+    parts all of one kind: "a blue triangle" and "a blue circle" (S "a blue object", two shapes),
+    or "a triangle on a striped background" and its leftover "a small triangle on a striped
+    background" (S the former). Names differing in parts of different kinds -- "a triangle on a
+    striped background" and "a blue triangle" -- are two failures and never fold into "a
+    triangle". S is judged by the rows that *show* it (:meth:`Faithfulness.shows`: CLIP prefers S
+    to each rival of each of its parts), on the held-out rows when the table has them (a biased
+    training split says little of where the model fails): those rows must fail (:func:`evidence`)
+    and must hold at least half of each fragment's members. Shared phrases are tried most specific
+    first, then by how much their rows fail; a mode folds once per pass, and passes repeat until
+    nothing folds. The folded mode's members are its fragments' and the other failing rows that
+    show S.
     """
-    words = {p: content_words(p) for p in phrases}
+    grammar = words.grammar
+    held_out = bool(t.judged.sum() < np.isfinite(t.loss).sum())
     excess = t.pred - EXCESS_RATIO * float(t.pred.mean())
     changed = True
     while changed and len(modes) > 1:
         changed = False
-        names = [words.get(m.description) or content_words(m.description) for m in modes]
         found = []
         for j, p in enumerate(phrases):
-            w = words[p]
-            group = [i for i, n in enumerate(names) if w and w <= n and modes[i].ids]
-            if len(group) < 2:
+            extras = {i: grammar.extra_parts(m.description, p) for i, m in enumerate(modes) if m.ids}
+            group = [i for i, e in extras.items() if e is not None and len(e) <= 1]
+            single = [extras[i][0] for i in group if extras[i]]
+            if len(group) < 2 or any(not grammar.rivals(a, b) for a in single for b in single):
                 continue
-            members = np.flatnonzero(np.isin(t.ids, [x for i in group for x in modes[i].ids]))
-            # the shared phrase's own images: the prefix of its ranking gathering the most excess loss
-            order = np.argsort(-(t.X @ T[j]), kind="stable")
-            got = order[: int(np.argmax(np.cumsum(excess[order]))) + 1]
-            cover = [np.isin(np.flatnonzero(np.isin(t.ids, modes[i].ids)), got).mean() for i in group]
-            log.debug("shared name %r for %s: %d images hold %s of their members", p,
-                      [modes[i].description for i in group], len(got), [round(float(c), 2) for c in cover])
+            show = words.shows(p, t.X)
+            inside = [np.isin(t.ids, modes[i].ids) for i in group]
+            cover = [float(show[m].mean()) for m in inside]
             if min(cover) < 0.5:
                 continue
-            inside = np.isin(members, got)
-            ev = evidence(t, got, len(members), float(inside.mean()), float(fail[got].mean()),
-                          float(excess[got].sum()))
+            members = np.flatnonzero(np.logical_or.reduce(inside) | (show & fail & ~_other_members(modes, group, t)))
+            rows = np.flatnonzero(show & t.judged) if held_out else np.flatnonzero(show)
+            rows = rows[np.argsort(-(t.X[rows] @ T[j]), kind="stable")]
+            ev = evidence(t, rows, len(members), float(show[members].mean()), float(fail[rows].mean()) if len(rows) else 0.0,
+                          float(excess[rows].sum()))
+            ev["rows"] = "held-out rows that show the name" if held_out else "rows that show the name"
+            log.debug("shared name %r for %s: %d rows show it; %s", p, [modes[i].description for i in group],
+                      int(show.sum()), ev.get("reason"))
             if ev["holds"]:
-                found.append((len(w), ev["true_loss_ratio"] or ev["predicted_loss_ratio"], j, group, got, members, ev))
+                found.append((len(content_words(p)), ev["true_loss_ratio"] or ev["predicted_loss_ratio"], j, group,
+                              rows, members, ev))
         used: set[int] = set()
         merged = []
-        for _, _, j, group, got, members, ev in sorted(found, key=lambda f: (-f[0], -f[1])):
+        for _, _, j, group, rows, members, ev in sorted(found, key=lambda f: (-f[0], -f[1])):
             if used & set(group):
                 continue
             used |= set(group)
             others = [x for i in group for x in [modes[i].description, *modes[i].phrases[1:2]] if x != phrases[j]]
             merged.append(FailureMode(
-                description=phrases[j], predicted_loss=ev["predicted_loss"], predicted_loss_std=float(t.std[got].mean()),
+                description=phrases[j], predicted_loss=ev["predicted_loss"], predicted_loss_std=float(t.std[rows].mean()),
                 phrases=[phrases[j], *dict.fromkeys(others)], source="both", evidence=ev, shown=True,
-                **_members(members, got, t)))
+                **_members(members, rows, t)))
         if merged:
             modes = [m for i, m in enumerate(modes) if i not in used] + merged
             changed = True
     return modes
+
+
+def _other_members(modes: list[FailureMode], group: list[int], t: _Table) -> np.ndarray:
+    """(n,) bool: rows that are members of a mode outside ``group``."""
+    ids = [x for i, m in enumerate(modes) if i not in group for x in m.ids]
+    return np.isin(t.ids, ids) if ids else np.zeros(len(t.ids), dtype=bool)
 
 
 def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
@@ -418,8 +433,9 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
                seed: int = 0) -> list[FailureMode]:
     """:func:`explain` on a table already read, with the vocabulary's (m, d) text embeddings ``T``;
     ``encode`` (phrases -> embeddings) lets it score compositions of the best phrases."""
+    grammar = Grammar(phrases)
     groups, phrases, T, sample = find_modes(t.X, t.pred, fail_threshold(t.pred), phrases, T, encode=encode,
-                                            grammar=Grammar(phrases) if encode is not None else None, seed=seed)
+                                            grammar=grammar if encode is not None else None, seed=seed)
     scale = len(t.ids) / len(sample)
     fail = t.pred >= fail_threshold(t.pred)
     taken = np.zeros(len(t.ids), dtype=bool)  # failing rows already a member of an earlier mode
@@ -451,7 +467,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             description=phrases[c["phrase"]], predicted_loss=ev["predicted_loss"],
             predicted_loss_std=float(t.std[got].mean()), phrases=[phrases[c["phrase"]], *others], source="both",
             evidence=ev, shown=ev["holds"], **_members(members, got, t)))
-    out = generalise(out, t, phrases, T, fail)
+    out = generalise(out, t, phrases, T, fail, Faithfulness(grammar, encode, phrases, T))
     out.sort(key=lambda m: (not m.shown, -impact(m, t)))
     shown = [m for m in out if m.shown][:top]
     return shown + ([m for m in out if not m.shown] if show_all else [])

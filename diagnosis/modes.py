@@ -56,6 +56,16 @@ COMPOSE_TOP = 40  # phrases gathering the most excess loss, composed with each o
 N_CANDIDATES = 6  # names per group checked against the data, best first
 TAIL_SHARE = 0.5  # a name retrieving more than this share of an earlier one's rows is its tail
 MIN_GAIN_SHARE = 0.01  # a mode gathers at least this share of all excess predicted loss
+#: A name is *faithful* when it is true of most of the failing rows it gathers: at least this
+#: share of them show every one of its parts ("blue", "triangle", "on a striped background"): for
+#: each part CLIP prefers the name to every phrase saying another value in that part's place. A
+#: composed name can gather two failures at once through rows matching two of its three words ("a
+#: blue triangle on a striped background" gathers striped triangles of every colour and blue
+#: triangles off stripes); it is false of most of its rows, so the best faithful name is chosen.
+FAITHFUL_SHARE = 0.5
+FAITH_CANDIDATES = 24  # phrases (by gain) tried for a faithful name before the best is kept anyway
+MAX_RIVALS = 16  # rivals per part: the ones nearest the phrase when a part has more
+MIN_FAITH_ROWS = 10
 _BLOCK_CELLS = 1 << 24
 
 _FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and", "or", "to", "by",
@@ -133,6 +143,7 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
 
     left = excess.copy()
     stop = MIN_GAIN_SHARE * float(np.clip(excess, 0, None).sum())
+    words = Faithfulness(grammar, encode, phrases, T) if encode is not None and grammar is not None else None
     modes = []
     while len(modes) < max_modes:
         J = gains(order, grid, left)
@@ -140,7 +151,18 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
         best = float(per_phrase.max())
         if best <= max(stop, 0.0):
             break
-        near = np.flatnonzero(per_phrase >= (1 - SPECIFIC_TOL) * best)
+        ok = []  # faithful phrases, best gain first, down to SPECIFIC_TOL below the best of them
+        for c in np.argsort(-per_phrase, kind="stable")[:FAITH_CANDIDATES]:
+            if per_phrase[c] <= max(stop, 0.0) or (ok and per_phrase[c] < (1 - SPECIFIC_TOL) * per_phrase[ok[0]]):
+                break
+            rows = order[c, : grid[int(np.argmax(J[c]))]]
+            if words is None or words.faithful(phrases[c], Xs[rows[fail[rows]]]):
+                ok.append(int(c))
+        if not ok:
+            ok = [int(np.argmax(per_phrase))]
+            log.info("explain: no faithful name among the %d best for a failure; keeping %r", FAITH_CANDIDATES,
+                     phrases[ok[0]])
+        near = [c for c in ok if per_phrase[c] >= (1 - SPECIFIC_TOL) * per_phrase[ok[0]]]
         j = int(max(near, key=lambda i: (spec[i], per_phrase[i])))
         got = order[j, : grid[int(np.argmax(J[j]))]]
         # other names for the same failing rows: the excess they gather from these rows alone
@@ -165,6 +187,48 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
             continue
         modes.append({"candidates": cands, "retrieved": got, "tails": []})
     return modes, phrases, T, sample
+
+
+class Faithfulness:
+    """Which rows show a name, and whether a name is true of the rows it gathers (see
+    :data:`FAITHFUL_SHARE`).
+
+    ``grammar`` (:class:`diagnosis.vocab.Grammar`) gives each part's rivals, ``encode`` their text
+    embeddings (cached, seeded with the vocabulary's own ``T``)."""
+
+    def __init__(self, grammar, encode: Callable[[list[str]], np.ndarray], phrases: list[str], T: np.ndarray):
+        self.grammar, self.encode = grammar, encode
+        self.cache = {p.lower(): T[i] for i, p in enumerate(phrases)}
+
+    def vectors(self, phrases: list[str]) -> np.ndarray:
+        new = [p for p in dict.fromkeys(phrases) if p.lower() not in self.cache]
+        if new:
+            for p, v in zip(new, self.encode(new), strict=True):
+                self.cache[p.lower()] = v
+        return np.stack([self.cache[p.lower()] for p in phrases])
+
+    def shows(self, phrase: str, X: np.ndarray, block: int = 65536) -> np.ndarray:
+        """(n,) bool: the rows of X that show every part of ``phrase`` -- for each part CLIP prefers
+        ``phrase`` to each of its rivals (at most :data:`MAX_RIVALS`, the ones nearest the phrase):
+        the group the phrase describes, with no prefix size to choose."""
+        parts = self.grammar.parts(phrase)
+        q = self.vectors([phrase])[0]
+        out = np.ones(len(X), dtype=bool)
+        for _, rivals in parts:
+            rivals = [r for r in rivals if self.encode is not None or r.lower() in self.cache]
+            if not rivals:
+                continue
+            R = self.vectors(rivals)
+            R = R[np.argsort(-(R @ q), kind="stable")[:MAX_RIVALS]]
+            for s in range(0, len(X), block):
+                x = X[s : s + block]
+                out[s : s + block] &= x @ q > (x @ R.T).max(axis=1)
+        return out
+
+    def faithful(self, phrase: str, Xm: np.ndarray) -> bool:
+        """Whether at least :data:`FAITHFUL_SHARE` of the rows ``Xm`` show every part of ``phrase``
+        (always true of fewer than :data:`MIN_FAITH_ROWS` rows: too few to judge)."""
+        return len(Xm) < MIN_FAITH_ROWS or float(self.shows(phrase, Xm).mean()) >= FAITHFUL_SHARE
 
 
 def gains(order: np.ndarray, grid: np.ndarray, excess: np.ndarray) -> np.ndarray:

@@ -216,11 +216,18 @@ class Grammar:
                     self.adjectives.update(x for x in w[:i] if x not in _ARTICLES)
                     break
         self.order: dict[tuple[str, str], int] = {}  # (a, b) -> +1 when a goes before b
+        self.heads: set[str] = set()  # nouns the vocabulary names ("circle", "dog"), placeholders aside
+        self.suffixes: set[str] = set()  # its trailing modifiers ("on a dark background", "at night")
         for p in phrases:
-            adj = self.parse(p).adjectives
+            parsed = self.parse(p)
+            adj = parsed.adjectives
             for i, a in enumerate(adj):
                 for b in adj[i + 1 :]:
                     self.order[(a, b)], self.order[(b, a)] = 1, -1
+            if parsed.head and not parsed.placeholder:
+                self.heads.add(parsed.head.lower())
+            if parsed.suffix:
+                self.suffixes.add(parsed.suffix)
 
     def parse(self, phrase: str) -> Parsed:
         w = phrase.strip().split()
@@ -250,6 +257,73 @@ class Grammar:
             pos = next((i for i, y in enumerate(out) if self.order[(x, y)] > 0), len(out))
             out.insert(pos, x)
         return tuple(out)
+
+    def render(self, p: Parsed) -> str:
+        """The phrase of a parse: ``Parsed("a", ("small",), "star", "")`` -> "a small star"."""
+        words = " ".join([*p.adjectives, p.head or "object"])
+        text = with_article(words) if p.article or not p.head else words
+        return f"{text} {p.suffix}".strip()
+
+    def parts(self, phrase: str) -> list[tuple[str, list[str]]]:
+        """What each part of ``phrase`` says, as ``(part, rivals)``: the phrases saying another value
+        in its place -- another adjective of its kind (two adjectives are of one kind when no phrase
+        of the vocabulary joins them: "blue" and "red", not "blue" and "small"), another head noun,
+        another trailing modifier opening with the same word. "a small star" -> ("small", ["a large
+        star"]), ("star", ["a small circle", ...]). Parts without rivals are left out."""
+        p = self.parse(phrase)
+        out = []
+        for a in p.adjectives:
+            rest = tuple(x for x in p.adjectives if x != a)
+            rivals = []
+            for b in sorted(self.adjectives):
+                if b == a or b in rest or (a, b) in self.order:
+                    continue
+                adj = self._adjectives(rest, (b,))
+                if adj is not None:
+                    rivals.append(self.render(Parsed(p.article, adj, p.head, p.suffix)))
+            if rivals:
+                out.append((a, rivals))
+        if p.head and not p.placeholder:
+            rivals = [self.render(Parsed(p.article, p.adjectives, h, p.suffix)) for h in sorted(self.heads)
+                      if h != p.head.lower()]
+            if rivals:
+                out.append((p.head, rivals))
+        if p.suffix:
+            first = p.suffix.split()[0].lower()
+            rivals = [self.render(Parsed(p.article, p.adjectives, p.head, s)) for s in sorted(self.suffixes)
+                      if s != p.suffix and s.split()[0].lower() == first]
+            if rivals:
+                out.append((p.suffix, rivals))
+        return out
+
+    def extra_parts(self, phrase: str, shared: str) -> list[tuple[str, str]] | None:
+        """What ``phrase`` says beyond ``shared``, as (kind, part) pairs -- ``("adjective", "blue")``,
+        ``("head", "circle")``, ``("suffix", "on a dark background")`` -- or None when ``phrase``
+        does not say everything ``shared`` says."""
+        a, s = self.parse(phrase), self.parse(shared)
+        if not set(s.adjectives) <= set(a.adjectives):
+            return None
+        if not s.placeholder and s.head.lower() != a.head.lower():
+            return None
+        if s.suffix and s.suffix != a.suffix:
+            return None
+        out = [("adjective", x) for x in a.adjectives if x not in s.adjectives]
+        if s.placeholder and a.head and not a.placeholder:
+            out.append(("head", a.head.lower()))
+        if a.suffix and not s.suffix:
+            out.append(("suffix", a.suffix))
+        return out
+
+    def rivals(self, x: tuple[str, str], y: tuple[str, str]) -> bool:
+        """Whether two parts (as :meth:`extra_parts` gives them) say values of one kind: two heads,
+        two adjectives no phrase joins ("blue", "red"), two suffixes opening with the same word."""
+        if x[0] != y[0]:
+            return False
+        if x[0] == "adjective":
+            return (x[1], y[1]) not in self.order
+        if x[0] == "suffix":
+            return x[1].split()[0].lower() == y[1].split()[0].lower()
+        return True
 
     def compose(self, a: str, b: str) -> str | None:
         """The phrase saying both ``a`` and ``b``, or None when they do not compose."""
