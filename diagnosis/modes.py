@@ -10,6 +10,9 @@ stops finding failures. Names are chosen by that gain, greedily:
   one ("a blue object") gathers them too but pays for every blue square it also retrieves, and a
   too-specific one ("a small blue circle") misses half of them. Of the phrases within
   ``SPECIFIC_TOL`` of the best gain the most specific (most content words) wins.
+* **Names true of their rows.** The name must be *faithful* to the failing rows it gathers
+  (:data:`FAITHFUL_SHARE` of them show every part of it, :class:`Faithfulness`): a composition
+  gathering two failures through rows that match two of its three words is true of neither.
 * **One failure, one mode.** The rows a mode's name retrieves stop counting (their excess is set to
   zero) and the next mode is chosen the same way. Fragments of one failure seen through an
   irrelevant word ("a red / green ... triangle on a striped background") each gather a sixth of what
