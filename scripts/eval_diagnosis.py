@@ -107,6 +107,26 @@ def judge(modes: list[dict], rows, loss, is_test, slices, n_top: int) -> dict:
             "c3_no_shared_majority": all(o <= 0.5 for *_, o in overlaps)}
 
 
+def baseline_db(checkout: Path, db: Path, work: Path) -> Path:
+    """The database as ``checkout`` reads it: code from before the skops format reads its ensemble
+    from ``diagnosis/ensemble.joblib``, so it gets a copy under ``work`` holding one, written here
+    from the skops file by this checkout's own loader (the user's folder is never touched)."""
+    import shutil
+
+    import joblib
+
+    from diagnosis.ensemble import load_ensemble_file
+
+    if "ensemble.joblib" not in (checkout / "diagnosis" / "run.py").read_text():
+        return db
+    copy = work / "baseline" / f"{db.parent.name}-{db.name}"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(db, copy, symlinks=True)
+    joblib.dump(load_ensemble_file(copy / "diagnosis" / "ensemble.skops"), copy / "diagnosis" / "ensemble.joblib")
+    return copy
+
+
 def baseline_modes(checkout: Path, db: Path, top: int) -> list[dict]:
     """The top modes of another checkout's ``explain`` (descriptions and member ids), run in a subprocess."""
     code = ("import json,sys; from diagnosis.explain import explain; "
@@ -194,7 +214,8 @@ def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None 
            "c4_auroc": q["auroc_top10"] >= AUROC_MIN, "c4_p10": all(s["p10"] >= P10_MIN for s in eligible),
            "new": judge(new, rows, loss, is_test, eligible, n_top), "explain_seconds": round(explain_s, 1)}
     if baseline is not None:
-        out["old"] = judge(baseline_modes(baseline, db.path, n_top), rows, loss, is_test, eligible, n_top)
+        old_db = baseline_db(baseline, Path(db.path), work)
+        out["old"] = judge(baseline_modes(baseline, old_db, n_top), rows, loss, is_test, eligible, n_top)
     out["resolved"] = bool(out["new"]["c1_every_slice_named"] and out["new"]["c2_every_name_a_true_failure"]
                            and out["new"]["c3_no_shared_majority"] and out["c4_auroc"] and out["c4_p10"])
     out["seconds"] = round(time.perf_counter() - t0, 1)

@@ -341,15 +341,18 @@ def cases() -> list[Case]:
         C("decompression bomb to search --image", "one sentence", "input",
           ["search", "a circle", "--image", f"{bad}/bomb.png", "--db", db]),
         C("unreadable file to similar FILE", "one sentence", "input", ["similar", f"{bad}/notes.png", "--db", db]),
+        # hostile labels and ids are exported under safe, distinct names (exit 0), not refused
         C("export folder: label over 255 characters", "one sentence", "sec",
-          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"],
-          setup=lambda w, d: (_relabel(d, "x" * 300), (d / "ids.txt").write_text("s00001\n"))),
+          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"], expect="safe",
+          setup=lambda w, d: (_relabel(d, "x" * 300), (d / "ids.txt").write_text("s00001\n")),
+          check=_check_folder_export(1)),
         C("export folder: label named manifest.csv", "one sentence", "sec",
-          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"],
-          setup=lambda w, d: (_relabel(d, "manifest.csv"), (d / "ids.txt").write_text("s00001\n"))),
+          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"], expect="safe",
+          setup=lambda w, d: (_relabel(d, "manifest.csv"), (d / "ids.txt").write_text("s00001\n")),
+          check=_check_folder_export(1)),
         C("export folder: two ids that sanitise to one name", "one sentence", "sec",
-          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"],
-          setup=_same_sanitised),
+          ["export", "--db", db, "--ids", "{d}/ids.txt", "--out", "{d}/out", "--format", "folder"], expect="safe",
+          setup=_same_sanitised, check=_check_folder_export(2)),
         C("class folder with a non-UTF-8 file name", "one sentence", "input", ["index", f"{bad}/folder", "--db", "{d}/new"]),
         C("--model whose loader raises", "one sentence", "input", ["index", m, "--db", db, "--model", f"{models}:raises"],
           setup=_manifest(drop_loss=True)),
@@ -427,6 +430,26 @@ def cases() -> list[Case]:
         C("two diagnose runs at once", "data loss", "sec", ["diagnose", "--db", db, "--members", "2", "--folds", "2"],
           expect="safe", runs=2, check=_check_readers),
     ]
+
+
+def _check_folder_export(n: int):
+    """check: the folder export exited 0 and wrote ``n`` distinct image files (names under 255
+    bytes) beside its own readable manifest.csv listing them."""
+    def check(w, d, procs):
+        import pandas as pd
+
+        if procs[0].returncode != 0:
+            return f"the export exited {procs[0].returncode}"
+        out = d / "out"
+        files = [p for p in out.rglob("*") if p.is_file() and p != out / "manifest.csv"]
+        if len(files) != n or len({p.resolve() for p in files}) != n:
+            return f"{len(files)} files exported for {n} ids"
+        if any(len(part.encode()) >= 255 for p in files for part in p.relative_to(out).parts):
+            return "a file name of 255 bytes or more"
+        if len(pd.read_csv(out / "manifest.csv")) != n:
+            return "the export's manifest.csv does not list every file"
+        return None
+    return check
 
 
 def _relabel(d: Path, label: str) -> None:
