@@ -147,6 +147,21 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
     left = excess.copy()
     stop = MIN_GAIN_SHARE * float(np.clip(excess, 0, None).sum())
     words = Faithfulness(grammar, encode, phrases, T) if encode is not None and grammar is not None else None
+    faithful_at: dict[int, np.ndarray] = {}
+
+    def allowed(c: int) -> np.ndarray:
+        """(len(grid),) bool: the prefixes of phrase c's ranking whose failing rows it is true of."""
+        if c not in faithful_at:
+            if words is None:
+                faithful_at[c] = np.ones(len(grid), dtype=bool)
+            else:
+                rows = order[c]
+                f = fail[rows]
+                n_fail = np.cumsum(f)[grid - 1]
+                n_show = np.cumsum(f & words.shows(phrases[c], Xs[rows]))[grid - 1]
+                faithful_at[c] = (n_fail < MIN_FAITH_ROWS) | (n_show >= FAITHFUL_SHARE * n_fail)
+        return faithful_at[c]
+
     modes = []
     while len(modes) < max_modes:
         J = gains(order, grid, left)
@@ -154,20 +169,26 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
         best = float(per_phrase.max())
         if best <= max(stop, 0.0):
             break
-        ok = []  # faithful phrases, best gain first, down to SPECIFIC_TOL below the best of them
+        # the best *faithful* gain: each phrase's prefixes restricted to those it is true of, tried
+        # in order of unrestricted gain until no later phrase can come within SPECIFIC_TOL of it
+        tried = []  # (phrase, faithful gain, grid index)
         for c in np.argsort(-per_phrase, kind="stable")[:FAITH_CANDIDATES]:
-            if per_phrase[c] <= max(stop, 0.0) or (ok and per_phrase[c] < (1 - SPECIFIC_TOL) * per_phrase[ok[0]]):
+            top = max((g for _, g, _ in tried), default=-np.inf)
+            if per_phrase[c] <= max(stop, 0.0) or per_phrase[c] < (1 - SPECIFIC_TOL) * top:
                 break
-            rows = order[c, : grid[int(np.argmax(J[c]))]]
-            if words is None or words.faithful(phrases[c], Xs[rows[fail[rows]]]):
-                ok.append(int(c))
-        if not ok:
-            ok = [int(np.argmax(per_phrase))]
+            g = np.where(allowed(int(c)), J[c], -np.inf)
+            tried.append((int(c), float(g.max()), int(np.argmax(g))))
+        top = max((g for _, g, _ in tried), default=-np.inf)
+        if top <= max(stop, 0.0):
+            if words is None or not tried:
+                break
+            c = int(np.argmax(per_phrase))  # nothing faithful gathers enough: keep the best, said in the log
+            tried, top = [(c, float(per_phrase[c]), int(np.argmax(J[c])))], float(per_phrase[c])
             log.info("explain: no faithful name among the %d best for a failure; keeping %r", FAITH_CANDIDATES,
-                     phrases[ok[0]])
-        near = [c for c in ok if per_phrase[c] >= (1 - SPECIFIC_TOL) * per_phrase[ok[0]]]
-        j = int(max(near, key=lambda i: (spec[i], per_phrase[i])))
-        got = order[j, : grid[int(np.argmax(J[j]))]]
+                     phrases[c])
+        near = [x for x in tried if x[1] >= (1 - SPECIFIC_TOL) * top]
+        j, _, gj = max(near, key=lambda x: (spec[x[0]], x[1]))
+        got = order[j, : grid[gj]]
         # other names for the same failing rows: the excess they gather from these rows alone
         mine = np.where(left > 0, 0.0, left)
         mine[got] = left[got]
@@ -175,10 +196,13 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
         alt = [int(a) for a in np.argsort(-Jm.max(axis=1), kind="stable")[:N_CANDIDATES + 1] if a != j]
         cands = []
         for c in [j, *alt][:N_CANDIDATES]:
-            gi = int(np.argmax(J[c] if c == j else Jm[c]))
+            g = J[j] if c == j else np.where(allowed(c), Jm[c], -np.inf)
+            gi = gj if c == j else int(np.argmax(g))
+            if not np.isfinite(g[gi]):
+                continue
             r = int(grid[gi])
             hit = fail[order[c, : 2 * r]]  # (the top 2r rows, or all r_max when fewer)
-            cands.append({"phrase": c, "r": r, "gain": float((J if c == j else Jm)[c, gi]),
+            cands.append({"phrase": c, "r": r, "gain": float(g[gi]),
                           "precision": float(hit[:r].mean()), "coverage": float(hit[:r].sum() / max(hit.sum(), 1))})
         left[got] = 0.0
         # a name retrieving mostly rows an earlier name already retrieved gathers that failure's
@@ -227,11 +251,6 @@ class Faithfulness:
                 x = X[s : s + block]
                 out[s : s + block] &= x @ q > (x @ R.T).max(axis=1)
         return out
-
-    def faithful(self, phrase: str, Xm: np.ndarray) -> bool:
-        """Whether at least :data:`FAITHFUL_SHARE` of the rows ``Xm`` show every part of ``phrase``
-        (always true of fewer than :data:`MIN_FAITH_ROWS` rows: too few to judge)."""
-        return len(Xm) < MIN_FAITH_ROWS or float(self.shows(phrase, Xm).mean()) >= FAITHFUL_SHARE
 
 
 def gains(order: np.ndarray, grid: np.ndarray, excess: np.ndarray) -> np.ndarray:
