@@ -61,8 +61,8 @@ class FailureMode:
     retrieves (``evidence``); ``mean_loss`` / ``mean_predicted_loss`` average the group's members
     (``mean_loss`` over the rows whose true loss counts: the held-out ones when the table has a
     training split; None without losses); ``share_of_loss`` is the members' fraction of those rows'
-    total loss; ``ids`` lists every member (``examples``: the worst few the name retrieves, for
-    display); ``phrases`` are the description and the next best separating phrases; ``shown`` is
+    total loss; ``ids`` lists every member, worst first (``examples``: a few the name retrieves,
+    spread from the worst to the least bad, for display); ``phrases`` are the description and the next best separating phrases; ``shown`` is
     False for a mode whose evidence does not hold (``evidence["reason"]`` says why).
     """
 
@@ -99,9 +99,7 @@ class FailureMode:
             true = "true loss n/a" if ev.get("true_loss") is None else (
                 f"true loss {ev['true_loss']:.3f} [{ev['true_loss_ci'][0]:.3f}, {ev['true_loss_ci'][1]:.3f}] "
                 f"= {ev['true_loss_ratio']:.1f}x the mean")
-            what = {"held-out rows that show the name": "held-out images that show it",
-                    "rows that show the name": "images that show it"}.get(ev.get("rows"), "images it names")
-            out += (f"\n      evidence: the {ev['retrieved']} {what} have {true}, predicted "
+            out += (f"\n      evidence: the {ev['retrieved']} {evidence_rows(ev)} have {true}, predicted "
                     f"{ev['predicted_loss']:.3f} [{ev['predicted_loss_ci'][0]:.3f}, {ev['predicted_loss_ci'][1]:.3f}] "
                     f"= {ev['predicted_loss_ratio']:.1f}x; it covers {100 * ev['coverage']:.0f}% of the group at "
                     f"{100 * ev['precision']:.0f}% precision")
@@ -111,6 +109,13 @@ class FailureMode:
         if self.examples:
             out += f"\n      e.g. {', '.join(self.examples[:3])}"
         return out
+
+
+def evidence_rows(ev: dict) -> str:
+    """Which images a mode's evidence counts, for a sentence ("the 686 held-out images that show
+    the name have ...")."""
+    return {"held-out rows that show the name": "held-out images that show the name",
+            "rows that show the name": "images that show the name"}.get(ev.get("rows"), "images the name retrieves")
 
 
 @dataclass
@@ -191,12 +196,16 @@ def fail_threshold(pred: np.ndarray) -> float:
 
 def _members(rows: np.ndarray, retrieved: np.ndarray, t: _Table) -> dict:
     """A mode's members: size, mean true / predicted loss, share of the loss, ids (worst first) and
-    examples (the worst members its name retrieves, then the worst others)."""
+    examples: members its name retrieves (then others), spread evenly from the worst to the least
+    bad, so they show the group rather than its worst corner (the worst striped triangles are all
+    blue ones, which fail twice over)."""
     rows = np.asarray(sorted(rows), dtype=np.int64)
     judged = rows[t.judged[rows]]
     order = rows[np.argsort(-t.pred[rows], kind="stable")]
     named = np.isin(order, retrieved)
-    shown = np.concatenate([order[named], order[~named]])[:N_EXAMPLES]
+    pool = np.concatenate([order[named], order[~named]]) if named.sum() < N_EXAMPLES else order[named]
+    shown = pool[np.unique(np.linspace(0, len(pool) - 1, min(N_EXAMPLES, len(pool))).round().astype(int))] \
+        if len(pool) else pool
     total = t.total_loss
     return {
         "examples": [str(i) for i in t.ids[shown]],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from diagnosis.explain import evidence_rows
 from search_ui.ui.context import fmt
 
 MODE_COLUMNS = ["#", "failure mode", "its images' true loss (x mean)", "their predicted loss [95% CI]",
@@ -35,7 +36,7 @@ def evidence_markdown(m: dict) -> str:
         true = "no true losses among them" if ev.get("true_loss") is None else (
             f"true loss {fmt(ev['true_loss'])} {_ci(ev.get('true_loss_ci'))}, **{ev['true_loss_ratio']:.1f}x** the mean "
             f"(over {ev.get('true_rows')} held-out rows)")
-        out += (f"\n\nEvidence: the {ev['retrieved']} images this name retrieves have {true}; predicted loss "
+        out += (f"\n\nEvidence: the {ev['retrieved']} {evidence_rows(ev)} have {true}; predicted loss "
                 f"{fmt(ev['predicted_loss'])} {_ci(ev.get('predicted_loss_ci'))} ({ev['predicted_loss_ratio']:.1f}x). "
                 f"The name covers {_pct(ev.get('coverage'))} of the failing images around it, at "
                 f"{_pct(ev.get('precision'))} precision (share of its images predicted to fail).")
