@@ -67,7 +67,7 @@ MIN_GAIN_SHARE = 0.01  # a mode gathers at least this share of all excess predic
 #: triangles off stripes); it is false of most of its rows, so the best faithful name is chosen.
 FAITHFUL_SHARE = 0.5
 FAITH_CANDIDATES = 24  # phrases (by gain) tried for a faithful name before the best is kept anyway
-MAX_RIVALS = 16  # rivals per part: the ones nearest the phrase when a part has more
+MAX_RIVALS = 16  # rivals per part: the values nearest the part's own when it has more
 MIN_FAITH_ROWS = 10
 _BLOCK_CELLS = 1 << 24
 
@@ -236,17 +236,24 @@ class Faithfulness:
 
     def shows(self, phrase: str, X: np.ndarray, block: int = 65536) -> np.ndarray:
         """(n,) bool: the rows of X that show every part of ``phrase`` -- for each part CLIP prefers
-        ``phrase`` to each of its rivals (at most :data:`MAX_RIVALS`, the ones nearest the phrase):
+        ``phrase`` to each of its rivals (at most :data:`MAX_RIVALS`, those whose value is nearest
+        the part's: "a cat" for "a dog"; only the chosen rivals are encoded):
         the group the phrase describes, with no prefix size to choose."""
-        parts = self.grammar.parts(phrase)
         q = self.vectors([phrase])[0]
         out = np.ones(len(X), dtype=bool)
-        for _, rivals in parts:
-            rivals = [r for r in rivals if self.encode is not None or r.lower() in self.cache]
+        for _, own, rivals in self.grammar.parts(phrase):
+            if self.encode is None:  # only phrases already encoded can be rivals
+                rivals = [r for r in rivals if r[0].lower() in self.cache and r[1].lower() in self.cache]
+            if len(rivals) > MAX_RIVALS:  # the values nearest this part's own ("a cat" for "a dog")
+                if self.encode is None and own.lower() not in self.cache:
+                    rivals = rivals[:MAX_RIVALS]
+                else:
+                    V = self.vectors([v for v, _ in rivals])
+                    near = np.argsort(-(V @ self.vectors([own])[0]), kind="stable")[:MAX_RIVALS]
+                    rivals = [rivals[i] for i in sorted(near)]
             if not rivals:
                 continue
-            R = self.vectors(rivals)
-            R = R[np.argsort(-(R @ q), kind="stable")[:MAX_RIVALS]]
+            R = self.vectors([r for _, r in rivals])
             for s in range(0, len(X), block):
                 x = X[s : s + block]
                 out[s : s + block] &= x @ q > (x @ R.T).max(axis=1)

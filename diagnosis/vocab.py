@@ -264,13 +264,17 @@ class Grammar:
         text = with_article(words) if p.article or not p.head else words
         return f"{text} {p.suffix}".strip()
 
-    def parts(self, phrase: str) -> list[tuple[str, list[str]]]:
-        """What each part of ``phrase`` says, as ``(part, rivals)``: the phrases saying another value
-        in its place -- another adjective of its kind (two adjectives are of one kind when no phrase
-        of the vocabulary joins them: "blue" and "red", not "blue" and "small"), another head noun,
-        another trailing modifier opening with the same word. "a small star" -> ("small", ["a large
-        star"]), ("star", ["a small circle", ...]). Parts without rivals are left out."""
+    def parts(self, phrase: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """What each part of ``phrase`` says, as ``(part, its own phrase, [(rival value's own phrase,
+        rival phrase), ...])``: the rivals say another value in its place -- another adjective of its
+        kind (two adjectives are of one kind when no phrase of the vocabulary joins them: "blue" and
+        "red", not "blue" and "small"), another head noun, another trailing modifier opening with
+        the same word. "a small star" -> ("small", "a small object", [("a large object", "a large
+        star")]), ("star", "a star", [("a circle", "a small circle"), ...]). Parts without rivals
+        are left out; a value's own phrase ("a circle") lets a caller pick the nearest rivals
+        without encoding them all."""
         p = self.parse(phrase)
+        alone = lambda adj=(), head="object", suffix="": self.render(Parsed("a", adj, head, suffix))  # noqa: E731
         out = []
         for a in p.adjectives:
             rest = tuple(x for x in p.adjectives if x != a)
@@ -280,20 +284,20 @@ class Grammar:
                     continue
                 adj = self._adjectives(rest, (b,))
                 if adj is not None:
-                    rivals.append(self.render(Parsed(p.article, adj, p.head, p.suffix)))
+                    rivals.append((alone(adj=(b,)), self.render(Parsed(p.article, adj, p.head, p.suffix))))
             if rivals:
-                out.append((a, rivals))
+                out.append((a, alone(adj=(a,)), rivals))
         if p.head and not p.placeholder:
-            rivals = [self.render(Parsed(p.article, p.adjectives, h, p.suffix)) for h in sorted(self.heads)
+            rivals = [(alone(head=h), self.render(Parsed(p.article, p.adjectives, h, p.suffix))) for h in sorted(self.heads)
                       if h != p.head.lower()]
             if rivals:
-                out.append((p.head, rivals))
+                out.append((p.head, alone(head=p.head), rivals))
         if p.suffix:
             first = p.suffix.split()[0].lower()
-            rivals = [self.render(Parsed(p.article, p.adjectives, p.head, s)) for s in sorted(self.suffixes)
-                      if s != p.suffix and s.split()[0].lower() == first]
+            rivals = [(alone(suffix=s), self.render(Parsed(p.article, p.adjectives, p.head, s)))
+                      for s in sorted(self.suffixes) if s != p.suffix and s.split()[0].lower() == first]
             if rivals:
-                out.append((p.suffix, rivals))
+                out.append((p.suffix, alone(suffix=p.suffix), rivals))
         return out
 
     def extra_parts(self, phrase: str, shared: str) -> list[tuple[str, str]] | None:
