@@ -1,11 +1,11 @@
 """``llm2loss explain``: name the model's failure modes in words, worst first, each with the evidence
 that its name describes a real failure.
 
-1. The rows predicted to fail (:func:`fail_threshold`) are grouped and each group is named by the
-   phrase of the vocabulary -- or a composition of its best phrases -- that best *separates* it from
-   the rest of the data: the F1 of the images CLIP retrieves for the phrase against the group, the
-   most specific phrase that keeps it; fragments of one failure merge, two failures never do
-   (:mod:`diagnosis.modes`).
+1. The rows predicted to fail (:func:`fail_threshold`) are named greedily by the phrase of the
+   vocabulary -- or a composition of its best phrases -- whose retrieved images gather the most
+   predicted loss above the failure line, among the names true of the failing images they gather
+   (:mod:`diagnosis.modes`); fragments of one failure seen through one kind of word fold into what
+   they share (:func:`generalise`), two failures never do.
 2. Every name is checked against the data before it is shown (:func:`evidence`): the images it
    retrieves (as many as separate the group best) must fail -- their mean predicted loss, and
    their mean true loss on the held-out rows where losses are known, at least ``FAIL_RATIO`` x the
