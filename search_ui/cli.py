@@ -276,7 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the quality report as JSON")
     s.set_defaults(func=cmd_diagnose)
 
-    s = sub.add_parser("explain", help="name the model's failure modes in words, worst first")
+    s = sub.add_parser("explain", help="name the model's failure modes in words, worst first", description=(
+        "Name the model's failure modes in words, worst first. A mode is named by the phrase (or a "
+        "composition of phrases) whose images gather the most predicted loss, among the names true of "
+        "the failing images they gather; fragments differing in one kind of word ('a blue triangle', "
+        "'a blue circle') fold into what they share ('a blue object') when its images fail. Every name "
+        "is checked against the data before it is shown: its images fail (predicted, and true loss on "
+        "held-out rows, at least 2x the mean) and it has at least 20 samples; each comes with that "
+        "evidence."))
     db_arg(s)
     s.add_argument("--vocab", default=None, help="file of phrases, one per line (default: the dataset's vocab.txt, else its label names, caption "
                    "column, open_clip's ImageNet class names and generic concepts, composed)")
