@@ -97,15 +97,22 @@ def _is_failure(s: dict) -> bool:
 
 
 def _best_slice(ids: list[str], rows, slices: list[dict]) -> dict | None:
-    """The planted slice holding most of a mode's samples (precision = share of them in it);
-    only slices that became failures are candidates."""
+    """The planted slice a mode found: the one that is most of its samples (``precision``: their
+    share in it) or of which it holds most (``recall``: the slice's rows among its samples), when
+    either is at least half; only slices that became failures are candidates. "a blue object"
+    holds 97% of the blue circles though they are a third of it; a mode of small blue squares on
+    stripes holding 1% of the striped triangles found none."""
     ids = [i for i in ids if i in rows.index]
     if not ids or not slices:
         return None
     sub = rows.loc[ids]
-    best = max(slices, key=lambda s: sub[s["column"]].mean())
-    share = float(sub[best["column"]].mean())
-    return {"name": best["name"], "precision": share} if share > 0 else None
+    found = []
+    for s in slices:
+        precision = float(sub[s["column"]].mean())
+        recall = float(sub[s["column"]].sum() / max(1, rows[s["column"]].sum()))
+        found.append((max(precision, recall), s["name"], precision, recall))
+    best, name, precision, recall = max(found)
+    return {"name": name, "precision": precision, "recall": recall} if best >= 0.5 else None
 
 
 def run_demo(db: str | os.PathLike | None = None, spec: str | os.PathLike | dict | None = None,
@@ -171,7 +178,8 @@ def format_summary(world, s: dict) -> str:
         lines.append("top failure modes found:")
         for i, m in enumerate(s["modes"], 1):
             p = m.get("planted")
-            hit = f" <- planted '{p['name']}' ({100 * p['precision']:.0f}% of its samples)" if p else ""
+            hit = (f" <- planted '{p['name']}' ({100 * p['precision']:.0f}% of its samples, "
+                   f"{100 * p['recall']:.0f}% of the slice's)") if p else ""
             loss = "n/a" if m.get("mean_loss") is None else f"{m['mean_loss']:.3f}"
             lines.append(f"  {i}. {m['description']!r}: {m['size']} samples, mean loss {loss}{hit}")
     lines.extend(f"not available yet: {n}" for n in s["not_available"])

@@ -100,6 +100,20 @@ def test_modes_are_attributed_only_to_slices_that_became_failures():
     rows = pd.DataFrame({"slice_a": [True, True, False], "slice_b": [True, False, False]}, index=["x", "y", "z"])
     a = {"name": "a", "column": "slice_a"}
     b = {"name": "b", "column": "slice_b"}
-    assert _best_slice(["x", "y"], rows, [a, b]) == {"name": "a", "precision": 1.0}
-    assert _best_slice(["x", "y"], rows, [b]) == {"name": "b", "precision": 0.5}
+    assert _best_slice(["x", "y"], rows, [a, b]) == {"name": "a", "precision": 1.0, "recall": 1.0}
+    assert _best_slice(["x", "y"], rows, [b]) == {"name": "b", "precision": 0.5, "recall": 1.0}
     assert _best_slice(["z"], rows, [a, b]) is None
+
+
+def test_a_mode_is_tied_to_a_planted_slice_only_when_it_is_most_of_the_mode_or_holds_most_of_it():
+    import pandas as pd
+
+    from search_ui.demo import _best_slice
+
+    rows = pd.DataFrame({"slice_a": [True] * 10 + [False] * 90, "slice_b": [False] * 10 + [True] * 40 + [False] * 50},
+                        index=[f"r{i}" for i in range(100)])
+    slices = [{"name": "a", "column": "slice_a"}, {"name": "b", "column": "slice_b"}]
+    # all of slice a inside a mode three times its size: named (recall 1.0), precision said as a third
+    assert _best_slice([f"r{i}" for i in range(30)], rows, slices) == {"name": "a", "precision": 1 / 3, "recall": 1.0}
+    # one row of slice b among forty others: no slice found
+    assert _best_slice([f"r{i}" for i in range(49, 90)], rows, slices) is None
