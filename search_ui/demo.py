@@ -110,8 +110,8 @@ def _best_slice(ids: list[str], rows, slices: list[dict]) -> dict | None:
     for s in slices:
         precision = float(sub[s["column"]].mean())
         recall = float(sub[s["column"]].sum() / max(1, rows[s["column"]].sum()))
-        found.append((max(precision, recall), s["name"], precision, recall))
-    best, name, precision, recall = max(found)
+        found.append((max(precision, recall), precision + recall, s["name"], precision, recall))
+    best, _, name, precision, recall = max(found, key=lambda f: f[:2])
     return {"name": name, "precision": precision, "recall": recall} if best >= 0.5 else None
 
 
