@@ -267,6 +267,28 @@ def evidence(t: _Table, retrieved: np.ndarray, size: int, coverage: float, preci
     return ev
 
 
+#: A name true of fewer of its failing images than this (they show another value of one of its
+#: words: squares under "a blue triangle ...") is hidden. Names are chosen true of half of what
+#: they gather (modes.FAITHFUL_SHARE); this catches the fallback kept when no true name was found.
+MIN_TRUE_SHARE = 0.25
+
+
+def _check_true_of(ev: dict, name: str, Xm: np.ndarray, words: Faithfulness) -> None:
+    """Add ``true_of`` (share of the members ``Xm`` that show every part of ``name``) to a mode's
+    evidence, and fail the evidence when it is below :data:`MIN_TRUE_SHARE`."""
+    share = float(words.shows(name, Xm).mean()) if len(Xm) else None
+    ev["true_of"] = share
+    if ev["holds"] and share is not None and len(Xm) >= MIN_SAMPLES and share < MIN_TRUE_SHARE:
+        ev["holds"] = False
+        ev["reason"] = (f"its name is true of {100 * share:.0f}% of its failing images (CLIP reads another "
+                        "value of one of its words in the rest)")
+
+
+def _untrue(ev: dict) -> bool:
+    """Whether the evidence failed because the name is not true of its images."""
+    return ev.get("true_of") is not None and ev["true_of"] < MIN_TRUE_SHARE
+
+
 def impact(m: FailureMode, t: _Table) -> float:
     """How much a mode matters: the predicted loss its members carry above the failure line
     (``EXCESS_RATIO`` x the mean), summed -- as many samples as it holds, as badly as they fail."""
@@ -447,6 +469,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
                                             grammar=grammar if encode is not None else None, seed=seed)
     scale = len(t.ids) / len(sample)
     fail = t.pred >= fail_threshold(t.pred)
+    words = Faithfulness(grammar, encode, phrases, T)
     taken = np.zeros(len(t.ids), dtype=bool)  # failing rows already a member of an earlier mode
     out, used = [], set()
     for g in groups:
@@ -457,8 +480,9 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             got = retrieve(t, T[c["phrase"]], round(c["r"] * scale))
             members = got[fail[got] & ~taken[got]]
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
+            _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
             checked.append((c, got, members, ev))
-            if ev["holds"] or len(members) < MIN_SAMPLES:
+            if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break
         if not checked:
             continue
@@ -476,7 +500,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             description=phrases[c["phrase"]], predicted_loss=ev["predicted_loss"],
             predicted_loss_std=float(t.std[got].mean()), phrases=[phrases[c["phrase"]], *others], source="both",
             evidence=ev, shown=ev["holds"], **_members(members, got, t)))
-    out = generalise(out, t, phrases, T, fail, Faithfulness(grammar, encode, phrases, T))
+    out = generalise(out, t, phrases, T, fail, words)
     out.sort(key=lambda m: (not m.shown, -impact(m, t)))
     shown = [m for m in out if m.shown][:top]
     return shown + ([m for m in out if not m.shown] if show_all else [])

@@ -266,3 +266,19 @@ def test_a_real_dataset_gets_its_labels_captions_imagenet_and_generic_concepts()
     assert v[:4] == ["a tabby cat", "a golden retriever", "a cat asleep", "a dog on a sofa"]
     assert "a tench" in v and "a goldfish" in v  # open_clip's ImageNet class names, offline
     assert "a photo at night" in v and "a dog" in v and len(v) == len(set(v)) > 1000
+
+
+def test_a_name_untrue_of_its_images_is_hidden_with_the_reason():
+    """The check behind a kept fallback: "a blue circle" over images of red squares is hidden."""
+    from diagnosis.explain import MIN_SAMPLES, _check_true_of
+    from diagnosis.modes import Faithfulness
+
+    s = Space(seed=7)
+    phrases = vocab()
+    words = Faithfulness(Grammar(phrases), s.encode, phrases, s.encode(phrases))
+    ev = {"holds": True, "reason": None}
+    _check_true_of(ev, "a blue circle", s.X[s.where(shape="square", color="red")][: 2 * MIN_SAMPLES], words)
+    assert ev["holds"] is False and ev["true_of"] < 0.1 and "true of" in ev["reason"]
+    ok = {"holds": True, "reason": None}
+    _check_true_of(ok, "a blue circle", s.X[s.where(shape="circle", color="blue")][: 2 * MIN_SAMPLES], words)
+    assert ok["holds"] and ok["true_of"] > 0.9
