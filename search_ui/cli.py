@@ -289,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "column, open_clip's ImageNet class names and generic concepts, composed)")
     s.add_argument("--top", type=int, default=10, help="failure modes to show (default 10)")
     s.add_argument("--all", action="store_true",
-                   help="also list the modes whose evidence does not hold (fewer than 20 samples, or the images "
-                        "their name retrieves do not fail), marked hidden")
+                   help="also list the modes whose evidence does not hold (fewer than 20 samples, the images "
+                        "their name retrieves do not fail, or the name is untrue of most of them), marked hidden")
     s.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     s.set_defaults(func=cmd_explain)
 
