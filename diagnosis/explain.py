@@ -322,6 +322,7 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
     while changed and len(modes) > 1:
         changed = False
         found = []
+        mask = [np.isin(t.ids, m.ids) for m in modes]  # (n,) bool per mode: its members
         for j, p in enumerate(phrases):
             extras = {i: grammar.extra_parts(m.description, p) for i, m in enumerate(modes) if m.ids}
             group = [i for i, e in extras.items() if e is not None and len(e) <= 1]
@@ -329,11 +330,12 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             if len(group) < 2 or any(not grammar.rivals(a, b) for a in single for b in single):
                 continue
             show = words.shows(p, t.X)
-            inside = [np.isin(t.ids, modes[i].ids) for i in group]
-            cover = [float(show[m].mean()) for m in inside]
-            if min(cover) < 0.5:
+            if min(float(show[mask[i]].mean()) for i in group) < 0.5:
                 continue
-            members = np.flatnonzero(np.logical_or.reduce(inside) | (show & fail & ~_other_members(modes, group, t)))
+            mine, others = np.zeros(len(t.ids), dtype=bool), np.zeros(len(t.ids), dtype=bool)
+            for i, m in enumerate(mask):
+                (mine if i in group else others)[m] = True
+            members = np.flatnonzero(mine | (show & fail & ~others))
             rows = np.flatnonzero(show & t.judged) if held_out else np.flatnonzero(show)
             rows = rows[np.argsort(-(t.X[rows] @ T[j]), kind="stable")]
             ev = evidence(t, rows, len(members), float(show[members].mean()), float(fail[rows].mean()) if len(rows) else 0.0,
@@ -359,12 +361,6 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             modes = [m for i, m in enumerate(modes) if i not in used] + merged
             changed = True
     return modes
-
-
-def _other_members(modes: list[FailureMode], group: list[int], t: _Table) -> np.ndarray:
-    """(n,) bool: rows that are members of a mode outside ``group``."""
-    ids = [x for i, m in enumerate(modes) if i not in group for x in m.ids]
-    return np.isin(t.ids, ids) if ids else np.zeros(len(t.ids), dtype=bool)
 
 
 def resolve_vocabulary(db, vocab) -> tuple[list[str], bool]:
@@ -465,11 +461,14 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
     """:func:`explain` on a table already read, with the vocabulary's (m, d) text embeddings ``T``;
     ``encode`` (phrases -> embeddings) lets it score compositions of the best phrases."""
     grammar = Grammar(phrases)
+    words = Faithfulness(grammar, encode, phrases, T)  # one cache of rivals' embeddings for every step
     groups, phrases, T, sample = find_modes(t.X, t.pred, fail_threshold(t.pred), phrases, T, encode=encode,
-                                            grammar=grammar if encode is not None else None, seed=seed)
+                                            grammar=grammar if encode is not None else None, seed=seed,
+                                            words=words if encode is not None else None)
+    if encode is None:
+        words.remember(phrases, T)
     scale = len(t.ids) / len(sample)
     fail = t.pred >= fail_threshold(t.pred)
-    words = Faithfulness(grammar, encode, phrases, T)
     taken = np.zeros(len(t.ids), dtype=bool)  # failing rows already a member of an earlier mode
     out, used = [], set()
     for g in groups:

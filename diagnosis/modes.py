@@ -110,13 +110,14 @@ def prefix_grid(r_max: int) -> np.ndarray:
 
 def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[str], T: np.ndarray,
                encode: Callable[[list[str]], np.ndarray] | None = None, grammar=None, max_modes: int = 30,
-               seed: int = 0) -> tuple[list[dict], list[str], np.ndarray, np.ndarray]:
+               seed: int = 0, words: Faithfulness | None = None) -> tuple[list[dict], list[str], np.ndarray, np.ndarray]:
     """Name the failures of a table (see the module doc).
 
     ``pred``: (n,) predicted loss; ``threshold``: the predicted loss a row fails from (at least
     ``FAIL_RATIO`` x the mean); ``phrases`` / ``T`` (m, d): the vocabulary and its L2-normalised
-    CLIP text embeddings; ``encode`` + ``grammar``: compose and encode new phrases (skipped when
-    None). Returns (modes, phrases, T, sample) where phrases / T include the compositions and
+    CLIP text embeddings; ``encode`` + ``grammar``: compose and encode new phrases, and judge names
+    faithful (both skipped when None); ``words``: the :class:`Faithfulness` to judge with (its
+    cache of rivals' embeddings kept for the caller; made here when None). Returns (modes, phrases, T, sample) where phrases / T include the compositions and
     ``sample`` holds the row numbers the phrases were ranked against (every row when the table has
     at most ``SELECT_ROWS``); a mode's ``r`` counts rows of that sample.
     """
@@ -146,7 +147,12 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
 
     left = excess.copy()
     stop = MIN_GAIN_SHARE * float(np.clip(excess, 0, None).sum())
-    words = Faithfulness(grammar, encode, phrases, T) if encode is not None and grammar is not None else None
+    if encode is None or grammar is None:
+        words = None
+    elif words is None:
+        words = Faithfulness(grammar, encode, phrases, T)
+    else:
+        words.remember(phrases, T)  # the compositions
     faithful_at: dict[int, np.ndarray] = {}
 
     def allowed(c: int) -> np.ndarray:
@@ -225,7 +231,12 @@ class Faithfulness:
 
     def __init__(self, grammar, encode: Callable[[list[str]], np.ndarray], phrases: list[str], T: np.ndarray):
         self.grammar, self.encode = grammar, encode
-        self.cache = {p.lower(): T[i] for i, p in enumerate(phrases)}
+        self.cache: dict[str, np.ndarray] = {}
+        self.remember(phrases, T)
+
+    def remember(self, phrases: list[str], T: np.ndarray) -> None:
+        """Phrases whose embeddings (rows of ``T``) are known, so they are never encoded again."""
+        self.cache.update((p.lower(), T[i]) for i, p in enumerate(phrases))
 
     def vectors(self, phrases: list[str]) -> np.ndarray:
         new = [p for p in dict.fromkeys(phrases) if p.lower() not in self.cache]
