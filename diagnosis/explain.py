@@ -318,11 +318,23 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
     grammar = words.grammar
     held_out = bool(t.judged.sum() < np.isfinite(t.loss).sum())
     excess = t.pred - EXCESS_RATIO * float(t.pred.mean())
+    row_of: dict[str, int] = {}
+    masks: dict[int, np.ndarray] = {}
+
+    def mask(m: FailureMode) -> np.ndarray:
+        """(n,) bool: the mode's members; made once per mode, and only for modes a shared name is
+        tried on (one id lookup per member, not a pass over the table)."""
+        if id(m) not in masks:
+            if not row_of:
+                row_of.update((str(x), i) for i, x in enumerate(t.ids))
+            masks[id(m)] = np.zeros(len(t.ids), dtype=bool)
+            masks[id(m)][[row_of[x] for x in m.ids]] = True
+        return masks[id(m)]
+
     changed = True
     while changed and len(modes) > 1:
         changed = False
         found = []
-        mask = [np.isin(t.ids, m.ids) for m in modes]  # (n,) bool per mode: its members
         for j, p in enumerate(phrases):
             extras = {i: grammar.extra_parts(m.description, p) for i, m in enumerate(modes) if m.ids}
             group = [i for i, e in extras.items() if e is not None and len(e) <= 1]
@@ -330,11 +342,11 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             if len(group) < 2 or any(not grammar.rivals(a, b) for a in single for b in single):
                 continue
             show = words.shows(p, t.X)
-            if min(float(show[mask[i]].mean()) for i in group) < 0.5:
+            if min(float(show[mask(modes[i])].mean()) for i in group) < 0.5:
                 continue
             mine, others = np.zeros(len(t.ids), dtype=bool), np.zeros(len(t.ids), dtype=bool)
-            for i, m in enumerate(mask):
-                (mine if i in group else others)[m] = True
+            for i, m in enumerate(modes):
+                (mine if i in group else others)[mask(m)] = True
             members = np.flatnonzero(mine | (show & fail & ~others))
             rows = np.flatnonzero(show & t.judged) if held_out else np.flatnonzero(show)
             rows = rows[np.argsort(-(t.X[rows] @ T[j]), kind="stable")]
