@@ -42,6 +42,7 @@ from indexer.store import Database
 from indexer.world import benchmark_specs
 from indexer.world.generate import BG_WORDS
 from indexer.world.spec import ATTRIBUTES
+from search_ui.engine import QueryEngine
 
 log = logging.getLogger("eval_diagnosis")
 
@@ -138,12 +139,21 @@ def baseline_modes(checkout: Path, db: Path, top: int) -> list[dict]:
     return json.loads(out.stdout)
 
 
-def search_p10(X, q, pred, hit, k=10, weight=0.5):
-    from search_ui.ranking import default_candidates, rank_scores
+def search_p10(engine, phrase: str, ids, hit, k=10) -> float:
+    """precision@10 of the product's search (``QueryEngine.search``, default ranking) for ``phrase``:
+    the share of its results that are ``hit`` (rows are addressed by ``ids``' positions)."""
+    pos = {i: j for j, i in enumerate(ids)}
+    return float(np.mean([hit[pos[r.id]] for r in engine.search(phrase, k=k)]))
+
+
+def search_p10_fixed_pool(X, q, pred, hit, k=10, weight=0.5, n=100) -> float:
+    """The same, ranked the way search did before issue 13 (for the side-by-side table): z-scores
+    over a fixed pool of the ``n`` most similar rows, exact similarities."""
+    from search_ui.ranking import zscore
 
     sims = X @ q
-    pool = np.argpartition(-sims, default_candidates(k))[: default_candidates(k)]
-    score = rank_scores(sims[pool], pred[pool] if pred is not None else np.full(len(pool), np.nan), weight)
+    pool = np.argpartition(-sims, n)[:n]
+    score = (1 - weight) * zscore(sims[pool]) + weight * zscore(pred[pool])
     order = pool[np.lexsort((-sims[pool], -score))][:k]
     return float(hit[order].mean())
 
@@ -191,6 +201,7 @@ def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None 
     pred = stored["predicted_loss"].to_numpy(np.float64)
     q = quality(loss[is_test], pred[is_test])
     scorer = Scorer(db)
+    engine = QueryEngine(db)
     mean = float(loss[is_test].mean())
     p90 = float(np.quantile(loss, 0.9))
     slices = []
@@ -202,7 +213,9 @@ def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None 
         if entry["eligible"]:
             phrase = describe(s["where"])
             qv = scorer.encode_text([phrase])[0]
-            entry.update(description=phrase, p10=search_p10(X, qv, pred, member & (loss > p90)))
+            hit = member & (loss > p90)
+            entry.update(description=phrase, p10=search_p10(engine, phrase, ids, hit),
+                         p10_fixed_pool=search_p10_fixed_pool(X, qv, pred, hit))
         slices.append(entry)
     eligible = [s for s in slices if s["eligible"]]
     n_top = max(3, len(eligible))
@@ -232,9 +245,11 @@ def _cell(t: dict | None) -> str:
 def markdown(results: list[dict]) -> str:
     out = []
     for r in results:
-        sl = "; ".join(f"{s['slice']} ({s['kind']}, {s['loss_ratio']}x" + (f", p@10 {s['p10']:.1f})" if s["eligible"]
-                                                                         else ", below 2x: not scored)")
-                       for s in r["slices"])
+        def scored(s):
+            return (f", p@10 {s['p10']:.1f}, fixed pool of 100 {s['p10_fixed_pool']:.1f})" if s["eligible"]
+                    else ", below 2x: not scored)")
+
+        sl = "; ".join(f"{s['slice']} ({s['kind']}, {s['loss_ratio']}x" + scored(s) for s in r["slices"])
         out += [f"**{r['world']}** ({r['rows']} rows, {r['test_rows']} held out; N = {r['N']}; slices: {sl}; "
                 f"test AUROC {r['auroc_top10']:.3f}; explain {r['explain_seconds']} s)", ""]
         has_old = "old" in r

@@ -89,7 +89,7 @@ class SearchRequest(_Body):
     also: list[str] = Field([], description="more phrases to look for; 'TEXT:W' sets a weight (default 1)")
     image: str | None = Field(None, description="a stored sample id to combine with the text")
     image_weight: float = Field(1.0, description="the weight of `image`")
-    candidates: int | None = Field(None, description="pool the ranking picks from (default max(100, 10 k))")
+    candidates: int | None = Field(None, description="least pool the ranking picks from; its neighbourhood is 10x (default max(100, 10 k))")
 
 
 class SimilarRequest(_Body):
@@ -97,7 +97,7 @@ class SimilarRequest(_Body):
     k: int = Field(10, description=f"results, 1..{MAX_K}")
     weight: float | None = Field(None, description="0 = by similarity only, 1 = by predicted failure only (default 0.5)")
     where: str | None = Field(None, description="LanceDB SQL filter")
-    candidates: int | None = Field(None, description="pool the ranking picks from (default max(100, 10 k))")
+    candidates: int | None = Field(None, description="least pool the ranking picks from; its neighbourhood is 10x (default max(100, 10 k))")
 
 
 class IdsRequest(_Body):

@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="0 = rank by similarity only, 1 = by predicted failure only (default 0.5)")
         sp.add_argument("--json", action="store_true", help="print one JSON list on stdout")
         sp.add_argument("--candidates", type=int, default=None,
-                        help="pool of most similar rows the ranking picks from (default max(100, 10k))")
+                        help="least pool of most similar rows the ranking picks from; the neighbourhood is 10x (default max(100, 10k))")
 
     s = sub.add_parser("search", help="images matching a sentence, ranked by predicted failure")
     s.add_argument("text", help="what to look for, e.g. \"a blue circle\"")

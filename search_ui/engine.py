@@ -1,9 +1,10 @@
 """The query engine: sentences, images and mixes of both -> rows ranked by predicted failure.
 
     text / image -> CLIP embedding (the model recorded in the database) -> query vector u
-    -> FAISS: the N most similar rows (N = candidates, many more than k) -> rows fetched from LanceDB
+    -> FAISS: its neighbourhood, the 10 N most similar rows (N = candidates, many more than k)
+    -> the pool: the neighbourhood's rows that stand out as about the query (at least N)
     -> ranked by the score documented in :mod:`search_ui.ranking`:
-       score = (1 - w) * z(similarity) + w * z(predicted_loss) over the candidate pool.
+       score = (1 - w) * z(similarity) + w * z(predicted_loss), standardised over the neighbourhood.
 
 Composite queries
 -----------------
@@ -22,7 +23,7 @@ component alone ``u = c`` and ``sim`` is the plain cosine similarity.
 
 Filters
 -------
-``where`` is LanceDB SQL over any column. The pool is then the N most similar *matching* rows, so k
+``where`` is LanceDB SQL over any column. The neighbourhood is then made of *matching* rows, so k
 results come back whenever k rows match: LanceDB evaluates the filter to a set of rows (once per
 filter and table version) and FAISS searches among them with an id selector, probing as many IVF
 cells as an unfiltered search N / (share of matching rows) deep, and every cell when that finds
@@ -71,12 +72,17 @@ from search_ui.ranking import (
     DEFAULT_WEIGHT,
     SearchResult,
     default_candidates,
+    loss_spread,
+    neighbourhood_size,
+    pool_size,
     rank_order,
     rank_scores,
 )
 from search_ui.rowcache import RowCache
 
 log = logging.getLogger(__name__)
+
+MAX_NEIGHBOURHOOD = 20_000  # rows; a larger --candidates is its own neighbourhood
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
 SIGMA_SAMPLE_ROWS = 2048
@@ -127,13 +133,15 @@ TEXT_CACHE = TextEmbeddingCache()
 
 @dataclass
 class _Pool:
-    """The candidate pool: ids, similarities and predicted losses, (m,) each (NaN: not predicted);
-    ``rows(idx)`` gives the full rows (every column but the embedding) at pool indices ``idx``."""
+    """A query's neighbourhood, most similar first: ids, similarities and predicted losses, (m,)
+    each (NaN: not predicted); ``rows(idx)`` gives the full rows (every column but the embedding)
+    at indices ``idx``; ``spread`` is the std of predicted loss over the table (the ranking's floor)."""
 
     ids: list[str]
     sims: np.ndarray
     pred: np.ndarray
     rows: Callable[[np.ndarray], pa.Table]
+    spread: float = 0.0
 
     @staticmethod
     def empty() -> _Pool:
@@ -269,7 +277,10 @@ class QueryEngine:
                 self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
             self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
             self._rows = RowCache.load(self.db, self._ann.ids, self._columns) if self.cache_rows else None
-            self._state = (self._ann, self._rows)  # swapped as one, for queries running meanwhile
+            pred = self._rows.pred if self._rows is not None else \
+                self.db.read([S.PREDICTED_LOSS]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
+            # swapped as one, for queries running meanwhile
+            self._state = (self._ann, self._rows, loss_spread(pred))
             self._seen_version, self._seen_signature = version, sig
 
     def _change_signature(self) -> tuple | None:
@@ -388,20 +399,24 @@ class QueryEngine:
         clause = _sql_in(ids) if ids else "false"
         return self.db.read(self._columns, where=f"({clause}) AND ({where})" if where else clause)
 
-    def _pool(self, u: np.ndarray, n: int, where: str | None, exclude: set[str]) -> _Pool:
-        """The n rows most similar to u (among those matching ``where``, without ``exclude``)."""
+    def _pool(self, u: np.ndarray, n: int, least: int, where: str | None, exclude: set[str]) -> _Pool:
+        """The n rows most similar to u, most similar first (among those matching ``where``, without
+        ``exclude``); ``least``: the least pool, which an approximate search must fill."""
         t_check = time.perf_counter()
         self._refresh()  # the freshness check is part of every search's cost
-        ann, cache = self._state
+        ann, cache, spread = self._state
         self.timings["check"] = time.perf_counter() - t_check
         if cache is not None and ann.gpu_resources is None:
-            return self._pool_cached(ann, cache, u, n, where, exclude)
-        if ann.gpu_resources is not None:
+            pool = self._pool_cached(ann, cache, u, n, least, where, exclude)
+        elif ann.gpu_resources is not None:
             with self._gpu_lock:
-                return self._pool_lancedb(ann, u, n, where, exclude)
-        return self._pool_lancedb(ann, u, n, where, exclude)
+                pool = self._pool_lancedb(ann, u, n, where, exclude)
+        else:
+            pool = self._pool_lancedb(ann, u, n, where, exclude)
+        pool.spread = spread
+        return pool
 
-    def _pool_cached(self, ann, cache: RowCache, u, n, where, exclude) -> _Pool:
+    def _pool_cached(self, ann, cache: RowCache, u, n, least, where, exclude) -> _Pool:
         """FAISS over the whole index, or exactly over the rows matching ``where`` (an id selector),
         with rows from the in-memory cache."""
         t0 = time.perf_counter()
@@ -425,7 +440,7 @@ class QueryEngine:
             # all cells (exact) when that finds fewer than n.
             depth = int(math.ceil(n * len(mask) / matching))
             s, pos = ann.search_subset(u[None, :], n, mask, nprobe=ann.nprobe_for(depth) or None)
-            if int((pos[0] >= 0).sum()) < min(n, matching):
+            if int((pos[0] >= 0).sum()) < min(least, matching):
                 s, pos = ann.search_subset(u[None, :], n, mask)
         else:
             s, pos = ann.search_positions(u[None, :], n + len(drop))
@@ -472,13 +487,12 @@ class QueryEngine:
             sims = 1.0 - got.column("_distance").to_numpy().astype(np.float64)  # lance: dot distance = 1 - u.x
             rows = got.drop_columns(["_distance"])
             self.timings["ann"], self.timings["fetch"] = 0.0, time.perf_counter() - t1
-        if len(sims) > n:
-            top = np.argsort(-sims, kind="stable")[:n]
-            rows, sims = rows.take(top), sims[top]
+        top = np.argsort(-sims, kind="stable")[:n]  # most similar first, as FAISS returns them
+        rows, sims = rows.take(top), sims[top]
         pred = rows.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
         return _Pool(rows.column(S.ID).to_pylist(), sims, pred, rows.take)
 
-    def _rank(self, pool: _Pool, k: int, weight: float | None) -> list[SearchResult]:
+    def _rank(self, pool: _Pool, k: int, least: int, weight: float | None) -> list[SearchResult]:
         t0 = time.perf_counter()
         w = DEFAULT_WEIGHT if weight is None else float(weight)
         if not 0.0 <= w <= 1.0:
@@ -491,8 +505,9 @@ class QueryEngine:
         elif missing.any() and w > 0:
             self._note(f"{int(missing.sum())} of {len(pred)} candidate rows have no predicted_loss (counted as "
                        "average); rerun `llm2loss diagnose` to score them.")
-        score = rank_scores(sims, pred, w)
-        order = rank_order(score, sims, pool.ids)[:k]
+        score = rank_scores(sims, pred, w, pool.spread)
+        c = pool_size(sims, least)
+        order = rank_order(score[:c], sims[:c], pool.ids[:c])[:k]
         top = pool.rows(order)  # only the k results are turned into Python objects
         meta = [c for c in top.column_names if c not in S.CORE_COLUMNS]
         out = [
@@ -518,7 +533,8 @@ class QueryEngine:
         u = self.query_vector(positives, negatives)
         self.timings["encode"] = time.perf_counter() - t0
         n = max(int(candidates or default_candidates(k)), int(k))
-        out = self._rank(self._pool(u, n, where, set(exclude)), int(k), weight)
+        m = max(n, min(neighbourhood_size(n), MAX_NEIGHBOURHOOD))
+        out = self._rank(self._pool(u, m, n, where, set(exclude)), int(k), n, weight)
         self.timings["total"] = time.perf_counter() - t0
         return out
 
@@ -537,7 +553,7 @@ class QueryEngine:
         ``text``: a phrase, or a list of phrases / ``"TEXT:W"`` strings / (text, weight) pairs, all
         to look for. ``negatives``: phrases to move away from (weight 0.5 unless ``TEXT:W``).
         ``image``: a stored id, an image path, or (either, weight). ``weight``: 0..1, see
-        :mod:`search_ui.ranking`. ``candidates``: pool size (default ``max(100, 10 k)``).
+        :mod:`search_ui.ranking`. ``candidates``: the least pool (default ``max(100, 10 k)``).
         ``allow_paths``: see :meth:`resolve_image`.
         """
         t0 = self._start(k)

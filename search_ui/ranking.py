@@ -3,17 +3,32 @@
 The score
 ---------
 A query (text, image, or a weighted mix of both, see :mod:`search_ui.engine`) first selects its
-*candidate pool* ``C``: the ``N`` rows most similar to it (``N = candidates``, by default
-``max(100, 10 * k)``), among the rows matching ``--where`` when one is given. Within ``C``::
+*neighbourhood* ``B``: the ``NEIGHBOURHOOD * N`` rows most similar to it (``N = candidates``, by
+default ``max(100, 10 * k)``), among the rows matching ``--where`` when one is given. The *pool*
+``C``, the rows results are drawn from, is the part of ``B`` that stands out as about the query:
+the narrowest group of most similar rows that Otsu's threshold on the similarities (the cut that
+best splits them into a more and a less similar group) marks off by a clear gap, found by splitting
+``B`` again and again, cut where its similarity falls further below the ``N``-th row's than the
+``N`` most similar rows span (:func:`pool_size`), and never fewer than the ``N`` most similar; the
+``N`` most similar when no group stands out. Over ``B``::
 
-    z(x)_i   = (x_i - mean_C(x)) / std_C(x)            (0 when std_C(x) = 0; std with ddof = 0)
-    score_i  = (1 - w) * z(similarity)_i + w * z(predicted_loss)_i
+    z(x)_i   = (x_i - mean_B(x)) / std_B(x)                          (0 when the std is 0; ddof = 0)
+    score_i  = (1 - w) * z(similarity)_i + w * (p_i - mean_B(p)) / max(std_B(p), s_p)
 
-and the top ``k`` of ``C`` by ``score`` are returned, ties broken by higher similarity, then id.
-``w`` (``--weight``, default 0.5) trades relevance for failure: 0 ranks by similarity alone, 1 by
-predicted loss alone among the pool. Because the pool holds only rows that are about the query, the
-default surfaces the likely failures among results really about the query, instead of the
-dataset's hardest samples that merely look a little like it.
+with ``p`` the predicted loss and ``s_p`` its spread (std) over the whole table; the top ``k`` of ``C``
+by ``score`` are returned, ties broken by higher similarity, then id. ``w`` (``--weight``, default
+0.5) trades relevance for failure: 0 ranks by similarity alone, 1 by predicted loss alone among the
+pool. Because the pool holds only rows that are about the query, the default surfaces the likely
+failures among results really about the query, instead of the dataset's hardest samples that merely
+look a little like it.
+
+Why the pool follows the query and the units come from the neighbourhood: when many rows are
+equally about the query (360 small yellow objects), a fixed pool of the 100 most similar is an
+arbitrary slice of them (on one world all on striped backgrounds, where the model rarely failed),
+and standardising over rows that are all about the query inflates their tiny similarity
+differences to the same weight as predicted loss. Measured in BENCHMARKS.md (issue 13, search). The
+floor ``s_p`` keeps the converse from happening: among rows that all look easy, differences of
+predicted loss far below the table's spread do not outrank relevance.
 
 A row without ``predicted_loss`` (``llm2loss diagnose`` not run, or rows added since) counts as
 ``z = 0`` (average); when no row of the pool has one, the order is by similarity alone and the
@@ -29,36 +44,93 @@ from typing import Any
 import numpy as np
 
 DEFAULT_WEIGHT = 0.5
+NEIGHBOURHOOD = 10  # the neighbourhood holds this many times the least pool
+CLEAR_SPLIT = 0.9  # share of the similarities' variance a split must explain to mark a group
 
 
 def default_candidates(k: int) -> int:
-    """Size of the candidate pool for ``k`` results."""
+    """The least pool for ``k`` results (``N`` of the module doc)."""
     return max(100, 10 * int(k))
 
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    """(n,) -> (n,) float64 standardised over its finite entries; NaN entries become 0."""
+def neighbourhood_size(n: int) -> int:
+    """Rows of the neighbourhood for a least pool of ``n``."""
+    return NEIGHBOURHOOD * int(n)
+
+
+def _otsu(s: np.ndarray) -> tuple[int, float]:
+    """Otsu's split of ``s`` (sorted, most similar first): the leading count ``a`` maximising the
+    between-group variance, and the share of ``s``'s variance that split explains (1: two points)."""
+    m = len(s)
+    c = np.cumsum(s)
+    a = np.arange(1, m, dtype=np.float64)
+    between = a * (m - a) * (c[:-1] / a - (c[-1] - c[:-1]) / (m - a)) ** 2 / (m * m)
+    i = int(np.argmax(between))
+    var = float(s.var())
+    return i + 1, float(between[i]) / var if var > 0 else 0.0
+
+
+def pool_size(similarity: np.ndarray, least: int) -> int:
+    """How many leading rows of the neighbourhood form the pool (module doc).
+
+    ``similarity`` (m,) sorted from most to least similar. The neighbourhood is split by Otsu's
+    threshold while the split is a clear gap (it explains at least :data:`CLEAR_SPLIT` of the
+    variance; a flat band of similarities explains 0.75, a normal one 0.64) and its leading group
+    keeps at least ``least`` rows: splitting again inside a group keeps a phrase's pool to the
+    narrowest group about it ("a blue cross" stops at the blue crosses, not at the blue objects).
+    The pool is that group, but reaching no further below the ``least``-th row than the ``least``
+    most similar rows span (a group's edge, where CLIP blurs it into the next, stays out); the
+    ``least`` most similar rows when no group stands out.
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    least = max(int(least), 1)
+    if len(s) <= least:
+        return len(s)
+    c, found = len(s), False
+    while c > least:
+        a, explained = _otsu(s[:c])
+        if explained < CLEAR_SPLIT or a < least:
+            break
+        c, found = a, True
+    if not found:
+        return least
+    floor = s[least - 1] - (s[0] - s[least - 1])
+    return max(least, min(c, int(np.searchsorted(-s, -floor, side="right"))))
+
+
+def zscore(x: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """(n,) -> (n,) float64 standardised over its finite entries, by ``max(std, floor)``; NaN
+    entries become 0."""
     x = np.asarray(x, dtype=np.float64)
     ok = np.isfinite(x)
     if x.size and ok.all():  # the common case, without masking (this runs on every query)
-        sd = x.std()
+        sd = max(float(x.std()), floor)
         return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
     out = np.zeros_like(x)
     if not ok.any():
         return out
-    mu, sd = x[ok].mean(), x[ok].std()
+    mu, sd = x[ok].mean(), max(float(x[ok].std()), floor)
     if sd > 0:
         out[ok] = (x[ok] - mu) / sd
     return out
 
 
-def rank_scores(similarity: np.ndarray, predicted_loss: np.ndarray, weight: float = DEFAULT_WEIGHT) -> np.ndarray:
-    """The documented score (module doc) of each pool row: (n,) float64.
+def rank_scores(similarity: np.ndarray, predicted_loss: np.ndarray, weight: float = DEFAULT_WEIGHT,
+                loss_spread: float = 0.0) -> np.ndarray:
+    """The documented score (module doc) of each neighbourhood row: (m,) float64.
 
-    ``similarity`` (n,) cosine (or composite) similarity; ``predicted_loss`` (n,) float with NaN
-    where missing; ``weight`` in [0, 1].
+    ``similarity`` (m,) cosine (or composite) similarity; ``predicted_loss`` (m,) float with NaN
+    where missing; ``weight`` in [0, 1]; ``loss_spread`` ``s_p``, the std of predicted loss over
+    the table (0: no floor).
     """
-    return (1.0 - weight) * zscore(similarity) + weight * zscore(predicted_loss)
+    return (1.0 - weight) * zscore(similarity) + weight * zscore(predicted_loss, floor=loss_spread)
+
+
+def loss_spread(predicted_loss: np.ndarray) -> float:
+    """``s_p``: std of the finite predicted losses of the table (0 when there are none)."""
+    p = np.asarray(predicted_loss, dtype=np.float64)
+    p = p[np.isfinite(p)]
+    return float(p.std()) if len(p) else 0.0
 
 
 def rank_order(score: np.ndarray, similarity: np.ndarray, ids: list[str]) -> np.ndarray:

@@ -46,19 +46,42 @@ def table(db):
     return list(ids), x, pred, meta
 
 
+def _otsu_count(s, least):
+    """The pool, from scratch: split the leading rows by Otsu's threshold (the split maximising
+    a*b*(mean_a - mean_b)^2) while it explains >= 0.9 of their variance and keeps >= least rows."""
+    if len(s) <= least:
+        return len(s)
+    c, found = len(s), False
+    while c > least:
+        t = s[:c]
+        a = max(range(1, c), key=lambda a: a * (c - a) * (t[:a].mean() - t[a:].mean()) ** 2)
+        explained = a * (c - a) * (t[:a].mean() - t[a:].mean()) ** 2 / c**2 / t.var() if t.var() > 0 else 0
+        if explained < 0.9 or a < least:
+            break
+        c, found = a, True
+    if not found:
+        return least
+    deepest = s[least - 1] - (s[0] - s[least - 1])  # no deeper below the least-th than the least span
+    return max(least, min(c, sum(1 for v in s if v >= deepest)))
+
+
 def brute_force(u, table, k, n, weight=0.5, keep=None, exclude=()):
-    """The documented score, from scratch: pool = n most similar rows, z-scores, weighted sum."""
+    """The documented score, from scratch: neighbourhood = 10 n most similar rows, pool = its rows
+    narrowest group a clear Otsu split marks off (at least n), z-scores over the neighbourhood with predicted loss's std
+    floored by its spread over the table, weighted sum."""
     ids, x, pred, meta = table
     sims = x.astype(np.float64) @ u.astype(np.float64)
     rows = [i for i in range(len(ids)) if (keep is None or keep(meta[ids[i]])) and ids[i] not in exclude]
-    pool = sorted(rows, key=lambda i: -sims[i])[:n]
-    s = sims[pool]
-    p = np.array([pred[ids[i]] if pred[ids[i]] is not None else np.nan for i in pool], np.float64)
+    hood = sorted(rows, key=lambda i: -sims[i])[: 10 * n]
+    s = sims[hood]
+    p = np.array([pred[ids[i]] if pred[ids[i]] is not None else np.nan for i in hood], np.float64)
+    spread = np.std([v for v in pred.values() if v is not None])
     zs = (s - s.mean()) / s.std()
-    zp = (p - p.mean()) / p.std()
+    zp = (p - p.mean()) / max(p.std(), spread)
     score = (1 - weight) * zs + weight * zp
-    order = sorted(range(len(pool)), key=lambda j: (-score[j], -s[j]))[:k]
-    return [ids[pool[j]] for j in order], score[order], s[order]
+    c = _otsu_count(s, n)
+    order = sorted(range(c), key=lambda j: (-score[j], -s[j]))[:k]
+    return [ids[hood[j]] for j in order], score[order], s[order]
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
@@ -74,7 +97,7 @@ def test_text_search_equals_brute_force(engine, table, weight):
 
 def test_default_surfaces_failures_among_relevant_rows(engine, table):
     results = engine.search("a blue circle", k=10, candidates=40)
-    pool_ids, _, _ = brute_force(engine.encode_text(["a blue circle"])[0], table, k=40, n=40, weight=0.0)
+    pool_ids, _, _ = brute_force(engine.encode_text(["a blue circle"])[0], table, k=120, n=40, weight=0.0)
     assert {r.id for r in results} <= set(pool_ids)  # only rows about the query
     by_pred = engine.search("a blue circle", k=10, candidates=40, weight=1.0)
     preds = [r.predicted_loss for r in by_pred]
