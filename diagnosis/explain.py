@@ -284,6 +284,32 @@ def _check_true_of(ev: dict, name: str, Xm: np.ndarray, words: Faithfulness) -> 
                         "value of one of its words in the rest)")
 
 
+DESCRIBED_ROWS = 50_000  # judged rows the described-rows check reads at most (a fixed sample beyond)
+
+
+def _check_described(ev: dict, name: str, t: _Table, words: Faithfulness) -> None:
+    """Judge a name by *every* judged row it describes, not only the ones it retrieves: the
+    held-out rows (all rows with a loss when there is no split) that show the name
+    (:meth:`Faithfulness.shows`) must have a mean true loss of at least ``FAIL_RATIO`` x the mean.
+    The retrieved rows are the group's best-separating top; a name whose top fails while what it
+    says, taken whole, fails less than that ("a yellow triangle": its nearest images fail, yellow
+    triangles at large 1.9x) would tell the reader more than the data does. Adds
+    ``described_rows`` and ``described_loss_ratio``."""
+    judged = np.flatnonzero(t.judged)
+    if not len(judged) or not ev["holds"] or not words.tested(name):
+        return
+    if len(judged) > DESCRIBED_ROWS:
+        judged = np.sort(np.random.default_rng(0).choice(judged, DESCRIBED_ROWS, replace=False))
+    rows = judged[words.shows(name, t.X[judged])]
+    mean_true = float(t.loss[judged].mean())
+    ratio = float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
+    ev["described_rows"], ev["described_loss_ratio"] = int(len(rows)), ratio
+    if len(rows) >= MIN_EVIDENCE_ROWS and ratio is not None and ratio < FAIL_RATIO:
+        ev["holds"] = False
+        ev["reason"] = (f"the {len(rows)} judged images it describes have {ratio:.1f}x the mean true loss, below "
+                        f"{FAIL_RATIO:g}x (only its nearest images fail)")
+
+
 def _untrue(ev: dict) -> bool:
     """Whether the evidence failed because the name is not true of its images."""
     return ev.get("true_of") is not None and ev["true_of"] < MIN_TRUE_SHARE
@@ -492,6 +518,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             members = got[fail[got] & ~taken[got]]
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
             _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
+            _check_described(ev, phrases[c["phrase"]], t, words)
             checked.append((c, got, members, ev))
             if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break
@@ -502,8 +529,12 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
             extra = extra[fail[extra] & ~taken[extra]]
             members = np.union1d(members, extra)
-        if g["tails"]:
+        if g["tails"]:  # the same name's evidence over the larger membership; its checks carry over
+            before = ev
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
+            ev.update({k: before[k] for k in ("true_of", "described_rows", "described_loss_ratio") if k in before})
+            if ev["holds"] and not before["holds"]:
+                ev["holds"], ev["reason"] = False, before["reason"]
         taken[members] = True
         used.add(phrases[c["phrase"]])
         others = [phrases[x["phrase"]] for x in g["candidates"] if x is not c]
