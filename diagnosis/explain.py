@@ -287,19 +287,24 @@ def _check_true_of(ev: dict, name: str, Xm: np.ndarray, words: Faithfulness) -> 
 DESCRIBED_ROWS = 50_000  # judged rows the described-rows check reads at most (a fixed sample beyond)
 
 
-def _check_described(ev: dict, name: str, t: _Table, words: Faithfulness) -> None:
+def _described_sample(t: _Table) -> np.ndarray:
+    """The judged rows :func:`_check_described` reads: all, or a fixed sample of ``DESCRIBED_ROWS``."""
+    judged = np.flatnonzero(t.judged)
+    if len(judged) > DESCRIBED_ROWS:
+        judged = np.sort(np.random.default_rng(0).choice(judged, DESCRIBED_ROWS, replace=False))
+    return judged
+
+
+def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: Faithfulness) -> None:
     """Judge a name by *every* judged row it describes, not only the ones it retrieves: the
     held-out rows (all rows with a loss when there is no split) that show the name
     (:meth:`Faithfulness.shows`) must have a mean true loss of at least ``FAIL_RATIO`` x the mean.
     The retrieved rows are the group's best-separating top; a name whose top fails while what it
     says, taken whole, fails less than that ("a yellow triangle": its nearest images fail, yellow
-    triangles at large 1.9x) would tell the reader more than the data does. Adds
-    ``described_rows`` and ``described_loss_ratio``."""
-    judged = np.flatnonzero(t.judged)
+    triangles at large 1.9x) would tell the reader more than the data does. ``judged``: the rows of
+    :func:`_described_sample`. Adds ``described_rows`` and ``described_loss_ratio``."""
     if not len(judged) or not ev["holds"] or not words.tested(name):
         return
-    if len(judged) > DESCRIBED_ROWS:
-        judged = np.sort(np.random.default_rng(0).choice(judged, DESCRIBED_ROWS, replace=False))
     rows = judged[words.shows(name, t.X[judged])]
     mean_true = float(t.loss[judged].mean())
     ratio = float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
@@ -508,6 +513,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
     scale = len(t.ids) / len(sample)
     fail = t.pred >= fail_threshold(t.pred)
     taken = np.zeros(len(t.ids), dtype=bool)  # failing rows already a member of an earlier mode
+    described = _described_sample(t)
     out, used = [], set()
     for g in groups:
         checked = []
@@ -518,7 +524,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             members = got[fail[got] & ~taken[got]]
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
             _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
-            _check_described(ev, phrases[c["phrase"]], t, words)
+            _check_described(ev, phrases[c["phrase"]], t, described, words)
             checked.append((c, got, members, ev))
             if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break

@@ -245,16 +245,15 @@ class Faithfulness:
                 self.cache[p.lower()] = v
         return np.stack([self.cache[p.lower()] for p in phrases])
 
-    def _parts(self, phrase: str, complete: list | None = None) -> list[tuple[str, list[tuple[str, str]]]]:
-        """Each part of ``phrase``: (its own value phrase, the rivals it is tested against);
-        ``complete`` (a list) gets one bool per part: whether every rival of the part is there."""
+    def _parts(self, phrase: str) -> list[tuple[list[tuple[str, str]], bool]]:
+        """Each part of ``phrase``: (the rivals it is tested against, whether all of its rivals
+        could be: without an encoder only phrases already encoded can)."""
         out = []
         for _, own, rivals in self.grammar.parts(phrase):
             n_all = len(rivals)
             if self.encode is None:  # only phrases already encoded can be rivals
                 rivals = [r for r in rivals if r[0].lower() in self.cache and r[1].lower() in self.cache]
-            if complete is not None:
-                complete.append(bool(rivals) and len(rivals) == n_all)
+            complete = bool(rivals) and len(rivals) == n_all
             if len(rivals) > MAX_RIVALS:  # the values nearest this part's own ("a cat" for "a dog")
                 if self.encode is None and own.lower() not in self.cache:
                     rivals = rivals[:MAX_RIVALS]
@@ -262,16 +261,15 @@ class Faithfulness:
                     V = self.vectors([v for v, _ in rivals])
                     near = np.argsort(-(V @ self.vectors([own])[0]), kind="stable")[:MAX_RIVALS]
                     rivals = [rivals[i] for i in sorted(near)]
-            out.append((own, rivals))
+            out.append((rivals, complete))
         return out
 
     def tested(self, phrase: str) -> bool:
         """Whether :meth:`shows` tests every part of ``phrase`` against all its rivals (without an
         encoder, only vocabulary phrases can be rivals); where one is missing, the rows that show
         the phrase are more than it describes."""
-        complete: list[bool] = []
-        self._parts(phrase, complete)
-        return bool(complete) and all(complete)
+        parts = self._parts(phrase)
+        return bool(parts) and all(complete for _, complete in parts)
 
     def shows(self, phrase: str, X: np.ndarray, block: int = 65536) -> np.ndarray:
         """(n,) bool: the rows of X that show every part of ``phrase`` -- for each part CLIP prefers
@@ -280,7 +278,7 @@ class Faithfulness:
         the group the phrase describes, with no prefix size to choose."""
         q = self.vectors([phrase])[0]
         out = np.ones(len(X), dtype=bool)
-        for _, rivals in self._parts(phrase):
+        for rivals, _ in self._parts(phrase):
             if not rivals:
                 continue
             R = self.vectors([r for _, r in rivals])

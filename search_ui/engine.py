@@ -82,8 +82,6 @@ from search_ui.rowcache import RowCache
 
 log = logging.getLogger(__name__)
 
-MAX_NEIGHBOURHOOD = 20_000  # rows; a larger --candidates is its own neighbourhood
-
 DEFAULT_NEGATIVE_WEIGHT = 0.5
 SIGMA_SAMPLE_ROWS = 2048
 #: Phrases whose text embeddings are remembered (512-d: 2 KiB each, 8 MiB in all).
@@ -533,8 +531,7 @@ class QueryEngine:
         u = self.query_vector(positives, negatives)
         self.timings["encode"] = time.perf_counter() - t0
         n = max(int(candidates or default_candidates(k)), int(k))
-        m = max(n, min(neighbourhood_size(n), MAX_NEIGHBOURHOOD))
-        out = self._rank(self._pool(u, m, n, where, set(exclude)), int(k), n, weight)
+        out = self._rank(self._pool(u, neighbourhood_size(n), n, where, set(exclude)), int(k), n, weight)
         self.timings["total"] = time.perf_counter() - t0
         return out
 

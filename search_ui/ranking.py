@@ -45,6 +45,7 @@ import numpy as np
 
 DEFAULT_WEIGHT = 0.5
 NEIGHBOURHOOD = 10  # the neighbourhood holds this many times the least pool
+MAX_NEIGHBOURHOOD = 20_000  # rows; a larger least pool is its own neighbourhood
 CLEAR_SPLIT = 0.9  # share of the similarities' variance a split must explain to mark a group
 
 
@@ -54,8 +55,9 @@ def default_candidates(k: int) -> int:
 
 
 def neighbourhood_size(n: int) -> int:
-    """Rows of the neighbourhood for a least pool of ``n``."""
-    return NEIGHBOURHOOD * int(n)
+    """Rows of the neighbourhood for a least pool of ``n``: ``NEIGHBOURHOOD * n``, at most
+    ``MAX_NEIGHBOURHOOD`` unless ``n`` itself is more."""
+    return max(int(n), min(NEIGHBOURHOOD * int(n), MAX_NEIGHBOURHOOD))
 
 
 def _otsu(s: np.ndarray) -> tuple[int, float]:
