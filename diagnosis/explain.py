@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -127,15 +128,16 @@ class _Table:
     std: np.ndarray  # (n,) float64, the stored predicted_loss_std
     split: np.ndarray | None = None  # (n,) object, or None
 
-    @property
+    @cached_property
     def total_loss(self) -> float:
         return float(np.nansum(self.loss[self.judged]))
 
-    @property
+    @cached_property
     def judged(self) -> np.ndarray:
         """(n,) bool: rows whose true loss is evidence: those with a loss, and of them only the
         held-out ones when the table has both a training split and another (training losses of a
-        model that memorised its training set say little of where it fails)."""
+        model that memorised its training set say little of where it fails). Computed once per
+        table (it parses the split column); the table's arrays are not changed after reading."""
         known = np.isfinite(self.loss)
         if self.split is None:
             return known
@@ -309,10 +311,48 @@ def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: 
     mean_true = float(t.loss[judged].mean())
     ratio = float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
     ev["described_rows"], ev["described_loss_ratio"] = int(len(rows)), ratio
+    ev["described_loss_ratio_ci"] = [x / mean_true for x in bootstrap_ci(t.loss[rows])] \
+        if ratio is not None else None
     if len(rows) >= MIN_EVIDENCE_ROWS and ratio is not None and ratio < FAIL_RATIO:
         ev["holds"] = False
         ev["reason"] = (f"the {len(rows)} judged images it describes have {ratio:.1f}x the mean true loss, below "
                         f"{FAIL_RATIO:g}x (only its nearest images fail)")
+
+
+def _fails_on_truth(ev: dict) -> bool:
+    """Whether the evidence failed because the true losses say the name's images do not fail (its
+    retrieved rows, or the judged rows it describes, below ``FAIL_RATIO`` x the mean)."""
+    if ev["holds"]:
+        return False
+    retrieved = ev["true_rows"] >= MIN_EVIDENCE_ROWS and (ev["true_loss_ratio"] or 0) < FAIL_RATIO
+    described = (ev.get("described_rows") or 0) >= MIN_EVIDENCE_ROWS and \
+        (ev.get("described_loss_ratio") or 0) < FAIL_RATIO
+    return bool(retrieved or described)
+
+
+def _check_beyond_noise(ev: dict, t: _Table) -> None:
+    """For a group whose better names failed on their true loss: a later name holds only when its
+    failure clears ``FAIL_RATIO`` beyond the noise -- the low end of the 95% bootstrap interval of
+    its described rows' loss ratio (of its retrieved held-out rows' when it describes too few).
+    Trying one name after another for rows that do not fail ("a yellow triangle" 1.7x, then "a
+    small ...", "a large ...", "... on a dark background": each half the rows) would otherwise
+    show whichever narrower group's sample happens to reach 2x; a real narrower failure ("small
+    yellow triangles" at 4x) clears it."""
+    if not ev["holds"]:
+        return
+    judged = t.judged
+    mean_true = float(t.loss[judged].mean()) if judged.any() else 0.0
+    if (ev.get("described_rows") or 0) >= MIN_EVIDENCE_ROWS and ev.get("described_loss_ratio_ci"):
+        lo, rows = ev["described_loss_ratio_ci"][0], f"the {ev['described_rows']} judged images it describes"
+    elif ev["true_rows"] >= MIN_EVIDENCE_ROWS and ev["true_loss_ci"] and mean_true > 0:
+        lo, rows = ev["true_loss_ci"][0] / mean_true, f"its {ev['true_rows']} judged images"
+    else:
+        return
+    ev["beyond_noise"] = lo >= FAIL_RATIO
+    if not ev["beyond_noise"]:
+        ev["holds"] = False
+        ev["reason"] = (f"a better name for its images failed on their true loss, and {rows} do not clear "
+                        f"{FAIL_RATIO:g}x beyond noise (95% interval from {lo:.1f}x)")
 
 
 def _untrue(ev: dict) -> bool:
@@ -516,7 +556,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
     described = _described_sample(t)
     out, used = [], set()
     for g in groups:
-        checked = []
+        checked, doubted = [], False  # doubted: a better name for the group failed on true loss
         for c in g["candidates"]:
             if phrases[c["phrase"]] in used:
                 continue
@@ -525,9 +565,12 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
             _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
             _check_described(ev, phrases[c["phrase"]], t, described, words)
+            if doubted:
+                _check_beyond_noise(ev, t)
             checked.append((c, got, members, ev))
             if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break
+            doubted = doubted or _fails_on_truth(ev)
         if not checked:
             continue
         c, got, members, ev = next((x for x in checked if x[3]["holds"]), checked[0])
@@ -538,7 +581,8 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
         if g["tails"]:  # the same name's evidence over the larger membership; its checks carry over
             before = ev
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
-            ev.update({k: before[k] for k in ("true_of", "described_rows", "described_loss_ratio") if k in before})
+            ev.update({k: before[k] for k in ("true_of", "described_rows", "described_loss_ratio",
+                                             "described_loss_ratio_ci", "beyond_noise") if k in before})
             if ev["holds"] and not before["holds"]:
                 ev["holds"], ev["reason"] = False, before["reason"]
         taken[members] = True
