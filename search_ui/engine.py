@@ -1,7 +1,8 @@
 """The query engine: sentences, images and mixes of both -> rows ranked by predicted failure.
 
     text / image -> CLIP embedding (the model recorded in the database) -> query vector u
-    -> FAISS: its neighbourhood, the 10 N most similar rows (N = candidates, many more than k)
+    -> FAISS: its neighbourhood, the 10 N most similar rows (N = candidates, many more than k),
+       probing the IVF cells a search 2 N deep needs (module doc, "Probing the neighbourhood")
     -> the pool: the neighbourhood's rows that stand out as about the query (at least N)
     -> ranked by the score documented in :mod:`search_ui.ranking`:
        score = (1 - w) * z(similarity) + w * z(predicted_loss), standardised over the neighbourhood.
@@ -26,11 +27,29 @@ Filters
 ``where`` is LanceDB SQL over any column. The neighbourhood is then made of *matching* rows, so k
 results come back whenever k rows match: LanceDB evaluates the filter to a set of rows (once per
 filter and table version) and FAISS searches among them with an id selector, probing as many IVF
-cells as an unfiltered search N / (share of matching rows) deep, and every cell when that finds
-fewer than N (see :mod:`search_ui.rowcache`, which also keeps the small columns in memory so that
-fetching a query's rows costs ~0.1 ms). Without the row cache (``cache_rows=False``, or a GPU
-index), FAISS is asked for N / (share of matching rows) * 2 neighbours, growing while too few
-match, and LanceDB's exact filtered scan takes over beyond ``max_ann_fetch``.
+cells as an unfiltered search 2 N / (share of matching rows) deep (below), and every cell when that
+finds fewer rows than the neighbourhood (see :mod:`search_ui.rowcache`, which also keeps the small
+columns in memory so that fetching a query's rows costs ~0.1 ms). Without the row cache
+(``cache_rows=False``, or a GPU index), FAISS is asked for the neighbourhood / (share of matching
+rows) * 2 neighbours, growing while too few match, and LanceDB's exact filtered scan takes over
+beyond ``max_ann_fetch``.
+
+Probing the neighbourhood
+-------------------------
+On an IVF index the neighbourhood is searched with the cells a search as deep as twice the least
+pool probes (``nprobe_for(2 N)``, :data:`POOL_PROBE_DEPTH`), not with the neighbourhood's own
+(``nprobe_for(10 N)``: five times as many, 320 of 1265 cells at 100k rows, where that search took
+0.9 ms at 128 dims and 4.8 ms at 512 against 0.4 and 1.5 ms). Results come from the pool, so only
+the pool's rows must be found; the rows past it give the z-scores their mean and spread, and the
+most similar rows of the cells nearest the query give nearly the same ones. Twice N, because a pool
+reaches past N when a group of rows stands out, and because N's own cells find even a pool N deep
+incompletely for queries off the data (random directions: recall@100 0.98 at 128 dims, 0.87 at
+512). Measured in BENCHMARKS.md (issue 5, 2026-12-03), overlap@10 of the default ranking with the
+ranking of the exact neighbourhood for random-direction queries (the worst case): N's cells 0.93 /
+0.84 (128 / 512 dims), 2 N's 0.98 / 0.96, 4 N's 1.0 / 1.0, 10 N's 1.0. The probe always covers
+cells enough to hold :data:`PROBE_FILL` times the neighbourhood on average; when it still finds
+fewer rows than the neighbourhood asks for (unbalanced cells), the search is repeated as deep as
+the neighbourhood (filtered: exactly). A filter divides both depths by the share of matching rows.
 
 Repeated phrases
 ----------------
@@ -83,6 +102,10 @@ from search_ui.rowcache import RowCache
 log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_WEIGHT = 0.5
+#: The neighbourhood's IVF probe: the cells of a search this many least pools deep (module doc).
+POOL_PROBE_DEPTH = 2
+#: ... and cells enough to hold this many times the neighbourhood's rows on average.
+PROBE_FILL = 2
 SIGMA_SAMPLE_ROWS = 2048
 #: Phrases whose text embeddings are remembered (512-d: 2 KiB each, 8 MiB in all).
 TEXT_CACHE_SIZE = 4096
@@ -175,6 +198,18 @@ def check_where(where: str | None) -> str | None:
             raise UserError(f"--where {where!r} holds a `;`, but a filter is one expression, not statements; "
                             "drop the `;` and what follows it (a `;` inside quotes, like label = 'a;b', is fine).")
     return where
+
+
+def neighbourhood_nprobe(ann, least: int, rows: int, share: float = 1.0) -> int:
+    """IVF cells to probe for a neighbourhood of ``rows`` rows whose least pool is ``least`` deep,
+    among a ``share`` (0..1] of the index's rows (module doc, "Probing the neighbourhood"): as many
+    as a search ``POOL_PROBE_DEPTH * least / share`` deep, and enough to hold ``PROBE_FILL`` x
+    ``rows`` matching rows on average; 0 for an exact index."""
+    if ann.info.get("kind") != "ivf":
+        return 0
+    nlist, share = int(ann.info["nlist"]), max(float(share), 1e-12)
+    hold = math.ceil(PROBE_FILL * rows * nlist / max(share * ann.ntotal, 1.0))
+    return min(nlist, max(ann.nprobe_for(int(math.ceil(POOL_PROBE_DEPTH * least / share))), hold))
 
 
 def _sql_in(ids: list[str]) -> str:
@@ -408,15 +443,15 @@ class QueryEngine:
             pool = self._pool_cached(ann, cache, u, n, least, where, exclude)
         elif ann.gpu_resources is not None:
             with self._gpu_lock:
-                pool = self._pool_lancedb(ann, u, n, where, exclude)
+                pool = self._pool_lancedb(ann, u, n, least, where, exclude)
         else:
-            pool = self._pool_lancedb(ann, u, n, where, exclude)
+            pool = self._pool_lancedb(ann, u, n, least, where, exclude)
         pool.spread = spread
         return pool
 
     def _pool_cached(self, ann, cache: RowCache, u, n, least, where, exclude) -> _Pool:
-        """FAISS over the whole index, or exactly over the rows matching ``where`` (an id selector),
-        with rows from the in-memory cache."""
+        """FAISS over the whole index, or over the rows matching ``where`` (an id selector), probing
+        the cells of :func:`neighbourhood_nprobe`, with rows from the in-memory cache."""
         t0 = time.perf_counter()
         drop = cache.positions_of(exclude) if exclude else np.zeros(0, np.int64)
         if where:
@@ -434,14 +469,18 @@ class QueryEngine:
             matching = int(mask.sum())
             if not matching:
                 return _Pool.empty()
-            # Probe as many cells as an unfiltered search deep enough to hold n matching rows would;
-            # all cells (exact) when that finds fewer than n.
-            depth = int(math.ceil(n * len(mask) / matching))
-            s, pos = ann.search_subset(u[None, :], n, mask, nprobe=ann.nprobe_for(depth) or None)
-            if int((pos[0] >= 0).sum()) < min(least, matching):
+            # The cells an unfiltered search deep enough to hold twice the least pool's matching rows
+            # probes (module doc, "Probing the neighbourhood"); all cells (exact) when that finds
+            # fewer rows than the neighbourhood.
+            nprobe = neighbourhood_nprobe(ann, least, n, matching / len(mask))
+            s, pos = ann.search_subset(u[None, :], n, mask, nprobe=nprobe or None)
+            if nprobe and int((pos[0] >= 0).sum()) < min(n, matching):
                 s, pos = ann.search_subset(u[None, :], n, mask)
         else:
-            s, pos = ann.search_positions(u[None, :], n + len(drop))
+            nprobe = neighbourhood_nprobe(ann, least + len(drop), n + len(drop))
+            s, pos = ann.search_positions(u[None, :], n + len(drop), nprobe=nprobe or None)
+            if nprobe and int((pos[0] >= 0).sum()) < min(n + len(drop), ann.ntotal):
+                s, pos = ann.search_positions(u[None, :], n + len(drop))  # as deep as the neighbourhood
         s, pos = s[0], pos[0]
         keep = (pos >= 0) & ~np.isin(pos, drop)
         s, pos = s[keep][:n], pos[keep][:n]
@@ -451,9 +490,10 @@ class QueryEngine:
         self.timings["ann"], self.timings["fetch"] = t1 - t0, time.perf_counter() - t1
         return pool
 
-    def _pool_lancedb(self, ann, u, n, where, exclude) -> _Pool:
-        """Without the cache: FAISS then ``id IN (...)`` queries, growing while too few rows match
-        ``where``, and LanceDB's exact filtered scan beyond ``max_ann_fetch``."""
+    def _pool_lancedb(self, ann, u, n, least, where, exclude) -> _Pool:
+        """Without the cache: FAISS (probing the cells of :func:`neighbourhood_nprobe` for each
+        depth) then ``id IN (...)`` queries, growing while too few rows match ``where``, and
+        LanceDB's exact filtered scan beyond ``max_ann_fetch``."""
         t0 = time.perf_counter()
         total = ann.ntotal
         if where:
@@ -463,7 +503,9 @@ class QueryEngine:
             matching, fetch = total, n + len(exclude)
         rows = sims = None
         while matching and fetch <= max(self.max_ann_fetch, n + len(exclude)):
-            s, ids = ann.search(u[None, :], min(fetch, total))
+            # the least pool's share of this fetch, as deep as the fetch is for the neighbourhood
+            nprobe = neighbourhood_nprobe(ann, int(math.ceil(least * fetch / n)), min(fetch, total))
+            s, ids = ann.search(u[None, :], min(fetch, total), nprobe=nprobe or None)
             keep = [(i, v) for i, v in zip(ids[0], s[0], strict=True) if i is not None and i not in exclude]
             t1 = time.perf_counter()
             rows = self._fetch([i for i, _ in keep], where)

@@ -4,7 +4,9 @@ The score
 ---------
 A query (text, image, or a weighted mix of both, see :mod:`search_ui.engine`) first selects its
 *neighbourhood* ``B``: the ``NEIGHBOURHOOD * N`` rows most similar to it (``N = candidates``, by
-default ``max(100, 10 * k)``), among the rows matching ``--where`` when one is given. The *pool*
+default ``max(100, 10 * k)``), among the rows matching ``--where`` when one is given (on an IVF
+index found with the cells a search ``2 N`` deep probes: :mod:`search_ui.engine`, "Probing the
+neighbourhood"). The *pool*
 ``C``, the rows results are drawn from, is the part of ``B`` that stands out as about the query:
 the narrowest group of most similar rows that Otsu's threshold on the similarities (the cut that
 best splits them into a more and a less similar group) marks off by a clear gap, found by splitting

@@ -1,6 +1,7 @@
 """Query engine: rankings equal a numpy brute-force computation of the documented score."""
 
 import logging
+import math
 import shutil
 import time
 
@@ -279,3 +280,38 @@ def test_filters_on_an_ivf_index_still_return_k_rows(tmp_path, cache):
     assert [r.id for r in got] == want  # so selective a filter is searched exactly
     assert len(engine.similar(ids[1], k=30, where="loss < 0.25", weight=0.0)) == 30
     assert len(engine.similar(ids[1], k=10, where=f"id IN ({few})", candidates=15)) == 10
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_ivf_neighbourhood_probes_the_pools_cells_not_the_neighbourhoods(tmp_path, monkeypatch, cache):
+    """The 10 N neighbourhood is searched with the cells a search POOL_PROBE_DEPTH N deep needs (and
+    enough to hold it), not with nprobe_for(10 N); a probe that finds too few rows is repeated as
+    deep as the neighbourhood."""
+    from indexer import ann
+    from search_ui import engine as E
+    from tests.test_ann import synthetic_db
+
+    db, x, ids = synthetic_db(tmp_path / "db", n=3000)
+    ann.build_index(db, exact_max_rows=1000)
+    engine = QueryEngine(db, cache_rows=cache)
+    index = engine.ann
+    calls = []
+    real = ann.AnnIndex.search_positions
+
+    def spy(self, queries, k, nprobe=None):
+        calls.append((k, nprobe))
+        return real(self, queries, k, nprobe)
+
+    monkeypatch.setattr(ann.AnnIndex, "search_positions", spy)
+    n, nb = 50, 500  # least pool and its neighbourhood (10 N)
+    got = engine.similar(x[1], k=10, weight=0.0, candidates=n)
+    want = E.neighbourhood_nprobe(index, n, nb)
+    hold = math.ceil(E.PROBE_FILL * nb * index.info["nlist"] / index.ntotal)
+    assert want == max(index.nprobe_for(E.POOL_PROBE_DEPTH * n), hold) < index.nprobe_for(nb)
+    assert calls == [(nb, want)]
+    assert [r.id for r in got] == [ids[i] for i in np.argsort(-(x @ x[1]), kind="stable")[:10]]
+    if cache:  # a probe finding fewer rows than the neighbourhood asks for is repeated as deep as it
+        calls.clear()
+        monkeypatch.setattr(E, "neighbourhood_nprobe", lambda *a, **kw: 1)
+        assert len(engine.similar(x[1], k=10, candidates=n)) == 10
+        assert calls == [(nb, 1), (nb, None)]
