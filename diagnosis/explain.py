@@ -9,9 +9,11 @@ that its name describes a real failure.
 2. Every name is checked against the data before it is shown (:func:`evidence`): the images it
    retrieves (as many as separate the group best) must fail -- their mean predicted loss, and
    their mean true loss on the held-out rows where losses are known, at least ``FAIL_RATIO`` x the
-   table's mean -- and the group must hold ``MIN_SAMPLES`` samples. A group whose best name fails
-   the check is named by the next best separating phrase that passes; when none does, the mode is
-   hidden (``show_all`` lists it, with ``shown`` false and the reason).
+   table's mean, as must every judged row that shows the name (:func:`_check_described`) -- and
+   the group must hold ``MIN_SAMPLES`` samples. A group whose best name fails the check is named by
+   the next best separating phrase that passes, beyond noise once a name failed on true loss
+   (:func:`_check_beyond_noise`); when none does, the mode is hidden (``show_all`` lists it, with
+   ``shown`` false and the reason).
 
 Modes are listed by :func:`impact` (members x how far above the failure line they are predicted),
 so the failures that cost the most come first. Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
