@@ -35,6 +35,10 @@ predicted loss far below the table's spread do not outrank relevance.
 A row without ``predicted_loss`` (``llm2loss diagnose`` not run, or rows added since) counts as
 ``z = 0`` (average); when no row of the pool has one, the order is by similarity alone and the
 engine says so in a warning.
+
+The engine ranks with :func:`rank`, one call for the whole rule (the parts :func:`pool_size`,
+:func:`rank_scores` and :func:`rank_order` composed, in fewer array passes: it runs on every
+query, where numpy's per-call overhead costs more than its arithmetic over 1,000 rows).
 """
 
 from __future__ import annotations
@@ -62,15 +66,32 @@ def neighbourhood_size(n: int) -> int:
     return max(int(n), min(NEIGHBOURHOOD * int(n), MAX_NEIGHBOURHOOD))
 
 
-def _otsu(s: np.ndarray) -> tuple[int, float]:
+def _mean_var(x: np.ndarray, total: float | None = None) -> tuple[float, float]:
+    """Mean and variance (ddof 0) of a non-empty float64 array with ``x.mean()``'s and ``x.var()``'s
+    own arithmetic (a pairwise sum over n, then the mean square of the deviations; the std is
+    ``math.sqrt`` of it, as ``x.std()``): the same values in a few array passes instead of numpy's
+    Python-level reductions, which cost more than the arithmetic at the neighbourhood's 1,000 rows
+    (this runs several times on every query). ``total``: ``np.add.reduce(x)``, when already known."""
+    n = len(x)
+    mu = (np.add.reduce(x) if total is None else total) / n
+    d = x - mu
+    return float(mu), float(np.add.reduce(d * d) / n)
+
+
+def _otsu(s: np.ndarray, cumsum: np.ndarray, a: np.ndarray, var: float | None = None) -> tuple[int, float]:
     """Otsu's split of ``s`` (sorted, most similar first): the leading count ``a`` maximising the
-    between-group variance, and the share of ``s``'s variance that split explains (1: two points)."""
+    between-group variance, and the share of ``s``'s variance that split explains (1: two points).
+
+    ``cumsum`` is ``np.cumsum(s)`` and ``a`` ``np.arange(1, len(s))`` (float64), passed in because
+    :func:`pool_size` splits prefixes of one neighbourhood: a prefix's cumulative sums are the head
+    of the whole one's (cumsum adds in order), so one cumsum serves every split. ``var``: ``s``'s
+    variance when already known."""
     m = len(s)
-    c = np.cumsum(s)
-    a = np.arange(1, m, dtype=np.float64)
-    between = a * (m - a) * (c[:-1] / a - (c[-1] - c[:-1]) / (m - a)) ** 2 / (m * m)
+    left = cumsum[:-1]
+    rest = m - a
+    between = a * rest * (left / a - (cumsum[-1] - left) / rest) ** 2 / (m * m)
     i = int(np.argmax(between))
-    var = float(s.var())
+    var = _mean_var(s)[1] if var is None else var
     return i + 1, float(between[i]) / var if var > 0 else 0.0
 
 
@@ -86,13 +107,18 @@ def pool_size(similarity: np.ndarray, least: int) -> int:
     most similar rows span (a group's edge, where CLIP blurs it into the next, stays out); the
     ``least`` most similar rows when no group stands out.
     """
-    s = np.asarray(similarity, dtype=np.float64)
+    return _pool_size(np.asarray(similarity, dtype=np.float64), least)
+
+
+def _pool_size(s: np.ndarray, least: int, var: float | None = None) -> int:
+    """:func:`pool_size` of float64 ``s``, whose variance ``var`` may be known already."""
     least = max(int(least), 1)
     if len(s) <= least:
         return len(s)
+    cumsum, counts = np.cumsum(s), np.arange(1, len(s), dtype=np.float64)
     c, found = len(s), False
     while c > least:
-        a, explained = _otsu(s[:c])
+        a, explained = _otsu(s[:c], cumsum[:c], counts[: c - 1], var if c == len(s) else None)
         if explained < CLEAR_SPLIT or a < least:
             break
         c, found = a, True
@@ -106,17 +132,33 @@ def zscore(x: np.ndarray, floor: float = 0.0) -> np.ndarray:
     """(n,) -> (n,) float64 standardised over its finite entries, by ``max(std, floor)``; NaN
     entries become 0."""
     x = np.asarray(x, dtype=np.float64)
+    ok, mu, var = _moments(x)
+    return _standardise(x, ok, mu, max(math.sqrt(var), floor))
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray | None, float, float]:
+    """The units of :func:`zscore` for float64 ``x``: the mask of its finite entries (None when all
+    are), their mean and variance (0, 0 when there are none)."""
+    total = np.add.reduce(x)
+    if x.size and math.isfinite(total):  # the common case: every entry is finite (else the sum is
+        return None, *_mean_var(x, total)  # not), without a mask (this runs on every query)
     ok = np.isfinite(x)
-    if x.size and ok.all():  # the common case, without masking (this runs on every query)
-        sd = max(float(x.std()), floor)
-        return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
-    out = np.zeros_like(x)
     if not ok.any():
-        return out
-    mu, sd = x[ok].mean(), max(float(x[ok].std()), floor)
-    if sd > 0:
-        out[ok] = (x[ok] - mu) / sd
-    return out
+        return ok, 0.0, 0.0
+    return ok, *_mean_var(x[ok])
+
+
+def _standardise(head: np.ndarray, ok: np.ndarray | None, mu: float, sd: float) -> np.ndarray:
+    """:func:`zscore`'s values of ``head``, the first entries of the array ``ok``, ``mu`` and ``sd``
+    were taken from."""
+    if not sd > 0:
+        return np.zeros(len(head))
+    if ok is None:
+        return (head - mu) / sd
+    ok = ok[: len(head)]
+    z = np.zeros(len(head))
+    z[ok] = (head[ok] - mu) / sd
+    return z
 
 
 def rank_scores(similarity: np.ndarray, predicted_loss: np.ndarray, weight: float = DEFAULT_WEIGHT,
@@ -142,6 +184,41 @@ def rank_order(score: np.ndarray, similarity: np.ndarray, ids: list[str]) -> np.
     # lexsort takes the unicode id array as its last-priority key directly (no double argsort)
     return np.lexsort((np.asarray(ids, dtype=str), -np.asarray(similarity, np.float64),
                        -np.asarray(score, np.float64)))
+
+
+def rank(similarity: np.ndarray, predicted_loss: np.ndarray, ids, least: int, k: int,
+         weight: float = DEFAULT_WEIGHT, loss_spread: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` of a neighbourhood's pool by the documented score (module doc): their
+    positions in the neighbourhood, best first, and their scores (float64), each (<= k,).
+
+    The same rows in the same order, with the same scores, as the composition of the parts::
+
+        score = rank_scores(similarity, predicted_loss, weight, loss_spread)
+        c = pool_size(similarity, least)
+        order = rank_order(score[:c], similarity[:c], ids[:c])[:k]
+
+    done with fewer array passes, as it runs on every query: scores are computed for the pool's
+    rows only (their mean and spread still come from the whole neighbourhood), and only the rows
+    that can reach the top ``k`` (a score at least the ``k``-th highest, ties included) are sorted.
+    ``similarity`` (m,) most similar first; ``predicted_loss`` (m,), NaN where missing; ``ids``
+    (m,) str (the last tie-break), or a function of neighbourhood indices (int array) returning
+    their ids, so that only the rows that can reach the top ``k`` are looked up.
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    p = np.asarray(predicted_loss, dtype=np.float64)
+    s_ok, s_mu, s_var = _moments(s)
+    c = _pool_size(s, least, s_var if s_ok is None else None)  # the first split's variance is the z-score's
+    p_ok, p_mu, p_var = _moments(p)
+    score = ((1.0 - weight) * _standardise(s[:c], s_ok, s_mu, math.sqrt(s_var))
+             + weight * _standardise(p[:c], p_ok, p_mu, max(math.sqrt(p_var), loss_spread)))
+    neg = -score
+    k = min(int(k), c)
+    # the k-th highest score, negated (NaN sorts last); NaN: fewer than k scores are numbers
+    kth = np.partition(neg, k - 1)[k - 1] if k < c else math.nan
+    cand = np.arange(c) if math.isnan(kth) else np.flatnonzero(neg <= kth)
+    cand_ids = ids(cand) if callable(ids) else np.asarray(ids)[cand]
+    order = cand[np.lexsort((np.asarray(cand_ids, dtype=str), -s[cand], neg[cand]))][:k]
+    return order, score[order]
 
 
 def _num(x) -> float | None:

@@ -78,3 +78,33 @@ def test_tiny_differences_of_predicted_loss_do_not_outrank_similarity():
 def test_loss_spread_ignores_missing_predictions():
     assert loss_spread(np.array([1.0, np.nan, 3.0])) == 1.0
     assert loss_spread(np.array([np.nan, np.nan])) == 0.0
+
+
+def test_rank_is_the_composition_of_the_parts():
+    """``rank`` (the engine's one call) returns the rows, order and scores of pool_size + rank_scores +
+    rank_order: on groups that stand out, ties of score and similarity, missing predictions."""
+    from search_ui.ranking import rank
+
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        m = int(rng.choice([1, 50, 100, 101, 1000]))
+        s = [rng.normal(0.3, 0.05, m), np.round(rng.normal(0.3, 0.05, m), 2), np.full(m, 0.5),
+             np.concatenate([rng.uniform(0.6, 0.65, m // 3), rng.uniform(0.3, 0.45, m - m // 3)])][trial % 4]
+        s = np.sort(s)[::-1].copy()
+        pred = np.round(rng.gamma(1.0, 0.4, m), 1 if trial % 3 == 0 else 6)
+        if trial % 5 == 1:
+            pred[rng.random(m) < 0.3] = np.nan
+        if trial % 7 == 2:
+            pred[:] = np.nan
+        ids = np.array([f"r{i:04d}" for i in rng.permutation(m)])
+        least, k = int(rng.choice([1, 10, 100])), int(rng.choice([1, 10, 200]))
+        weight, spread = float(rng.choice([0.0, 0.5, 1.0])), float(rng.choice([0.0, 0.4]))
+        score = rank_scores(s, pred, weight, spread)
+        c = pool_size(s, least)
+        want = rank_order(score[:c], s[:c], ids[:c])[:k]
+        for form in (ids, ids.tolist(), ids.__getitem__):  # ids as an array, a list, a lookup
+            order, got = rank(s, pred, form, least, k, weight, spread)
+            assert np.array_equal(order, want), trial
+            np.testing.assert_allclose(got, score[want], rtol=1e-12, atol=0)
+    order, got = rank(np.zeros(0), np.zeros(0), np.zeros(0, str), 100, 10)
+    assert len(order) == len(got) == 0
