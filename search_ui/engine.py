@@ -93,9 +93,7 @@ from search_ui.ranking import (
     default_candidates,
     loss_spread,
     neighbourhood_size,
-    pool_size,
-    rank_order,
-    rank_scores,
+    rank,
 )
 from search_ui.rowcache import RowCache
 
@@ -154,19 +152,20 @@ TEXT_CACHE = TextEmbeddingCache()
 
 @dataclass
 class _Pool:
-    """A query's neighbourhood, most similar first: ids, similarities and predicted losses, (m,)
-    each (NaN: not predicted); ``rows(idx)`` gives the full rows (every column but the embedding)
-    at indices ``idx``; ``spread`` is the std of predicted loss over the table (the ranking's floor)."""
+    """A query's neighbourhood, most similar first: similarities and predicted losses, (m,) each
+    (NaN: not predicted); ``ids(idx)`` gives the ids (a str array) and ``rows(idx)`` the full rows
+    (every column but the embedding, as dicts) at indices ``idx``, looked up only for the rows the
+    ranking reads; ``spread`` is the std of predicted loss over the table (the ranking's floor)."""
 
-    ids: list[str]
+    ids: Callable[[np.ndarray], np.ndarray]
     sims: np.ndarray
     pred: np.ndarray
-    rows: Callable[[np.ndarray], pa.Table]
+    rows: Callable[[np.ndarray], list[dict]]
     spread: float = 0.0
 
     @staticmethod
     def empty() -> _Pool:
-        return _Pool([], np.zeros(0), np.zeros(0), lambda idx: pa.table({}))
+        return _Pool(lambda idx: np.zeros(0, dtype=str), np.zeros(0), np.zeros(0), lambda idx: [])
 
 
 def parse_weighted(item, default: float = 1.0) -> tuple[object, float]:
@@ -251,6 +250,8 @@ class QueryEngine:
         self._local = threading.local()
         self._clip_key: str | None = None
         self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+        # the files whose modification times make the change signature, as strings: stat()ed on every query
+        self._signature_files = (str(self.db.path / f"{S.TABLE_NAME}.lance" / "_versions"), str(self.db.meta_path))
 
     # ---- per-thread query state ---------------------------------------------------------------
     @property
@@ -320,9 +321,9 @@ class QueryEngine:
         """Modification times of the table's version folder and of meta.json: every Lance commit
         adds a manifest to ``_versions``. Equal signatures spare the per-query version read
         (~0.3 ms); ``None`` (another storage layout) means always read the version."""
+        versions, meta = self._signature_files
         try:
-            versions = self.db.path / f"{S.TABLE_NAME}.lance" / "_versions"
-            sig = os.stat(versions).st_mtime_ns, os.stat(self.db.meta_path).st_mtime_ns
+            sig = os.stat(versions).st_mtime_ns, os.stat(meta).st_mtime_ns
         except OSError:
             return None
         # File systems stamp times in coarse ticks: a commit in the same tick as the last one would
@@ -358,7 +359,7 @@ class QueryEngine:
             found = [new[t] if v is None else v for t, v in zip(texts, found, strict=True)]
         if not found:
             return np.zeros((0, clip.embed_dim), np.float32)
-        return np.stack(found).astype(np.float32, copy=False)
+        return np.array(found, dtype=np.float32)  # a new array (the cached rows are shared)
 
     def stored_embedding(self, sample_id: str) -> np.ndarray | None:
         """(d,) float32 embedding of a stored row, or None when no row has that id."""
@@ -474,19 +475,23 @@ class QueryEngine:
             # fewer rows than the neighbourhood.
             nprobe = neighbourhood_nprobe(ann, least, n, matching / len(mask))
             s, pos = ann.search_subset(u[None, :], n, mask, nprobe=nprobe or None)
-            if nprobe and int((pos[0] >= 0).sum()) < min(n, matching):
+            if nprobe and np.count_nonzero(pos[0] >= 0) < min(n, matching):
                 s, pos = ann.search_subset(u[None, :], n, mask)
         else:
             nprobe = neighbourhood_nprobe(ann, least + len(drop), n + len(drop))
             s, pos = ann.search_positions(u[None, :], n + len(drop), nprobe=nprobe or None)
-            if nprobe and int((pos[0] >= 0).sum()) < min(n + len(drop), ann.ntotal):
+            if nprobe and np.count_nonzero(pos[0] >= 0) < min(n + len(drop), ann.ntotal):
                 s, pos = ann.search_positions(u[None, :], n + len(drop))  # as deep as the neighbourhood
         s, pos = s[0], pos[0]
-        keep = (pos >= 0) & ~np.isin(pos, drop)
-        s, pos = s[keep][:n], pos[keep][:n]
+        keep = pos >= 0  # FAISS marks empty slots -1; the query's own row is dropped
+        if len(drop):
+            keep &= ~np.isin(pos, drop)
+        if not keep.all():  # the common case keeps all: no copies
+            s, pos = s[keep], pos[keep]
+        s, pos = s[:n], pos[:n]
         t1 = time.perf_counter()
-        pool = _Pool(ann.ids[pos].tolist(), s.astype(np.float64), cache.predicted_loss(pos),
-                     lambda idx: cache.rows(pos[idx]))
+        pool = _Pool(lambda idx: ann.ids[pos[idx]], s.astype(np.float64), cache.predicted_loss(pos),
+                     lambda idx: cache.records(pos[idx]))
         self.timings["ann"], self.timings["fetch"] = t1 - t0, time.perf_counter() - t1
         return pool
 
@@ -530,7 +535,8 @@ class QueryEngine:
         top = np.argsort(-sims, kind="stable")[:n]  # most similar first, as FAISS returns them
         rows, sims = rows.take(top), sims[top]
         pred = rows.column(S.PREDICTED_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
-        return _Pool(rows.column(S.ID).to_pylist(), sims, pred, rows.take)
+        ids = np.asarray(rows.column(S.ID).to_pylist(), dtype=str)
+        return _Pool(ids.__getitem__, sims, pred, lambda idx: rows.take(idx).to_pylist())
 
     def _rank(self, pool: _Pool, k: int, least: int, weight: float | None) -> list[SearchResult]:
         t0 = time.perf_counter()
@@ -538,25 +544,23 @@ class QueryEngine:
         if not 0.0 <= w <= 1.0:
             raise UserError(f"--weight {w} is outside [0, 1]; use 0 for similarity only, 1 for predicted loss only.")
         sims, pred = pool.sims, pool.pred
-        missing = ~np.isfinite(pred)
-        if len(pred) and missing.all() and w > 0:
+        missing = len(pred) - np.count_nonzero(np.isfinite(pred))
+        if len(pred) and missing == len(pred) and w > 0:
             self._note("no predicted_loss on these rows: ranked by similarity only; run `llm2loss diagnose` "
                        "to rank by predicted failure.")
-        elif missing.any() and w > 0:
-            self._note(f"{int(missing.sum())} of {len(pred)} candidate rows have no predicted_loss (counted as "
+        elif missing and w > 0:
+            self._note(f"{missing} of {len(pred)} candidate rows have no predicted_loss (counted as "
                        "average); rerun `llm2loss diagnose` to score them.")
-        score = rank_scores(sims, pred, w, pool.spread)
-        c = pool_size(sims, least)
-        order = rank_order(score[:c], sims[:c], pool.ids[:c])[:k]
+        order, score = rank(sims, pred, pool.ids, least, k, w, pool.spread)
         top = pool.rows(order)  # only the k results are turned into Python objects
-        meta = [c for c in top.column_names if c not in S.CORE_COLUMNS]
+        meta = [c for c in (top[0] if top else ()) if c not in S.CORE_COLUMNS]
         out = [
             SearchResult(
                 id=r[S.ID], image=r[S.IMAGE], label=r[S.LABEL], split=r[S.SPLIT], loss=r[S.LOSS],
                 predicted_loss=r[S.PREDICTED_LOSS], predicted_loss_std=r[S.PREDICTED_LOSS_STD],
-                similarity=float(sims[i]), score=float(score[i]), metadata={c: r[c] for c in meta},
+                similarity=float(sims[i]), score=float(z), metadata={c: r[c] for c in meta},
             )
-            for i, r in zip(order, top.to_pylist(), strict=True)
+            for i, z, r in zip(order.tolist(), score.tolist(), top, strict=True)
         ]
         self.timings["rank"] = time.perf_counter() - t0
         return out
