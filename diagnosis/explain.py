@@ -106,6 +106,10 @@ class FailureMode:
                     f"{ev['predicted_loss']:.3f} [{ev['predicted_loss_ci'][0]:.3f}, {ev['predicted_loss_ci'][1]:.3f}] "
                     f"= {ev['predicted_loss_ratio']:.1f}x; it covers {100 * ev['coverage']:.0f}% of the group at "
                     f"{100 * ev['precision']:.0f}% precision")
+            if ev.get("judged_by") == "described rows":
+                lo, hi = ev["described_loss_ratio_ci"]
+                out += (f"; the {ev['described_rows']} judged images that show the name: true loss "
+                        f"{ev['described_loss_ratio']:.1f}x the mean [{lo:.1f}, {hi:.1f}]")
         also = [p for p in self.phrases if p != self.description][:2]
         if also:
             out += f"\n      also: {', '.join(repr(p) for p in also)}"
@@ -267,6 +271,7 @@ def evidence(t: _Table, retrieved: np.ndarray, size: int, coverage: float, preci
         reason = f"its images are predicted {ev['predicted_loss_ratio']:.1f}x the mean loss, below {FAIL_RATIO:g}x"
     elif len(truth) >= MIN_EVIDENCE_ROWS and (ev["true_loss_ratio"] or 0) < FAIL_RATIO:
         reason = f"its images' true loss is {ev['true_loss_ratio'] or 0:.1f}x the mean, below {FAIL_RATIO:g}x"
+        ev["failed_on"] = "retrieved true loss"  # which :func:`_check_described` may overrule
     ev["holds"], ev["reason"] = reason is None, reason
     return ev
 
@@ -305,9 +310,17 @@ def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: 
     (:meth:`Faithfulness.shows`) must have a mean true loss of at least ``FAIL_RATIO`` x the mean.
     The retrieved rows are the group's best-separating top; a name whose top fails while what it
     says, taken whole, fails less than that ("a yellow triangle": its nearest images fail, yellow
-    triangles at large 1.9x) would tell the reader more than the data does. ``judged``: the rows of
-    :func:`_described_sample`. Adds ``described_rows`` and ``described_loss_ratio``."""
-    if not len(judged) or not ev["holds"] or not words.tested(name):
+    triangles at large 1.9x) would tell the reader more than the data does.
+
+    When it describes ``MIN_EVIDENCE_ROWS`` judged rows or more, these rows decide the true-loss
+    verdict, also for a name whose *retrieved* rows fell short: those are its nearest images as far
+    as its predicted loss reached, which include neighbours CLIP does not read as the name ("a
+    large purple square" retrieves large purple circles past its squares: 1.8x, while the large
+    purple squares themselves fail at 2.4x). ``judged``: the rows of :func:`_described_sample`.
+    Adds ``described_rows``, ``described_loss_ratio`` and its 95% interval, and ``judged_by``."""
+    if not len(judged) or not words.tested(name):
+        return
+    if not ev["holds"] and ev.get("failed_on") != "retrieved true loss":
         return
     rows = judged[words.shows(name, t.X[judged])]
     mean_true = float(t.loss[judged].mean())
@@ -315,8 +328,13 @@ def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: 
     ev["described_rows"], ev["described_loss_ratio"] = int(len(rows)), ratio
     ev["described_loss_ratio_ci"] = [x / mean_true for x in bootstrap_ci(t.loss[rows])] \
         if ratio is not None else None
-    if len(rows) >= MIN_EVIDENCE_ROWS and ratio is not None and ratio < FAIL_RATIO:
-        ev["holds"] = False
+    if len(rows) < MIN_EVIDENCE_ROWS or ratio is None:
+        return
+    ev["judged_by"] = "described rows"
+    if ratio >= FAIL_RATIO and ev.get("failed_on") == "retrieved true loss":
+        ev["holds"], ev["reason"], ev["failed_on"] = True, None, None
+    elif ratio < FAIL_RATIO and ev["holds"]:
+        ev["holds"], ev["failed_on"] = False, "described true loss"
         ev["reason"] = (f"the {len(rows)} judged images it describes have {ratio:.1f}x the mean true loss, below "
                         f"{FAIL_RATIO:g}x (only its nearest images fail)")
 
@@ -326,10 +344,9 @@ def _fails_on_truth(ev: dict) -> bool:
     retrieved rows, or the judged rows it describes, below ``FAIL_RATIO`` x the mean)."""
     if ev["holds"]:
         return False
-    retrieved = ev["true_rows"] >= MIN_EVIDENCE_ROWS and (ev["true_loss_ratio"] or 0) < FAIL_RATIO
-    described = (ev.get("described_rows") or 0) >= MIN_EVIDENCE_ROWS and \
-        (ev.get("described_loss_ratio") or 0) < FAIL_RATIO
-    return bool(retrieved or described)
+    if ev.get("judged_by") == "described rows":
+        return (ev.get("described_loss_ratio") or 0) < FAIL_RATIO
+    return bool(ev["true_rows"] >= MIN_EVIDENCE_ROWS and (ev["true_loss_ratio"] or 0) < FAIL_RATIO)
 
 
 def _check_beyond_noise(ev: dict, t: _Table) -> None:
@@ -565,8 +582,8 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             got = retrieve(t, T[c["phrase"]], round(c["r"] * scale))
             members = got[fail[got] & ~taken[got]]
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
+            _check_described(ev, phrases[c["phrase"]], t, described, words)  # may overrule evidence()
             _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
-            _check_described(ev, phrases[c["phrase"]], t, described, words)
             if doubted:
                 _check_beyond_noise(ev, t)
             checked.append((c, got, members, ev))
@@ -584,7 +601,11 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             before = ev
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
             ev.update({k: before[k] for k in ("true_of", "described_rows", "described_loss_ratio",
-                                             "described_loss_ratio_ci", "beyond_noise") if k in before})
+                                             "described_loss_ratio_ci", "beyond_noise", "judged_by")
+                       if k in before})
+            if before["holds"] and ev.get("failed_on") == "retrieved true loss" and \
+                    before.get("judged_by") == "described rows":  # the same rows: the same verdict
+                ev["holds"], ev["reason"], ev["failed_on"] = True, None, None
             if ev["holds"] and not before["holds"]:
                 ev["holds"], ev["reason"] = False, before["reason"]
         taken[members] = True

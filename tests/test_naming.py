@@ -361,3 +361,31 @@ def test_a_real_narrower_failure_is_named_after_its_wider_name_fails():
     assert [m.description for m in shown] == ["a yellow triangle on a dark background"]
     ev = shown[0].evidence
     assert ev["described_loss_ratio_ci"][0] >= 2 and ev["described_loss_ratio"] > 4
+
+
+def test_the_rows_a_name_describes_overrule_its_retrieved_rows_on_true_loss():
+    """A name's retrieved rows are its nearest images as far as predicted loss reached: they may
+    include neighbours that are not what it says. When the judged rows that show the name are
+    enough to judge, they decide: "a large purple square" whose squares fail at 3x is shown even
+    though its retrieved rows (squares and circles) are below 2x; "a large purple circle", whose
+    circles do not fail, stays hidden whatever its retrieved rows."""
+    from diagnosis.explain import _check_described, _described_sample, evidence
+    from diagnosis.modes import Faithfulness
+
+    s = Space(seed=8)
+    base = float(s.loss.mean())
+    sq = np.flatnonzero(s.where(shape="square", color="purple", size="large"))
+    ci = np.flatnonzero(s.where(shape="circle", color="purple", size="large"))
+    s.loss[sq] = 3.0 * base
+    s.loss[ci] = 0.5 * base
+    t = s.table()
+    t.pred[sq], t.pred[ci] = 3 * base, 3 * base  # both predicted to fail
+    words = Faithfulness(Grammar(TRIPLES), s.encode, TRIPLES, s.encode(TRIPLES))
+    retrieved = np.concatenate([sq, ci])  # half squares, half circles: (3 + 0.5) / 2 < 2x
+    for name, shown in (("a large purple square", True), ("a large purple circle", False)):
+        ev = evidence(t, retrieved, 100, 0.9, 0.9, 1.0)
+        assert not ev["holds"] and "true loss" in ev["reason"]
+        _check_described(ev, name, t, _described_sample(t), words)
+        assert ev["judged_by"] == "described rows" and ev["described_rows"] >= 0.8 * len(sq)
+        assert ev["holds"] is shown and (ev["reason"] is None) is shown
+        assert (ev["described_loss_ratio"] >= 2) is shown
