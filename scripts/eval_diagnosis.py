@@ -18,6 +18,9 @@ top N the same way, printed beside. ``--worlds-built FILE`` takes already-built 
 ``<spec name> <db path>`` instead of building them.
 
 Usage: ``nice -n 10 python scripts/eval_diagnosis.py [--specs default,color-task] [--baseline DIR] [--out F.json]``
+
+The four specs written after the method settled and never tuned on (BENCHMARKS.md, issue 13) are
+in ``scripts/worlds/``: ``--specs scripts/worlds/unseen-a.json,scripts/worlds/unseen-b.json,...``.
 """
 
 from __future__ import annotations
