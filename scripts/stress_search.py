@@ -68,8 +68,12 @@ def _consistent(answer: dict[str, tuple], states: list[dict]) -> int | None:
 
 
 def search_while_writing(db_path: Path, writes: list[Callable[[], object]], threads: int = 8,
-                         searches: int = 200, k: int = 10, seed: int = 0) -> dict:
+                         searches: int = 200, k: int = 10, seed: int = 0, after_writes: int = 3,
+                         max_seconds: float = 900.0) -> dict:
     """Run ``writes`` one after another in a writer thread while ``threads`` threads search.
+
+    Each searcher runs at least ``searches`` searches, keeps searching while the writer works, and
+    runs ``after_writes`` more once it has finished (``max_seconds`` bounds it all).
 
     Returns counts: searches, errors (first few messages), inconsistent answers, short answers, the
     states answers came from, and latency percentiles (ms).
@@ -97,8 +101,12 @@ def search_while_writing(db_path: Path, writes: list[Callable[[], object]], thre
             start.wait()
             return
         start.wait()
-        done = 0
-        while done < searches or (not writer_done.is_set() and done < 10 * searches):
+        done = after = 0
+        deadline = time.monotonic() + max_seconds
+        # Search until the writer is done and then some more, so answers come from the states before,
+        # during and after the writes however fast searches are next to writes on this machine.
+        while (done < searches or not writer_done.is_set() or after < after_writes) and time.monotonic() < deadline:
+            after += writer_done.is_set()
             phrase = PHRASES[int(rng.integers(len(PHRASES)))]
             t0 = time.perf_counter()
             try:
