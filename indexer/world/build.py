@@ -107,8 +107,11 @@ class World:
         ]
         if "training" in c:
             tr = c["training"]
-            why = (f"reached the target {tr['target']:.2f}" if tr["stopped"] == "target"
-                   else f"stopped at the cap, target {tr['target']:.2f} not reached")
+            goal = f"zero-shot {tr['target']:.2f}"
+            if tr.get("phrase_target") is not None:
+                goal += f" and phrase precision@{tr['phrase_k']} {tr['phrase_target']:.2f} on held-out images"
+            why = (f"reached the targets: {goal}" if tr["stopped"] == "target"
+                   else f"stopped at the cap, targets ({goal}) not reached")
             lines.append(f"tiny CLIP training: {tr['steps']} of at most {tr['cap']} steps ({why})")
         if "phrase_precision" in c:
             pp = c["phrase_precision"]
@@ -204,21 +207,25 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     t, c = time.perf_counter(), time.process_time()
     (out / "tiny-clip.json").write_bytes(config_bytes)
     cfg = spec["clip"]
-    log.info("world %s: training the tiny CLIP (at most %d steps of %d captions, until zero-shot >= %.2f)",
-             h, cfg["steps"], cfg["batch_size"], cfg["target"])
+    log.info("world %s: training the tiny CLIP (at most %d steps of %d captions, until zero-shot >= %.2f "
+             "and phrase precision >= %.2f)", h, cfg["steps"], cfg["batch_size"], cfg["target"], cfg["phrase_target"])
     pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), spec, "clip")
-    watch = finish_rows(sample_rows(cfg["n_eval"], seed, "clip_eval"), spec, "clip_eval")
+    # one uniform pool: its first n_eval images for zero-shot, all of it for phrase precision (only
+    # rendered when the stopping rule will look at it: a check falls before the cap)
+    checks = bool(cfg["eval_every"]) and cfg["eval_every"] < cfg["steps"]
+    n_watch = max(cfg["n_eval"], cfg["n_phrase_eval"]) if checks else cfg["n_eval"]
+    watch = finish_rows(sample_rows(n_watch, seed, "clip_eval"), spec, "clip_eval")
     _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
     pool_px = tiny_clip.preprocess_images(render_all(pool, size), preprocess)
     watch_px = tiny_clip.preprocess_images(render_all(watch, size), preprocess)
+    phrases = _phrases(spec)
     model, training = tiny_clip.train_clip(out / "tiny-clip.json", pool_px, pool, cfg, seed, (watch_px, watch),
-                                           progress)
+                                           progress, phrases=phrases if cfg["n_phrase_eval"] else None)
     del pool_px, watch_px
     torch.save(model.state_dict(), out / "tiny-clip.pt")
     img = tiny_clip.encode(model, pixels=tiny_clip.preprocess_images(images, preprocess))
     test = (rows["split"] == "test").to_numpy()
     clip_q = tiny_clip.evaluate_clip(model, tokenizer, img[test], rows[test].reset_index(drop=True))
-    phrases = _phrases(spec)
     clip_q["phrase_precision"] = tiny_clip.phrase_precision(
         img, rows, phrases, tiny_clip.encode(model, texts=[p for p, _ in phrases], tokenizer=tokenizer))
     clip_q["training"] = training

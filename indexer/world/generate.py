@@ -49,6 +49,10 @@ TEMPLATES = (
     "a {color} {shape} on a {bg} background",
 )
 TEMPLATE_P = np.array([0.2, 0.12, 0.12, 0.12, 0.12, 0.12, 0.1, 0.1])
+#: The attributes each template states (in :data:`ATTRIBUTES` order): "a {color} {shape}" says
+#: nothing of size or background, so it also describes images of any size on any background.
+_PLACEHOLDERS = {"shape": ("{shape}",), "color": ("{color}",), "size": ("{size}",), "background": ("{bg}", "{bgshort}")}
+TEMPLATE_STATES = np.array([[any(p in t for p in _PLACEHOLDERS[a]) for a in ATTRIBUTES] for t in TEMPLATES])
 
 
 def caption(attrs: dict, template: int = 0) -> str:
@@ -80,8 +84,8 @@ def describe(where: dict) -> str:
     return with_articles(text)
 
 
-#: Share of training captions that are a full template (all four attributes, varied wording); the
-#: rest describe a random subset of the attributes with :func:`describe`.
+#: Share of training captions drawn from :data:`TEMPLATES` (varied wording, most of them stating all
+#: four attributes); the rest describe a random subset of the attributes with :func:`describe`.
 FULL_CAPTION_SHARE = 0.4
 #: Probability of describing 1, 2, 3 or 4 attributes in a partial caption.
 SUBSET_SIZE_P = np.array([0.3, 0.4, 0.2, 0.1])
@@ -106,6 +110,7 @@ def sample_captions(rows: pd.DataFrame, rng: np.random.Generator) -> tuple[list[
     for i, rec in enumerate(records):
         if full[i]:
             out.append(caption(rec, int(templates[i])))
+            mask[i] = TEMPLATE_STATES[templates[i]]
             continue
         keep = np.zeros(len(attrs), dtype=bool)
         keep[rng.choice(len(attrs), sizes[i], replace=False)] = True
