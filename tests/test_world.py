@@ -141,7 +141,6 @@ def test_task_can_be_another_attribute():
     ({"clip": {"steps": 0}}, "clip.steps"),
     ({"clip": {"eval_every": "often"}}, "clip.eval_every"),
     ({"clip": {"phrase_target": -0.1}}, "phrase_target"),
-    ({"clip": {"n_phrase_eval": 2.5}}, "clip.n_phrase_eval"),
 ])
 def test_bad_specs_are_refused_with_the_field_named(bad, words):
     with pytest.raises(UserError, match=words):
@@ -231,11 +230,15 @@ def _tiny_training(target: float, steps: int = 6, phrase_target: float | None = 
     spec = load_spec({**TINY, "clip": clip})
     _, pre, _ = tiny_clip.create(TINY_CLIP)
     pool = sample_rows(48, 0, "clip")
-    watch = sample_rows(60, 0, "clip_eval")  # the first 40 for zero-shot, all 60 for phrases
+    watch = sample_rows(40, 0, "clip_eval")
     px = tiny_clip.preprocess_images(render_all(pool, 32), pre)
     wpx = tiny_clip.preprocess_images(render_all(watch, 32), pre)
-    phrases = vocabulary_items() if phrase_target is not None else None
-    return tiny_clip.train_clip(TINY_CLIP, px, pool, spec["clip"], 0, (wpx, watch), progress=False, phrases=phrases)
+    check = None
+    if phrase_target is not None:  # "the world": 60 other images, and the vocabulary
+        world = sample_rows(60, 0, "test")
+        check = (tiny_clip.preprocess_images(render_all(world, 32), pre), world, vocabulary_items())
+    return tiny_clip.train_clip(TINY_CLIP, px, pool, spec["clip"], 0, (wpx, watch), progress=False,
+                                phrase_check=check)
 
 
 def test_training_waits_for_every_phrase_once_zero_shot_holds():
@@ -243,10 +246,10 @@ def test_training_waits_for_every_phrase_once_zero_shot_holds():
     # steps of 16 captions: the phrase rule alone keeps training to the cap, measuring at each check
     _, rec = _tiny_training(target=0.0, phrase_target=1.0)
     assert rec["stopped"] == "cap" and rec["steps"] == 6 and rec["phrase_target"] == 1.0
-    checks = [h["phrase_precision"] for h in rec["history"]]
-    assert len(checks) == 3 and all(c["k"] == 10 == rec["phrase_k"] for c in checks)  # 0.5% of 60, at least 10
+    checks = [h["phrase_precision"] for h in rec["history"] if "phrase_precision" in h]
+    assert len(checks) == 2 and all(c["k"] == 100 for c in checks)  # at steps 2 and 4; the cap is 6
     assert all(c["min"] < 1.0 and c["min"] <= c["mean"] <= 1.0 for c in checks)
-    assert rec["eval_images"] == 40 and rec["phrase_eval_images"] == 60
+    assert rec["eval_images"] == 40 and rec["phrase_images"] == 60
     # met at once: stops at the first check, like zero-shot alone
     _, rec = _tiny_training(target=0.0, phrase_target=0.0)
     assert rec["stopped"] == "target" and rec["steps"] == 2 and "phrase_precision" in rec["history"][0]

@@ -109,7 +109,7 @@ class World:
             tr = c["training"]
             goal = f"zero-shot {tr['target']:.2f}"
             if tr.get("phrase_target") is not None:
-                goal += f" and phrase precision@{tr['phrase_k']} {tr['phrase_target']:.2f} on held-out images"
+                goal += f" and phrase precision@100 {tr['phrase_target']:.2f} on the world's images"
             why = (f"reached the targets: {goal}" if tr["stopped"] == "target"
                    else f"stopped at the cap, targets ({goal}) not reached")
             lines.append(f"tiny CLIP training: {tr['steps']} of at most {tr['cap']} steps ({why})")
@@ -210,20 +210,20 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     log.info("world %s: training the tiny CLIP (at most %d steps of %d captions, until zero-shot >= %.2f "
              "and phrase precision >= %.2f)", h, cfg["steps"], cfg["batch_size"], cfg["target"], cfg["phrase_target"])
     pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), spec, "clip")
-    # one uniform pool: its first n_eval images for zero-shot, all of it for phrase precision (only
-    # rendered when the stopping rule will look at it: a check falls before the cap)
-    checks = bool(cfg["eval_every"]) and cfg["eval_every"] < cfg["steps"]
-    n_watch = max(cfg["n_eval"], cfg["n_phrase_eval"]) if checks else cfg["n_eval"]
-    watch = finish_rows(sample_rows(n_watch, seed, "clip_eval"), spec, "clip_eval")
+    watch = finish_rows(sample_rows(cfg["n_eval"], seed, "clip_eval"), spec, "clip_eval")
     _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
     pool_px = tiny_clip.preprocess_images(render_all(pool, size), preprocess)
     watch_px = tiny_clip.preprocess_images(render_all(watch, size), preprocess)
     phrases = _phrases(spec)
+    world_px = tiny_clip.preprocess_images(images, preprocess)
+    # The phrases are checked on the world's own images: the goal is how they retrieve here, where
+    # planted slices make some pairs rare (a uniform pool said 0.95 where the world had 0.79).
     model, training = tiny_clip.train_clip(out / "tiny-clip.json", pool_px, pool, cfg, seed, (watch_px, watch),
-                                           progress, phrases=phrases if cfg["n_phrase_eval"] else None)
+                                           progress, phrase_check=(world_px, rows, phrases))
     del pool_px, watch_px
     torch.save(model.state_dict(), out / "tiny-clip.pt")
-    img = tiny_clip.encode(model, pixels=tiny_clip.preprocess_images(images, preprocess))
+    img = tiny_clip.encode(model, pixels=world_px)
+    del world_px
     test = (rows["split"] == "test").to_numpy()
     clip_q = tiny_clip.evaluate_clip(model, tokenizer, img[test], rows[test].reset_index(drop=True))
     clip_q["phrase_precision"] = tiny_clip.phrase_precision(
