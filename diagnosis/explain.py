@@ -586,28 +586,23 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
             if doubted:
                 _check_beyond_noise(ev, t)
-            checked.append((c, got, members, ev))
+            checked.append((c, got, members, ev, doubted))
             if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break
             doubted = doubted or _fails_on_truth(ev)
         if not checked:
             continue
-        c, got, members, ev = next((x for x in checked if x[3]["holds"]), checked[0])
+        c, got, members, ev, doubted = next((x for x in checked if x[3]["holds"]), checked[0])
         for tail in g["tails"]:  # the failure's leftovers past its name's prefix
             extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
             extra = extra[fail[extra] & ~taken[extra]]
             members = np.union1d(members, extra)
-        if g["tails"]:  # the same name's evidence over the larger membership; its checks carry over
-            before = ev
+        if g["tails"]:  # the same name judged again on its whole membership (its size, true_of)
             ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
-            ev.update({k: before[k] for k in ("true_of", "described_rows", "described_loss_ratio",
-                                             "described_loss_ratio_ci", "beyond_noise", "judged_by")
-                       if k in before})
-            if before["holds"] and ev.get("failed_on") == "retrieved true loss" and \
-                    before.get("judged_by") == "described rows":  # the same rows: the same verdict
-                ev["holds"], ev["reason"], ev["failed_on"] = True, None, None
-            if ev["holds"] and not before["holds"]:
-                ev["holds"], ev["reason"] = False, before["reason"]
+            _check_described(ev, phrases[c["phrase"]], t, described, words)
+            _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
+            if doubted:
+                _check_beyond_noise(ev, t)
         taken[members] = True
         used.add(phrases[c["phrase"]])
         others = [phrases[x["phrase"]] for x in g["candidates"] if x is not c]

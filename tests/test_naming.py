@@ -389,3 +389,31 @@ def test_the_rows_a_name_describes_overrule_its_retrieved_rows_on_true_loss():
         assert ev["judged_by"] == "described rows" and ev["described_rows"] >= 0.8 * len(sq)
         assert ev["holds"] is shown and (ev["reason"] is None) is shown
         assert (ev["described_loss_ratio"] >= 2) is shown
+
+
+def test_a_mode_whose_tails_bring_it_to_20_samples_is_judged_on_them(monkeypatch):
+    """A failure's name retrieved too few of its failing rows to be shown alone (12), and its
+    tail -- the rest of the same failure, past the name's prefix -- brings it to 20 or more: the
+    mode is judged on its whole membership, not hidden for the 12 it started with."""
+    import diagnosis.explain as ex
+
+    s = Space(seed=4)
+    blue_circle = s.where(shape="circle", color="blue")
+    s.loss[blue_circle] *= 8
+    t = s.table()
+    t.pred = np.where(blue_circle, 8 * float(t.pred.mean()), t.pred)  # every blue circle predicted to fail
+    phrases = vocab() + ["a small blue circle"]
+    T = s.encode(phrases)
+    name, tail = phrases.index("a blue circle"), phrases.index("a small blue circle")
+
+    def one_group(X, pred, threshold, phrases, T, **kw):
+        cand = {"phrase": name, "r": 12, "gain": 1.0, "precision": 1.0, "coverage": 0.1}
+        return ([{"candidates": [cand], "retrieved": np.arange(12), "tails": [{"phrase": tail, "r": 80}]}],
+                phrases, T, np.arange(len(X)))
+
+    monkeypatch.setattr(ex, "find_modes", one_group)
+    [m] = name_modes(t, phrases, T, s.encode, show_all=True)
+    assert m.description == "a blue circle" and m.size >= 20
+    assert blue_circle[[int(i[1:]) for i in m.ids]].all()  # tails of the same failure: blue circles only
+    assert m.shown and m.evidence["holds"] and m.evidence["reason"] is None, m.evidence
+    assert m.evidence["true_loss_ratio"] > 4  # its images fail: 8x, diluted by nothing but noise
