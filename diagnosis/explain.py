@@ -573,6 +573,17 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
     fail = t.pred >= fail_threshold(t.pred)
     taken = np.zeros(len(t.ids), dtype=bool)  # failing rows already a member of an earlier mode
     described = _described_sample(t)
+
+    def judge(c: dict, got: np.ndarray, members: np.ndarray, doubted: bool) -> dict:
+        """The evidence for naming ``members`` by candidate ``c`` (which retrieved ``got``), every check applied."""
+        name = phrases[c["phrase"]]
+        ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
+        _check_described(ev, name, t, described, words)  # may overrule evidence()
+        _check_true_of(ev, name, t.X[members], words)
+        if doubted:
+            _check_beyond_noise(ev, t)
+        return ev
+
     out, used = [], set()
     for g in groups:
         checked, doubted = [], False  # doubted: a better name for the group failed on true loss
@@ -581,11 +592,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
                 continue
             got = retrieve(t, T[c["phrase"]], round(c["r"] * scale))
             members = got[fail[got] & ~taken[got]]
-            ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
-            _check_described(ev, phrases[c["phrase"]], t, described, words)  # may overrule evidence()
-            _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
-            if doubted:
-                _check_beyond_noise(ev, t)
+            ev = judge(c, got, members, doubted)
             checked.append((c, got, members, ev, doubted))
             if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break
@@ -598,11 +605,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             extra = extra[fail[extra] & ~taken[extra]]
             members = np.union1d(members, extra)
         if g["tails"]:  # the same name judged again on its whole membership (its size, true_of)
-            ev = evidence(t, got, len(members), c["coverage"], c["precision"], c["gain"] * scale)
-            _check_described(ev, phrases[c["phrase"]], t, described, words)
-            _check_true_of(ev, phrases[c["phrase"]], t.X[members], words)
-            if doubted:
-                _check_beyond_noise(ev, t)
+            ev = judge(c, got, members, doubted)
         taken[members] = True
         used.add(phrases[c["phrase"]])
         others = [phrases[x["phrase"]] for x in g["candidates"] if x is not c]
