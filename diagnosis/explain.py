@@ -15,6 +15,10 @@ that its name describes a real failure.
    (:func:`_check_beyond_noise`); when none does, the mode is hidden (``show_all`` lists it, with
    ``shown`` false and the reason).
 
+Only labelled rows are named and judged: the unlabeled pool (``split = "pool"``) has no loss to
+judge a name by, so it stays out of the naming; each mode then says how many pool images its name
+retrieves (:func:`name_matches`: ``pool_rows``), the images ``llm2loss curate`` can send for labelling.
+
 Modes are listed by :func:`impact` (members x how far above the failure line they are predicted),
 so the failures that cost the most come first. Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
 intervals, coverage and precision of the name against the group), its members (``ids``), their
@@ -82,11 +86,15 @@ class FailureMode:
     ids: list[str] = field(default_factory=list, repr=False)
     evidence: dict = field(default_factory=dict)
     shown: bool = True
+    #: unlabeled pool images the name retrieves (:func:`pool_matches`); None without a pool
+    pool_rows: int | None = None
+    pool_ids: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_ids: bool = False) -> dict:
         d = asdict(self)
         if not with_ids:
             d.pop("ids")
+            d.pop("pool_ids")
         return d
 
     def summary(self) -> str:
@@ -115,6 +123,8 @@ class FailureMode:
             out += f"\n      also: {', '.join(repr(p) for p in also)}"
         if self.examples:
             out += f"\n      e.g. {', '.join(self.examples[:3])}"
+        if self.pool_rows is not None:
+            out += f"\n      unlabeled pool: its name retrieves {self.pool_rows} images (`llm2loss curate` plans which to label)"
         return out
 
 
@@ -133,6 +143,7 @@ class _Table:
     pred: np.ndarray  # (n,) float64, the stored out-of-fold predicted_loss
     std: np.ndarray  # (n,) float64, the stored predicted_loss_std
     split: np.ndarray | None = None  # (n,) object, or None
+    pool: _Pool | None = None  # the unlabeled rows, kept out of every array above
 
     @cached_property
     def total_loss(self) -> float:
@@ -153,9 +164,18 @@ class _Table:
         return held if train.any() and held.sum() >= MIN_SAMPLES else known
 
 
+@dataclass
+class _Pool:
+    """The unlabeled rows (``split = "pool"``): ids (p,) object, X (p, d) float32, pred (p,) float64."""
+
+    ids: np.ndarray
+    X: np.ndarray
+    pred: np.ndarray
+
+
 def _read_table(db) -> _Table:
     """Ids, embeddings, losses and stored predictions, all from one snapshot of the table (so in
-    one row order, with no id lookups)."""
+    one row order, with no id lookups); the unlabeled pool's rows are set apart in ``pool``."""
     from diagnosis.run import read_embeddings
 
     snap = db.snapshot()
@@ -171,10 +191,15 @@ def _read_table(db) -> _Table:
         )
     X = read_embeddings(db, snap, t.num_rows)
     std = t.column(S.PREDICTED_LOSS_STD).to_numpy(zero_copy_only=False).astype(np.float64)
-    return _Table(ids=t.column(S.ID).to_numpy(zero_copy_only=False), X=X,
-                  loss=t.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64),
-                  pred=pred, std=np.nan_to_num(std),
-                  split=t.column(S.SPLIT).to_numpy(zero_copy_only=False) if S.SPLIT in t.column_names else None)
+    ids = t.column(S.ID).to_numpy(zero_copy_only=False)
+    loss = t.column(S.LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
+    split = t.column(S.SPLIT).to_numpy(zero_copy_only=False) if S.SPLIT in t.column_names else None
+    unl = (split == S.POOL_SPLIT) if split is not None else np.zeros(len(ids), dtype=bool)
+    if not unl.any():
+        return _Table(ids=ids, X=X, loss=loss, pred=pred, std=np.nan_to_num(std), split=split)
+    keep = ~unl
+    return _Table(ids=ids[keep], X=X[keep], loss=loss[keep], pred=pred[keep], std=np.nan_to_num(std[keep]),
+                  split=split[keep], pool=_Pool(ids=ids[unl], X=X[unl], pred=pred[unl]))
 
 
 def _top_neighbours(X: np.ndarray, Q: np.ndarray, m: int, block: int = 65536) -> np.ndarray:
@@ -546,6 +571,12 @@ def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool
     :func:`diagnosis.vocab.real_vocabulary`). ``compose``: also name groups by compositions of their
     best phrases ("a small" + "blue circle"). See the module doc for how names are chosen and checked.
     """
+    return explain_table(db, vocab, top, show_all, compose, seed)[0]
+
+
+def explain_table(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True, seed: int = 0):
+    """:func:`explain`, also returning the table it read (labelled rows; the pool in ``pool``) and
+    the :class:`Faithfulness` that judged the names, for callers that go on with them (curate)."""
     from diagnosis.run import open_db
 
     if top < 1:
@@ -554,16 +585,71 @@ def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool
     scorer = Scorer(db)
     phrases, _ = resolve_vocabulary(db, vocab)
     t = _read_table(db)
+    if not len(t.ids):
+        raise UserError(f"{db.path} holds only unlabeled rows; index rows with a loss (or a label and "
+                        "--predictions/--model) to name where the model fails.")
     T = scorer.encode_text(phrases)
-    return name_modes(t, phrases, T, scorer.encode_text if compose else None, top, show_all, seed)
+    encode = scorer.encode_text if compose else None
+    words = Faithfulness(Grammar(phrases), encode, phrases, T)
+    modes = name_modes(t, phrases, T, encode, top, show_all, seed, words=words)
+    attach_pool(modes, t, words)
+    return modes, t, words
+
+
+def attach_pool(modes: list[FailureMode], t: _Table, words: Faithfulness) -> None:
+    """Set each mode's ``pool_rows`` / ``pool_ids``: the unlabeled images its name retrieves
+    (:func:`name_matches`), highest predicted loss first; nothing when the table has no pool."""
+    if t.pool is None:
+        return
+    for m in modes:
+        rows = name_matches(t, m, words, t.pool.X)
+        rows = rows[np.argsort(-t.pool.pred[rows], kind="stable")]
+        m.pool_rows, m.pool_ids = len(rows), [str(i) for i in t.pool.ids[rows]]
+
+
+def name_matches(t: _Table, m: FailureMode, words: Faithfulness, X: np.ndarray) -> np.ndarray:
+    """Rows of ``X`` ((r, d) float32 image embeddings: the unlabeled pool, or some labelled rows)
+    that mode ``m``'s name retrieves: those that *show* the name (:meth:`Faithfulness.shows`: for
+    each part CLIP prefers the name to every rival value) when the vocabulary can test every part;
+    otherwise those at least as similar to the name as the least similar labelled image of ``t``
+    its evidence retrieved."""
+    name = m.description
+    if words.tested(name):
+        return np.flatnonzero(words.shows(name, X))
+    q = words.vectors([name])[0]
+    r = max(1, min(int(m.evidence.get("retrieved") or MIN_SAMPLES), len(t.ids)))
+    sims = t.X @ q
+    line = float(np.partition(sims, len(sims) - r)[len(sims) - r])
+    return np.flatnonzero(X @ q >= line)
+
+
+def find_mode(modes: list[FailureMode], text, option: str = "--mode") -> FailureMode:
+    """The mode ``text`` names: its 1-based number in ``modes``, or its description (exact, else a
+    unique substring); refuses anything else with the list."""
+    text = str(text).strip()
+    if text.isdigit():
+        number = int(text)
+        if not 1 <= number <= len(modes):
+            raise UserError(f"{option} {number} is out of range; `llm2loss explain` lists modes 1-{len(modes)}.")
+        return modes[number - 1]
+    exact = [m for m in modes if m.description.lower() == text.lower()]
+    partial = [m for m in modes if text.lower() in m.description.lower()]
+    found = exact or partial
+    if len(found) != 1:
+        listing = "; ".join(f"{i}. {m.description}" for i, m in enumerate(modes, 1)) or "none"
+        why = "matches no" if not found else "matches several"
+        raise UserError(f"{option} {text!r} {why} failure mode ({listing}); pass its number or full description.")
+    return found[0]
 
 
 def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: int = 10, show_all: bool = False,
-               seed: int = 0) -> list[FailureMode]:
+               seed: int = 0, words: Faithfulness | None = None) -> list[FailureMode]:
     """:func:`explain` on a table already read, with the vocabulary's (m, d) text embeddings ``T``;
-    ``encode`` (phrases -> embeddings) lets it score compositions of the best phrases."""
-    grammar = Grammar(phrases)
-    words = Faithfulness(grammar, encode, phrases, T)  # one cache of rivals' embeddings for every step
+    ``encode`` (phrases -> embeddings) lets it score compositions of the best phrases; ``words``
+    a :class:`Faithfulness` to share (its cache of rivals' embeddings), else one is made."""
+    grammar = Grammar(phrases) if words is None else words.grammar
+    if words is None:
+        words = Faithfulness(grammar, encode, phrases, T)  # one cache of rivals' embeddings for every step
     groups, phrases, T, sample = find_modes(t.X, t.pred, fail_threshold(t.pred), phrases, T, encode=encode,
                                             grammar=grammar if encode is not None else None, seed=seed,
                                             words=words if encode is not None else None)

@@ -77,6 +77,8 @@ class DiagnoseReport:
     timings: dict = field(default_factory=dict)
     #: why a quality figure is undefined (NaN), for a person; None when all are defined
     quality_note: str | None = None
+    #: unlabeled rows (``split = "pool"``): scored by the full ensemble, never fitted
+    pool_rows: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +93,8 @@ class DiagnoseReport:
         ]
         if self.quality_note:
             lines.append(f"  (undefined figures: {self.quality_note})")
+        if self.pool_rows:
+            lines.append(f"unlabeled pool: {self.pool_rows} rows scored (never fitted); `llm2loss curate` plans which to label")
         if self.test:
             lines.append(
                 f"test split ({self.test['n']} rows): Spearman {_fig(self.test['spearman'])}, "
@@ -327,6 +331,7 @@ def _diagnose(db: Database, members, folds, max_rows, progress, random_state, fi
         auroc_top10=q["auroc_top10"], seconds=seconds, data_version=data_version, test=q_test,
         timings={k: round(v, 2) for k, v in timings.items()}, fit_split="held-out" if use_held_out else "all",
         quality_note=undefined_why(loss[has_loss], pred[has_loss]),
+        pool_rows=int((split == S.POOL_SPLIT).sum()),
     )
     _save(db, ens, image_mean, report, clip)
     return report

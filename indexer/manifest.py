@@ -68,6 +68,19 @@ class Manifest:
         """The non-core columns, with their types (for :func:`indexer.schema.table_schema`)."""
         return pa.schema([f for f in self.table.schema if f.name not in S.CORE_COLUMNS])
 
+    def unlabeled(self) -> np.ndarray:
+        """(n,) bool: the rows with neither a label nor a loss -- the *unlabeled pool*
+        (``split = "pool"``), stored and scored but never fitted. A loss cell that could not be read
+        is a bad loss, not a missing one."""
+        no_label = np.asarray(self.table.column(S.LABEL).is_null().to_numpy(zero_copy_only=False), dtype=bool) \
+            if S.LABEL in self.table.column_names else np.ones(len(self), dtype=bool)
+        if S.LOSS in self.table.column_names:
+            no_loss = np.asarray(self.table.column(S.LOSS).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            no_loss[list(self.loss_problems)] = False
+        else:
+            no_loss = np.ones(len(self), dtype=bool)
+        return no_label & no_loss
+
     def column(self, name: str) -> list:
         """A column as a Python list (``None`` for nulls, or all ``None`` when absent)."""
         if name not in self.table.column_names:

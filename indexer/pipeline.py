@@ -5,7 +5,9 @@ The run, in order:
 1. Validate everything that can fail the whole run before touching the database: the manifest,
    the loss source (exactly one of a ``loss`` column, a predictions file, a model), the CLIP model
    (a model other than the one recorded in the database is refused), the metadata columns.
-2. Decide the rows to do: rows whose id is already stored are skipped (this is what makes a rerun
+2. Decide the rows to do: rows with neither a label nor a loss are the *unlabeled pool*
+   (``split = "pool"``, ``loss`` and ``label`` null: stored, embedded and later scored, never
+   fitted); rows whose id is already stored are skipped (this is what makes a rerun
    continue where a killed run stopped, a finished rerun a no-op, and a second manifest add only its
    new ids); rows with a missing image or a bad loss/label are rejected (``strict``: the run fails).
 3. Decode images in worker processes, embed them (and run the user's model for ``--model``), and
@@ -63,6 +65,7 @@ class IndexReport:
     rows_in_source: int
     rows_written: int
     rows_already_stored: int
+    pool_rows: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     rejects_path: Path | None = None
     seconds: float = 0.0
@@ -87,6 +90,9 @@ class IndexReport:
             f"  rows written: {self.rows_written} (already stored: {self.rows_already_stored}, "
             f"in source: {self.rows_in_source})",
         ]
+        if self.pool_rows:
+            lines.append(f"  unlabeled rows (no label, no loss): {self.pool_rows}, stored as split '{S.POOL_SPLIT}' "
+                         "(scored by `llm2loss diagnose`, never fitted)")
         n_rej = sum(self.rejected.values())
         lines.append(f"  rows rejected: {n_rej}" + (f" (listed in {self.rejects_path})" if n_rej else ""))
         lines += [f"    {count:6d}  {reason}" for reason, count in sorted(self.rejected.items())]
@@ -105,7 +111,8 @@ def _open_existing(path: Path) -> Database | None:
     return Database(path) if (path / META_FILE).exists() else None
 
 
-def _loss_source(manifest: Manifest, predictions, model, task: str) -> RowLosses | None:
+def _loss_source(manifest: Manifest, predictions, model, task: str, pool: np.ndarray) -> RowLosses | None:
+    """The losses of the labelled rows (``pool``: the unlabeled rows, which get none)."""
     given = [name for name, on in (("the manifest's `loss` column", manifest.has_loss),
                                    ("--predictions", predictions is not None),
                                    ("--model", model is not None)) if on]
@@ -113,8 +120,11 @@ def _loss_source(manifest: Manifest, predictions, model, task: str) -> RowLosses
         raise UserError(f"losses come from exactly one source but {' and '.join(given)} were both given; "
                         "drop one of them.")
     if not given:
+        if pool.all():  # a manifest of unlabeled images: nothing to compute
+            return RowLosses(np.full(len(manifest), np.nan), {}, "none")
         raise UserError(f"the manifest {manifest.path} has no `loss` column and neither --predictions nor --model "
-                        "was given; add a loss column or pass one of them.")
+                        "was given; add a loss column or pass one of them (rows with neither a label nor a loss "
+                        "are indexed as the unlabeled pool).")
     if manifest.has_loss:
         return losses_from_column(manifest)
     if predictions is not None:
@@ -156,8 +166,8 @@ def rows_table(part: pa.Table, schema: pa.Schema, emb: np.ndarray, loss: np.ndar
     for f in schema:
         if f.name == S.EMBEDDING:
             cols.append(pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), d))
-        elif f.name == S.LOSS:
-            cols.append(pa.array(loss, pa.float32()))
+        elif f.name == S.LOSS:  # NaN: an unlabeled row, stored without a loss
+            cols.append(pa.array(np.asarray(loss, dtype=np.float32), pa.float32(), from_pandas=True))
         elif f.name in part.column_names:
             cols.append(part.column(f.name).cast(f.type))
         else:
@@ -186,7 +196,8 @@ class IndexPlan:
     """A validated ``index`` run before anything is written (see :func:`prepare_index`).
 
     ``todo``: manifest rows to embed, in order; ``rejects``: rows refused up front, by row;
-    ``already``: rows whose id is stored. ``clip_model`` is loaded on ``device``.
+    ``already``: rows whose id is stored; ``pool``: (n,) bool, the unlabeled rows (their ``split``
+    in the manifest's table is already ``"pool"``). ``clip_model`` is loaded on ``device``.
     """
 
     manifest: Manifest
@@ -203,10 +214,11 @@ class IndexPlan:
     rejects: Rejects
     already: int
     t_start: float
+    pool: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 def _rows_to_do(manifest: Manifest, existing: Database | None, row_losses: RowLosses | None,
-                model_loss: ModelLoss | None) -> tuple[list[int], Rejects, int]:
+                model_loss: ModelLoss | None, pool: np.ndarray) -> tuple[list[int], Rejects, int]:
     """(rows to embed in order, rows rejected up front, rows already stored).
 
     Ids and paths stay in Arrow buffers (tens of bytes a row) rather than Python lists of str
@@ -221,6 +233,14 @@ def _rows_to_do(manifest: Manifest, existing: Database | None, row_losses: RowLo
     upfront: Rejects = dict(row_losses.rejects) if row_losses else {}
     if model_loss is not None:
         upfront.update(model_loss.upfront_rejects())
+    for r in np.flatnonzero(pool):  # an unlabeled row has no loss to miss
+        upfront.pop(int(r), None)
+    if S.SPLIT in manifest.table.column_names:
+        given = np.asarray(pc.equal(manifest.table.column(S.SPLIT), S.POOL_SPLIT).fill_null(False)
+                           .to_numpy(zero_copy_only=False), dtype=bool)
+        for r in np.flatnonzero(given & ~pool):
+            upfront.setdefault(int(r), (f"split '{S.POOL_SPLIT}' on a labelled row",
+                                        f"split '{S.POOL_SPLIT}' is kept for rows with neither a label nor a loss"))
     images = manifest.table.column(S.IMAGE)
     todo: list[int] = []
     rejects: Rejects = {}
@@ -259,14 +279,17 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
         existing.check_clip(spec.identity())
     if existing is not None and existing.has_table():
         _check_metadata(manifest, existing.table.schema)
-    row_losses = _loss_source(manifest, predictions, model, task)
+    pool = manifest.unlabeled()
+    row_losses = _loss_source(manifest, predictions, model, task, pool)
+    if pool.any():
+        manifest.table = _mark_pool(manifest.table, pool)
 
     device = resolve_device(device)
     clip_model = load_clip(spec, device)
     model_loss = ModelLoss(model, manifest.column(S.LABEL), task, device) if model is not None else None
 
     # ---- rows to do -------------------------------------------------------------------------------
-    todo, rejects, already = _rows_to_do(manifest, existing, row_losses, model_loss)
+    todo, rejects, already = _rows_to_do(manifest, existing, row_losses, model_loss, pool)
     if strict and rejects:
         r = min(rejects)
         raise UserError(_reject_message(manifest, r, *rejects[r]))
@@ -277,7 +300,23 @@ def prepare_index(source, db, clip: ClipSpec | None = None, predictions=None, mo
     log.info("%s: %d rows, %d already stored, %d to index, %d rejected up front; CLIP %s on %s",
              manifest.path, len(manifest), already, len(todo), len(rejects), describe_clip(spec.identity()), device)
     return IndexPlan(manifest, db_path, existing, meta, spec, has_rows, row_losses, model_loss, device, clip_model,
-                     todo, rejects, already, t_start)
+                     todo, rejects, already, t_start, pool)
+
+
+def _mark_pool(t: pa.Table, pool: np.ndarray) -> pa.Table:
+    """``t`` with ``split = "pool"`` on the unlabeled rows (``pool``, (n,) bool); a split the manifest
+    gave them is replaced (and said in the log): an unlabeled row is in no training or test split."""
+    mask = pa.array(pool)
+    if S.SPLIT in t.column_names:
+        old = t.column(S.SPLIT)
+        other = pc.and_(mask, pc.invert(pc.equal(old, S.POOL_SPLIT).fill_null(True)))
+        n_other = pc.sum(other).as_py() or 0
+        if n_other:
+            log.warning("%d unlabeled rows had another split; they are stored with split '%s'", n_other, S.POOL_SPLIT)
+        return t.set_column(t.column_names.index(S.SPLIT), S.SPLIT,
+                            pc.if_else(mask, pa.scalar(S.POOL_SPLIT), old.combine_chunks()))
+    col = pa.array([S.POOL_SPLIT if p else None for p in pool], pa.string())
+    return t.append_column(S.SPLIT, col)
 
 
 def _check_db_path(p: Path) -> None:
@@ -320,6 +359,7 @@ def finish_index(plan: IndexPlan, database: Database, written: int, embed_second
     rejects_path = _write_rejects(database.rejects_path, plan.manifest, plan.rejects)
     report = IndexReport(
         db=database.path, source=plan.manifest.path, rows_in_source=len(plan.manifest), rows_written=written,
+        pool_rows=int(plan.pool[plan.todo].sum()) if len(plan.pool) and plan.todo else 0,
         rows_already_stored=plan.already, rejected=dict(Counter(reason for reason, _ in plan.rejects.values())),
         rejects_path=rejects_path, embed_seconds=embed_seconds, data_version=database.data_version,
         clip=describe_clip(plan.spec.identity()))
@@ -357,7 +397,8 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
             if plan.todo:
                 written, embed_seconds = _embed_and_write(
                     database, plan.manifest, plan.todo, plan.clip_model, plan.row_losses, plan.model_loss,
-                    plan.rejects, strict, batch_size, workers, progress, commit_rows or max(batch_size, COMMIT_ROWS))
+                    plan.rejects, strict, batch_size, workers, progress, commit_rows or max(batch_size, COMMIT_ROWS),
+                    plan.pool)
         except UserError:
             snap.rollback(database)
             raise
@@ -371,7 +412,7 @@ def db_folder(db) -> Path:
 
 def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], clip_model, row_losses,
                      model_loss, rejects: Rejects, strict: bool, batch_size: int, workers: int | None,
-                     progress: bool, commit_rows: int) -> tuple[int, float]:
+                     progress: bool, commit_rows: int, pool: np.ndarray | None = None) -> tuple[int, float]:
     """The embedding loop; returns (rows written, seconds). Adds rows refused mid-run to ``rejects``."""
     from tqdm import tqdm
 
@@ -410,7 +451,7 @@ def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], cl
             n_in = len(batch.rows)
             emb = clip_model.encode_images(batch.inputs[0])
             if model_loss is not None:
-                loss, bad = model_loss(batch.inputs[1], batch.rows)
+                loss, bad = _model_losses(model_loss, batch.inputs[1], batch.rows, pool)
             else:
                 loss, bad = row_losses.values[batch.rows], {}
             if bad:
@@ -437,6 +478,22 @@ def _embed_and_write(database: Database, manifest: Manifest, todo: list[int], cl
         bar.close()
         del batches  # shuts the worker processes down now, not at garbage collection
     return written, time.perf_counter() - t0
+
+
+def _model_losses(model_loss: ModelLoss, inputs, rows: np.ndarray, pool: np.ndarray | None):
+    """The user's model's losses for a batch; unlabeled rows (``pool``) are not run and get NaN."""
+    unl = pool[rows] if pool is not None and len(pool) else np.zeros(len(rows), dtype=bool)
+    if not unl.any():
+        return model_loss(inputs, rows)
+    loss = np.full(len(rows), np.nan)
+    if unl.all():
+        return loss, {}
+    import torch
+
+    lab = ~unl
+    part, bad = model_loss(inputs[torch.from_numpy(lab)], rows[lab])
+    loss[lab] = part
+    return loss, bad
 
 
 def _build_ann(database: Database) -> dict | None:

@@ -18,6 +18,10 @@ EMBEDDING = "embedding"
 PREDICTED_LOSS = "predicted_loss"
 PREDICTED_LOSS_STD = "predicted_loss_std"
 
+#: The ``split`` of an unlabeled row (no label, no loss): the *pool* a team can send for labelling.
+#: ``index`` sets it for every such row; ``diagnose`` never fits on these rows and scores them.
+POOL_SPLIT = "pool"
+
 #: Columns the product owns; every other manifest column is kept as metadata.
 CORE_COLUMNS = (ID, IMAGE, LABEL, SPLIT, LOSS, EMBEDDING, PREDICTED_LOSS, PREDICTED_LOSS_STD)
 #: Columns a search result may return (everything but the vector).

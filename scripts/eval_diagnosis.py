@@ -169,7 +169,7 @@ def ensure_db(world, work: Path, progress: bool) -> Database:
     db = None
     if (path / "meta.json").exists():
         db = Database(path)
-        if not db.has_table() or db.count_rows() != len(world.rows()):
+        if not db.has_table() or db.count_rows() != world.manifest_rows():
             db = None
     if db is None:
         clip = ClipSpec(model=str(world.clip_config), checkpoint=str(world.clip_checkpoint))

@@ -140,6 +140,7 @@ def cmd_search(args) -> int:
         negatives=args.negative,
         image=args.image,
         candidates=args.candidates,
+        pool_only=args.pool,
     )
     _print_results(results, args.json, args)
     return 0
@@ -150,7 +151,7 @@ def cmd_similar(args) -> int:
 
     engine = QueryEngine(args.db)
     results = engine.similar(args.query, k=args.k, where=args.where, weight=args.weight,
-                             candidates=args.candidates)
+                             candidates=args.candidates, pool_only=args.pool)
     _print_results(results, args.json, args)
     return 0
 
@@ -170,8 +171,29 @@ def cmd_export(args) -> int:
         link=not args.copy,
         where=args.where,
         force=args.force,
+        pool_only=args.pool,
     )
     print(written)
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from diagnosis.curate import plan_curation
+    from search_ui.export import write_manifest
+
+    made = {}
+
+    def make():
+        made["plan"] = plan_curation(args.db, args.budget, modes=args.mode or None, vocab=args.vocab, top=args.top)
+        return made["plan"].table()
+
+    written = write_manifest(None, args.out, force=args.force, make=make)
+    plan = made["plan"]
+    if args.json:
+        _print_json({**plan.to_dict(), "out": str(written)})
+    else:
+        print(plan.summary())
+        print(f"wrote {len(plan.items)} items to {written}")
     return 0
 
 
@@ -302,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON list on stdout")
         sp.add_argument("--candidates", type=int, default=None,
                         help="least pool of most similar rows the ranking picks from; the neighbourhood is 10x (default max(100, 10k))")
+        sp.add_argument("--pool", action="store_true",
+                        help="only unlabeled rows (split = 'pool'): images worth labelling next")
 
     s = sub.add_parser("search", help="images matching a sentence, ranked by predicted failure")
     s.add_argument("text", help="what to look for, e.g. \"a blue circle\"")
@@ -334,7 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--copy", action="store_true", help="copy images into a folder export (default: symlink)")
     s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.add_argument("--where", default=None, help="LanceDB SQL filter for --query")
+    s.add_argument("--pool", action="store_true", help="with --query: only unlabeled rows (split = 'pool')")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("curate", help="a labelling plan: which pool images to label and which labels to check, per failure mode",
+                       description=(
+        "Plan how to spend a labelling budget on the failure modes `explain` shows. Each mode gets one "
+        "action, decided from the table and said in one sentence with its figures: `relabel` when the "
+        "labels of its training images are contradicted by their nearest neighbours' far more often than "
+        "across the training split (the suspect rows, most suspect first, with the label their neighbours "
+        "suggest), else `collect` (unlabeled pool images its name retrieves, highest predicted loss first, "
+        "spread out so near-duplicates do not use the budget twice). Half the budget is split equally over "
+        "the modes, half by their share of the held-out loss, each part capped by the items a mode has. "
+        "Writes a manifest (id, image, label, split, loss, mode, action, priority, suggested_label, "
+        "plan_predicted_loss, reason) that a labelling tool takes and `llm2loss index` reads."))
+    db_arg(s)
+    s.add_argument("--budget", type=int, required=True, help="items to label or check, in all")
+    s.add_argument("--mode", action="append", default=[], metavar="NAME",
+                   help="plan for this failure mode only (its number or description in `explain`; repeatable)")
+    s.add_argument("--out", required=True, help="the plan's manifest (.csv or .parquet)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
+    s.add_argument("--top", type=int, default=10, help="modes of `explain` to plan for (default 10)")
+    s.add_argument("--vocab", default=None, help="phrases for naming the modes (as for `explain`)")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.set_defaults(func=cmd_curate)
 
     s = sub.add_parser("select", help="named selections kept in the database (curated retraining sets)")
     db_arg(s)

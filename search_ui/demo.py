@@ -36,7 +36,7 @@ def _index(world, db: Path, notes: list[str], progress: bool) -> dict:
     except ImportError as e:
         _missing(e, "indexing (indexer.pipeline)", notes)
         return {"indexed": False}
-    n = len(world.rows())
+    n = world.manifest_rows()  # the unlabeled pool included
     if (db / "meta.json").is_file():
         database = Database(db)
         fresh = database.has_table() and database.count_rows() == n and _ann_fresh(database)

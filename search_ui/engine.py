@@ -182,6 +182,15 @@ def parse_weighted(item, default: float = 1.0) -> tuple[object, float]:
     return item, default
 
 
+def with_pool_only(where: str | None, pool_only: bool) -> str | None:
+    """``where`` (already checked) restricted to the unlabeled pool (``split = 'pool'``) when
+    ``pool_only``."""
+    if not pool_only:
+        return where
+    pool = f"{S.SPLIT} = '{S.POOL_SPLIT}'"
+    return f"({where}) AND {pool}" if where else pool
+
+
 def check_where(where: str | None) -> str | None:
     """``where`` as given (None when blank), refused when it holds a ``;`` outside quotes: a filter
     is one SQL expression, and LanceDB would silently ignore whatever follows the first statement."""
@@ -569,8 +578,9 @@ class QueryEngine:
         self.notes.append(msg)
         log.warning(msg)
 
-    def _run(self, t0, positives, negatives, k, where, weight, candidates, exclude=()) -> list[SearchResult]:
-        where = check_where(where)
+    def _run(self, t0, positives, negatives, k, where, weight, candidates, exclude=(), pool_only=False
+             ) -> list[SearchResult]:
+        where = with_pool_only(check_where(where), pool_only)
         if candidates is not None and int(candidates) < 1:
             raise UserError(f"--candidates {candidates} leaves no rows to rank; pass at least -k ({k}), or leave it "
                             "out for the default max(100, 10 k).")
@@ -590,14 +600,15 @@ class QueryEngine:
     # ---- public queries ----------------------------------------------------------------------
     def search(self, text=None, k: int = 10, where: str | None = None, weight: float | None = None,
                negatives=(), image=None, candidates: int | None = None,
-               allow_paths: bool = True) -> list[SearchResult]:
+               allow_paths: bool = True, pool_only: bool = False) -> list[SearchResult]:
         """Rows about ``text`` (and/or like ``image``), best first by the documented score.
 
         ``text``: a phrase, or a list of phrases / ``"TEXT:W"`` strings / (text, weight) pairs, all
         to look for. ``negatives``: phrases to move away from (weight 0.5 unless ``TEXT:W``).
         ``image``: a stored id, an image path, or (either, weight). ``weight``: 0..1, see
         :mod:`search_ui.ranking`. ``candidates``: the least pool (default ``max(100, 10 k)``).
-        ``allow_paths``: see :meth:`resolve_image`.
+        ``allow_paths``: see :meth:`resolve_image`. ``pool_only``: only unlabeled rows
+        (``split = 'pool'``), e.g. to find images worth labelling.
         """
         t0 = self._start(k)
         texts = [text] if isinstance(text, str) or (isinstance(text, tuple) and len(text) == 2) else list(text or [])
@@ -611,13 +622,15 @@ class QueryEngine:
             img, w = parse_weighted(image) if not isinstance(image, np.ndarray) else (image, 1.0)
             vec, _ = self.resolve_image(img, allow_paths)
             positives.append((vec, w))
-        return self._run(t0, positives, negs, k, where, weight, candidates)
+        return self._run(t0, positives, negs, k, where, weight, candidates, pool_only=pool_only)
 
     def similar(self, query, k: int = 10, where: str | None = None, weight: float | None = None,
-                candidates: int | None = None, allow_paths: bool = True) -> list[SearchResult]:
+                candidates: int | None = None, allow_paths: bool = True, pool_only: bool = False
+                ) -> list[SearchResult]:
         """Similar hard examples: the nearest neighbours of a stored id or a new image file
         (embedded on the fly; not with ``allow_paths=False``), ranked by the documented score; a
         stored query row is left out."""
         t0 = self._start(k)
         vec, own_id = self.resolve_image(query, allow_paths)
-        return self._run(t0, [(vec, 1.0)], [], k, where, weight, candidates, exclude=[own_id] if own_id else [])
+        return self._run(t0, [(vec, 1.0)], [], k, where, weight, candidates, exclude=[own_id] if own_id else [],
+                         pool_only=pool_only)

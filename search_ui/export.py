@@ -99,30 +99,17 @@ def check_out(out: Path, fmt: str, force: bool) -> None:
 def mode_ids(db: Database, mode: str | int, k: int) -> list[str]:
     """The first ``k`` members (highest predicted loss first) of failure mode ``mode`` from
     ``explain``: its 1-based number, or its description (exact, else a unique substring)."""
-    from diagnosis.explain import explain  # lazily: diagnosis is only needed for --mode
+    from diagnosis.explain import explain, find_mode  # lazily: diagnosis is only needed for --mode
 
     text = str(mode).strip()
     number = int(text) if text.isdigit() else None
-    modes = explain(db, top=max(10, number or 0))
-    if number is not None:
-        if not 1 <= number <= len(modes):
-            raise UserError(f"--mode {number} is out of range; `llm2loss explain` lists modes 1-{len(modes)}.")
-        chosen = modes[number - 1]
-    else:
-        exact = [m for m in modes if m.description.lower() == text.lower()]
-        partial = [m for m in modes if text.lower() in m.description.lower()]
-        found = exact or partial
-        if len(found) != 1:
-            listing = "; ".join(f"{i}. {m.description}" for i, m in enumerate(modes, 1))
-            why = "matches no" if not found else "matches several"
-            raise UserError(f"--mode {text!r} {why} failure mode ({listing}); pass its number or full description.")
-        chosen = found[0]
+    chosen = find_mode(explain(db, top=max(10, number or 0)), text)
     # ``ids``: every member, most likely failures first; ``examples`` only the first few.
     return [str(i) for i in (getattr(chosen, "ids", None) or chosen.examples)][:k]
 
 
 def selection_ids(db: Database, query=None, ids=None, mode=None, selection=None, k: int = 100,
-                  where: str | None = None) -> list[str]:
+                  where: str | None = None, pool_only: bool = False) -> list[str]:
     """The ids of exactly one of the four kinds of selection, in their order (module doc)."""
     given = [name for name, v in (("--query", query), ("--ids", ids), ("--mode", mode),
                                   ("--selection", selection)) if v is not None]
@@ -131,7 +118,7 @@ def selection_ids(db: Database, query=None, ids=None, mode=None, selection=None,
     if query is not None:
         from search_ui.engine import QueryEngine
 
-        return [r.id for r in QueryEngine(db).search(query, k=k, where=where)]
+        return [r.id for r in QueryEngine(db).search(query, k=k, where=where, pool_only=pool_only)]
     if ids is not None:
         return read_ids_file(ids) if isinstance(ids, str | os.PathLike) else [str(i) for i in ids]
     if mode is not None:
@@ -231,12 +218,13 @@ def _write_folder(t: pa.Table, root: Path, link: bool) -> None:
 
 
 def export(db, out, fmt: str | None = None, query=None, ids=None, mode=None, selection=None,
-           k: int = 100, link: bool = True, where: str | None = None, force: bool = False) -> Path:
+           k: int = 100, link: bool = True, where: str | None = None, force: bool = False,
+           pool_only: bool = False) -> Path:
     """Write one selection (module doc) to ``out``; returns the absolute path written.
 
     ``fmt``: csv | parquet | folder (default: from ``out``'s extension; no extension: folder; any
     other extension is refused). ``k``: results for ``query`` / ``mode``; ``where``: a filter for
-    ``query``. ``link``: symlink images into a folder export (False: copy). An existing file ``out``
+    ``query`` (``pool_only``: only unlabeled rows). ``link``: symlink images into a folder export (False: copy). An existing file ``out``
     is replaced only with ``force``; a folder ``out`` must be new or empty; nothing is written inside
     a database folder or onto a device, pipe or socket.
     """
@@ -245,7 +233,8 @@ def export(db, out, fmt: str | None = None, query=None, ids=None, mode=None, sel
     check_not_in_database(out)
     fmt = _format(out, fmt)
     check_out(out, fmt, force)  # before the query: a refused path costs nothing
-    chosen = selection_ids(db, query=query, ids=ids, mode=mode, selection=selection, k=k, where=where)
+    chosen = selection_ids(db, query=query, ids=ids, mode=mode, selection=selection, k=k, where=where,
+                           pool_only=pool_only)
     t = _rows(db, chosen)
     check_out(out, fmt, force)  # again: the query took time, and someone may have written there
     if fmt == "folder":
@@ -259,13 +248,35 @@ def export(db, out, fmt: str | None = None, query=None, ids=None, mode=None, sel
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            _write_table(t, Path(tmp), fmt)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _replace_file(t, out, fmt)
     log.info("exported %d samples to %s (%s)", t.num_rows, out, fmt)
+    return out
+
+
+def _replace_file(t: pa.Table, out: Path, fmt: str) -> None:
+    """Write ``t`` as ``fmt`` to a temporary file beside ``out``, then rename it onto ``out``."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        _write_table(t, Path(tmp), fmt)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(t: pa.Table, out, force: bool = False, make=None) -> Path:
+    """Write the manifest ``t`` (or, when ``make`` is given, the table it returns, computed after
+    the path was checked: a refused path costs nothing) to ``out``, ``.csv`` or ``.parquet`` by its
+    extension, with export's rules (module doc: where it writes); returns the absolute path."""
+    out = Path(out).expanduser().resolve()
+    check_not_in_database(out)
+    fmt = _format(out, None)
+    if fmt == "folder":
+        raise UserError(f"--out {out} has no .csv or .parquet extension; name the manifest to write, e.g. plan.csv.")
+    check_out(out, fmt, force)
+    if make is not None:
+        t = make()
+        check_out(out, fmt, force)  # again: planning took time, and someone may have written there
+    _replace_file(t, out, fmt)
     return out

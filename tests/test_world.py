@@ -28,7 +28,7 @@ from indexer.world.spec import ATTRIBUTES
 from indexer.world.vocab import describe, vocabulary, vocabulary_items
 
 TINY = {
-    "seed": 3, "n_train": 400, "n_test": 160, "image_size": 32, "task": "shape",
+    "seed": 3, "n_train": 400, "n_test": 160, "n_pool": 120, "image_size": 32, "task": "shape",
     "slices": [
         {"name": "blue circles", "kind": "correlation", "where": {"shape": "circle", "color": "blue"},
          "strength": 0.9},
@@ -391,12 +391,32 @@ def test_manifest_is_indexed_by_the_ordinary_path(world, tmp_path):
     report = index_dataset(world.manifest, tmp_path / "db",
                            clip=ClipSpec(model=str(world.clip_config), checkpoint=str(world.clip_checkpoint)),
                            progress=False, workers=0)
-    assert report.rows_written == 560 and not report.rejected
+    assert report.rows_written == 560 + 120 and report.pool_rows == 120 and not report.rejected
     db = Database(tmp_path / "db")
-    t = db.read(["id", "loss", "slice_blue_circles", "shape"]).to_pandas().set_index("id")
+    t = db.read(["id", "loss", "label", "split", "slice_blue_circles", "shape"]).to_pandas().set_index("id")
     rows = world.rows().set_index("id")
     assert np.allclose(t.loc[rows.index, "loss"], rows["loss"], atol=1e-6)
     assert (t.loc[rows.index, "slice_blue_circles"] == rows["slice_blue_circles"]).all()
+    # the unlabeled pool: stored without label, loss or anything that gives its truth away
+    truth = world.pool_truth().set_index("id")
+    pool = t[t["split"] == "pool"]
+    assert sorted(pool.index) == sorted(truth.index) and len(truth) == 120
+    assert pool["loss"].isna().all() and pool["label"].isna().all() and pool["shape"].isna().all()
+    assert set(truth["label"]) <= {"circle", "square", "triangle", "star", "cross"}
+    assert np.isfinite(truth["loss"]).all()
+
+
+def test_the_pool_is_drawn_like_the_test_split_and_leaves_the_labelled_world_as_it_was(world, tmp_path):
+    """The pool is uniform like the test split (no planting), and adding it changes nothing else: the
+    labelled rows are those of the same spec without a pool."""
+    truth = world.pool_truth()
+    assert len(truth) == 120 and not truth["slice_small_stars"].all()
+    # uniform: every shape and colour appears (120 draws of 5 shapes / 6 colours)
+    assert set(truth["shape"]) == set(ATTRIBUTES["shape"]) and set(truth["color"]) == set(ATTRIBUTES["color"])
+    none = build_world({**TINY, "n_pool": 0}, cache_dir=tmp_path, progress=False)
+    a, b = world.rows(), none.rows()
+    assert list(a["id"]) == list(b["id"]) and (a["label"] == b["label"]).all()
+    assert len(none.pool_truth()) == 0 and none.manifest_rows() == len(b)
 
 
 def test_a_killed_builds_temp_folder_is_removed_by_the_next_build(tmp_path):

@@ -3,7 +3,10 @@
 A world lives in ``<cache>/worlds/<spec hash>/`` and is built in a temporary sibling folder that is
 renamed into place only when complete, so an interrupted build is never reused::
 
-    manifest.parquet   an ordinary manifest (image, id, label, split, loss, attributes, slices, caption)
+    manifest.parquet   an ordinary manifest (image, id, label, split, loss, attributes, slices, caption);
+                       the unlabeled pool's rows have only id, image, split "pool" and nuisances
+    pool_truth.parquet the pool's true labels, attributes, slice columns and black-box loss: for
+                       evaluation only (never indexed)
     images/<split>/    PNG files
     vocab.txt          phrases from the attribute words (``llm2loss explain``'s default for this data)
     tiny-clip.json     the CLIP architecture; tiny-clip.pt its trained weights
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 from indexer.configs import TINY_CLIP
 from indexer.errors import UserError
+from indexer.schema import POOL_SPLIT
 from indexer.world import blackbox, tiny_clip
 from indexer.world.generate import finish_rows, plant_train, render_all, sample_rows
 from indexer.world.spec import ATTRIBUTES, load_spec, slug, spec_hash
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 
 WORLD_FILE = "world.json"
 MANIFEST = "manifest.parquet"
+POOL_TRUTH = "pool_truth.parquet"
 #: Thresholds the issue asks of a world; a world below them is still built, with a warning.
 MIN_ZERO_SHOT = 0.9
 MIN_LOSS_RATIO = 2.0
@@ -87,7 +92,21 @@ class World:
         return cls(root=root, spec=info["spec"], hash=info["hash"], slices=info["slices"], quality=info["quality"])
 
     def rows(self) -> pd.DataFrame:
-        return pd.read_parquet(self.manifest)
+        """The labelled rows (train and test) of the manifest, with their attributes and slices."""
+        rows = pd.read_parquet(self.manifest)
+        return rows[rows["split"] != POOL_SPLIT].reset_index(drop=True)
+
+    def manifest_rows(self) -> int:
+        """Rows of the manifest, the unlabeled pool included (what ``index`` stores)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.manifest).metadata.num_rows
+
+    def pool_truth(self) -> pd.DataFrame:
+        """The unlabeled pool with what the manifest leaves out: the true ``label``, attributes,
+        slice columns and the black box's ``loss`` against the true label (evaluation only)."""
+        path = self.root / POOL_TRUTH
+        return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["id", "label", "loss"])
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "hash": self.hash, "spec": self.spec, "slices": self.slices,
@@ -199,6 +218,13 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     rows["id"] = [f"{s}-{i:06d}" for s, i in zip(rows["split"], rows.groupby("split").cumcount(), strict=True)]
     rows["image"] = [f"images/{s}/{i}.png" for s, i in zip(rows["split"], rows["id"], strict=True)]
     _write_images(out, rows["image"].tolist(), images, progress)
+    # The unlabeled pool is drawn like the test split; it stays out of the CLIP's training and
+    # checks (those see the labelled world only, as before the pool existed).
+    unl = finish_rows(sample_rows(spec["n_pool"], seed, POOL_SPLIT), spec, POOL_SPLIT)
+    unl["id"] = [f"{POOL_SPLIT}-{i:06d}" for i in range(len(unl))]
+    unl["image"] = [f"images/{POOL_SPLIT}/{i}.png" for i in unl["id"]]
+    unl_images = render_all(unl, size)
+    _write_images(out, unl["image"].tolist(), unl_images, progress)
     timings["generate"], cpu["generate"] = time.perf_counter() - t0, time.process_time() - c0
 
     # The tiny CLIP learns from its own uniform pool (like a web-trained CLIP, it has not seen the
@@ -244,15 +270,26 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     loss, pred = blackbox.per_sample_loss(cnn, images, y)
     rows["loss"] = loss
     rows["prediction"] = np.asarray(labels)[pred]
+    unl_pred = np.zeros(0, dtype=np.int64)
+    unl["loss"] = np.zeros(len(unl), dtype=np.float32)
+    if len(unl):
+        unl["loss"], unl_pred = blackbox.per_sample_loss(
+            cnn, unl_images, np.asarray([labels.index(v) for v in unl["label"]], dtype=np.int64))
+    unl["prediction"] = np.asarray(labels)[unl_pred]
     timings["blackbox"], cpu["blackbox"] = time.perf_counter() - t, time.process_time() - c
 
     slices, bb_q = _measure(rows, spec, planted, y, pred)
     cols = ["id", "image", "label", "split", "loss", *ATTRIBUTES, *[s["column"] for s in slices],
             "caption", "prediction", "label_corrupted", "x", "y", "rotation"]
-    rows[cols].to_parquet(out / MANIFEST, index=False)
+    # The pool's manifest rows say only what an unlabeled image has: its file (and where the object
+    # sits, a nuisance); everything the model or an evaluation could learn the truth from is kept aside.
+    unlabeled = unl[["id", "image", "split", "x", "y", "rotation"]]
+    pd.concat([rows[cols], unlabeled], ignore_index=True).to_parquet(out / MANIFEST, index=False)
+    unl[["id", "label", "loss", "prediction", *ATTRIBUTES, *[s["column"] for s in slices]]].to_parquet(
+        out / POOL_TRUTH, index=False)
     write_vocab(out / "vocab.txt", [s["description"] for s in slices])
     timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
-    quality = {"rows": len(rows), "clip": clip_q, "blackbox": bb_q,
+    quality = {"rows": len(rows), "pool_rows": len(unl), "clip": clip_q, "blackbox": bb_q,
                "seconds": {k: round(v, 1) for k, v in timings.items()},
                "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()}}  # summed over threads: less swayed by other jobs than wall time
     _warn_quality(clip_q, slices)

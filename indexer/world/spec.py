@@ -2,11 +2,16 @@
 
 A spec is a JSON object (see ``default_spec.json``)::
 
-    {"seed": 0, "n_train": 16000, "n_test": 4000, "image_size": 64, "task": "shape",
+    {"seed": 0, "n_train": 16000, "n_test": 4000, "n_pool": 4000, "image_size": 64, "task": "shape",
      "slices": [{"name": "blue circles", "kind": "correlation",
                  "where": {"shape": "circle", "color": "blue"}, "strength": 0.95}, ...],
      "clip": {"steps": 1000, "batch_size": 256, "n_images": 16000, "target": 0.95},
      "blackbox": {"epochs": 6, "batch_size": 128, "width": 24}}
+
+``n_pool`` unlabeled images are drawn like the test split (uniformly, nothing planted) and written
+into the manifest with no label and no loss (``split = "pool"``): the images a team could send for
+labelling next. Their true labels, attributes and slice membership are kept aside in
+``pool_truth.parquet`` for evaluation only (``scripts/eval_curation.py``), never in the manifest.
 
 Slice kinds (all planted in the black-box model's *training* split only; the test split is drawn
 uniformly and independently, so every group is present there at its natural rate):
@@ -46,11 +51,11 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 KINDS = {"rare": "rate", "correlation": "strength", "noisy_label": "noise"}
 
 #: Bump when generation, planting or training changes what a spec produces, so caches rebuild.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: the unlabeled pool
 
 DEFAULT_SPEC_PATH = Path(__file__).with_name("default_spec.json")
 
-_TOP_KEYS = {"seed", "n_train", "n_test", "image_size", "task", "slices", "clip", "blackbox", "name"}
+_TOP_KEYS = {"seed", "n_train", "n_test", "n_pool", "image_size", "task", "slices", "clip", "blackbox", "name"}
 #: ``clip.steps`` is the cap: training stops earlier once, checked every ``eval_every`` steps, the
 #: zero-shot accuracy on ``n_eval`` held-out images is >= ``target`` for every attribute and every
 #: vocabulary phrase's precision@100 on the world's own images is >= ``phrase_target``. Stopping at
@@ -187,12 +192,14 @@ def normalise_spec(spec: dict) -> dict:
     spec.setdefault("seed", 0)
     spec.setdefault("n_train", 16000)
     spec.setdefault("n_test", 4000)
+    spec.setdefault("n_pool", 4000)
     spec.setdefault("image_size", 64)
     spec.setdefault("task", "shape")
     spec.setdefault("slices", [])
     _int(spec, "seed", 0, 2**31 - 1)
     _int(spec, "n_train", 20, 1_000_000)
     _int(spec, "n_test", 20, 1_000_000)
+    _int(spec, "n_pool", 0, 1_000_000)
     _int(spec, "image_size", 32, 256)
     if spec["task"] not in ATTRIBUTES:
         raise UserError(f"world spec task '{spec['task']}' is not an attribute; pick one of {list(ATTRIBUTES)}.")
