@@ -76,6 +76,8 @@ class ModePlan:
     chosen: int = 0
     available: int = 0
     figures: dict = field(default_factory=dict)
+    #: the mode's members (labelled rows, worst first), for callers that tie modes to groups
+    members: list[str] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -89,13 +91,12 @@ class CurationPlan:
     rule: str
 
     def to_dict(self) -> dict:
-        return {"budget": self.budget, "rule": self.rule, "modes": [asdict(m) for m in self.modes],
-                "items": self.items}
+        modes = [{k: v for k, v in asdict(m).items() if k != "members"} for m in self.modes]
+        return {"budget": self.budget, "rule": self.rule, "modes": modes, "items": self.items}
 
     def table(self) -> pa.Table:
         """The plan as a manifest `llm2loss index` reads (:data:`COLUMNS`)."""
-        types = {S.LOSS: pa.float64(), "priority": pa.int64(), "plan_predicted_loss": pa.float64()}
-        return pa.table({c: pa.array([it.get(c) for it in self.items], types.get(c, pa.string())) for c in COLUMNS})
+        return items_table(self.items)
 
     def summary(self) -> str:
         used = sum(m.chosen for m in self.modes)
@@ -104,6 +105,12 @@ class CurationPlan:
             lines.append(f"{m.number:2d}. {m.mode!r}: {m.action} {m.chosen} (budget {m.budget}, "
                          f"{m.available} available) -- {m.reason}")
         return "\n".join(lines)
+
+
+def items_table(items: list[dict]) -> pa.Table:
+    """A plan's items (dicts, as in :attr:`CurationPlan.items` or its JSON) as the plan's manifest."""
+    types = {S.LOSS: pa.float64(), "priority": pa.int64(), "plan_predicted_loss": pa.float64()}
+    return pa.table({c: pa.array([it.get(c) for it in items], types.get(c, pa.string())) for c in COLUMNS})
 
 
 RULE = "half the budget split equally over the modes, half by their share of the held-out loss, each capped by its items"
@@ -225,7 +232,7 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
                   f"{NEIGHBOURS} nearest images among them contradict ({100 * base:.0f}% across the training split), "
                   f"and the model's loss on them is {fig['train_loss_ratio']:.1f}x the training mean: wrong labels, "
                   f"not missing images, make it fail; {int(suspect.sum())} labels to check")
-        return ModePlan(number, m.description, RELABEL, reason, available=len(cands), figures=fig), cands
+        return ModePlan(number, m.description, RELABEL, reason, available=len(cands), figures=fig, members=m.ids), cands
     cands = [{"pool": i} for i in m.pool_ids]
     if len(mine):
         why = (f"{100 * share:.0f}% of its {len(mine)} training images carry a label their neighbours contradict "
@@ -239,7 +246,7 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
                 + (f", predicted {ratio:.1f}x the mean loss" if ratio else ""))
     else:
         why += "; the unlabeled pool holds none its name retrieves: index unlabeled images of this kind"
-    return ModePlan(number, m.description, COLLECT, why, available=len(cands), figures=fig), cands
+    return ModePlan(number, m.description, COLLECT, why, available=len(cands), figures=fig, members=m.ids), cands
 
 
 def _mean_pred(t) -> float:

@@ -36,10 +36,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from eval_common import ensure_db
 
 from diagnosis.explain import explain
 from diagnosis.metrics import quality
-from diagnosis.run import diagnose, load_ensemble, read_training_data
+from diagnosis.run import read_training_data
 from diagnosis.text import Scorer
 from indexer.store import Database
 from indexer.world import benchmark_specs
@@ -161,33 +162,6 @@ def search_p10_fixed_pool(X, q, pred, hit, k=10, weight=0.5, n=100) -> float:
     return float(hit[order].mean())
 
 
-def ensure_db(world, work: Path, progress: bool) -> Database:
-    from indexer.clip import ClipSpec
-    from indexer.pipeline import index_dataset
-
-    path = work / world.hash / "db"
-    db = None
-    if (path / "meta.json").exists():
-        db = Database(path)
-        if not db.has_table() or db.count_rows() != world.manifest_rows():
-            db = None
-    if db is None:
-        clip = ClipSpec(model=str(world.clip_config), checkpoint=str(world.clip_checkpoint))
-        t = time.perf_counter()
-        rep = index_dataset(world.manifest, path, clip=clip, device="cpu", progress=progress)
-        log.info("indexed %s in %.0fs: %s", world.hash, time.perf_counter() - t, rep.summary())
-        db = Database(path)
-    try:
-        if load_ensemble(db).stale is None:
-            return db
-    except Exception:  # noqa: BLE001 - none yet or stale: fit
-        pass
-    t = time.perf_counter()
-    log.info("%s", diagnose(db, progress=progress).summary())
-    log.info("diagnosed in %.0fs", time.perf_counter() - t)
-    return db
-
-
 def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None = None,
              built: dict | None = None) -> dict:
     from indexer.world import build_world
@@ -196,17 +170,22 @@ def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None 
     t0 = time.perf_counter()
     world = build_world(spec, progress=progress)
     db = Database(built[name]) if built and name in built else ensure_db(world, work, progress)
-    rows = world.rows().set_index("id")
+    import pandas as pd
+
     ids, X, loss, split = read_training_data(db, progress=False)
     is_test = split == "test"
-    rows = rows.loc[ids]
+    # the unlabeled pool: no loss in the table; its truth (kept aside by the world) says which pool
+    # images a search result really fails on
+    truth = world.pool_truth().set_index("id")
+    rows = pd.concat([world.rows().set_index("id"), truth]).loc[ids]
+    true_loss = np.where(split == "pool", rows["loss"].to_numpy(np.float64), loss)
     stored = db.read(["id", "predicted_loss"]).to_pandas().set_index("id").loc[ids]
     pred = stored["predicted_loss"].to_numpy(np.float64)
     q = quality(loss[is_test], pred[is_test])
     scorer = Scorer(db)
     engine = QueryEngine(db)
     mean = float(loss[is_test].mean())
-    p90 = float(np.quantile(loss, 0.9))
+    p90 = float(np.nanquantile(loss, 0.9))
     slices = []
     for s in world.slices:
         member = rows[s["column"]].to_numpy(bool)
@@ -216,7 +195,7 @@ def evaluate(name: str, spec, work: Path, progress: bool, baseline: Path | None 
         if entry["eligible"]:
             phrase = describe(s["where"])
             qv = scorer.encode_text([phrase])[0]
-            hit = member & (loss > p90)
+            hit = member & (true_loss > p90)
             entry.update(description=phrase, p10=search_p10(engine, phrase, ids, hit),
                          p10_fixed_pool=search_p10_fixed_pool(X, qv, pred, hit))
         slices.append(entry)

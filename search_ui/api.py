@@ -69,6 +69,7 @@ MAX_PHRASES = 32
 MAX_WHERE_CHARS = 4000
 MAX_IDS = 100_000
 MAX_TOP = 100
+MAX_BUDGET = 100_000
 
 
 class NotFound(UserError):
@@ -90,6 +91,7 @@ class SearchRequest(_Body):
     image: str | None = Field(None, description="a stored sample id to combine with the text")
     image_weight: float = Field(1.0, description="the weight of `image`")
     candidates: int | None = Field(None, description="least pool the ranking picks from; its neighbourhood is 10x (default max(100, 10 k))")
+    pool: bool = Field(False, description="only unlabeled rows (split = 'pool'): images worth labelling next")
 
 
 class SimilarRequest(_Body):
@@ -98,6 +100,7 @@ class SimilarRequest(_Body):
     weight: float | None = Field(None, description="0 = by similarity only, 1 = by predicted failure only (default 0.5)")
     where: str | None = Field(None, description="LanceDB SQL filter")
     candidates: int | None = Field(None, description="least pool the ranking picks from; its neighbourhood is 10x (default max(100, 10 k))")
+    pool: bool = Field(False, description="only unlabeled rows (split = 'pool')")
 
 
 class IdsRequest(_Body):
@@ -112,6 +115,13 @@ class ExportRequest(_Body):
     format: Literal["csv", "parquet", "folder"] = Field("csv", description="folder: a zip of OUT/<label>/<image> + manifest.csv")
     k: int = Field(100, description="results for `query` / `mode`")
     where: str | None = Field(None, description="a filter for `query`")
+    pool: bool = Field(False, description="with `query`: only unlabeled rows (split = 'pool')")
+
+
+class CurateRequest(_Body):
+    budget: int = Field(description=f"items to label or check, in all (1..{MAX_BUDGET:,})")
+    modes: list[str] = Field([], description="failure modes to plan for (numbers or descriptions from explain); default all shown")
+    format: Literal["json", "csv", "parquet"] = Field("json", description="json: the plan; csv / parquet: its manifest as a file")
 
 
 # ---- answers ---------------------------------------------------------------------------------
@@ -262,7 +272,7 @@ def _router(ctx: AppContext) -> APIRouter:
             results = eng.search(
                 [(req.text, 1.0), *req.also], k=req.k, where=req.where, weight=req.weight,
                 negatives=req.negatives, image=None if req.image is None else (req.image, req.image_weight),
-                candidates=req.candidates, allow_paths=False)
+                candidates=req.candidates, allow_paths=False, pool_only=req.pool)
         return _answer(eng, results, t0)
 
     @r.post("/similar", summary="Similar hard examples of a stored sample")
@@ -274,7 +284,7 @@ def _router(ctx: AppContext) -> APIRouter:
         eng = engine()
         with slots:
             results = eng.similar(req.id, k=req.k, where=req.where, weight=req.weight, candidates=req.candidates,
-                                  allow_paths=False)
+                                  allow_paths=False, pool_only=req.pool)
         return _answer(eng, results, t0)
 
     def _sample(sample_id: str) -> dict:
@@ -368,7 +378,7 @@ def _router(ctx: AppContext) -> APIRouter:
             _check_text(req.query, "query")
             if not req.query.strip():
                 raise UserError("the export query is empty; send what to look for, e.g. {\"query\": \"a blue circle\"}.")
-            ids = [x.id for x in engine().search(req.query, k=req.k, where=req.where)]
+            ids = [x.id for x in engine().search(req.query, k=req.k, where=req.where, pool_only=req.pool)]
         if selection is not None:
             _existing(selection)
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", selection or mode or req.query or "ids").strip("._")[:60] or "export"
@@ -385,6 +395,30 @@ def _router(ctx: AppContext) -> APIRouter:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        return FileResponse(path, media_type=media, filename=path.name,
+                            background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
+
+    @r.post("/curate", summary="A labelling plan: pool images to label and training labels to check, per failure mode")
+    def curate(req: CurateRequest):
+        """`format` json: `{budget, rule, modes: [{number, mode, action, reason, budget, chosen, available,
+        figures}], items: [{id, image, label, split, loss, mode, action, priority, suggested_label,
+        plan_predicted_loss, reason}]}`; csv / parquet: the items as a manifest, as an attachment."""
+        if req.budget < 1:
+            raise UserError(f"budget {req.budget} asks for nothing; send a budget of 1 item or more.")
+        _bound(req.budget, "budget", MAX_BUDGET)
+        _bound(len(req.modes), "modes", MAX_TOP)
+        for m in req.modes:
+            _check_text(m, "a mode")
+        plan = ctx.plan(req.budget, tuple(req.modes))
+        if req.format == "json":
+            return _json(plan)
+        from diagnosis.curate import items_table
+        from search_ui.export import _write_table
+
+        work = Path(tempfile.mkdtemp(prefix="llm2loss-api-plan-"))
+        path = work / f"labelling_plan.{req.format}"
+        _write_table(items_table(plan["items"]), path, req.format)
+        media = "text/csv" if req.format == "csv" else "application/vnd.apache.parquet"
         return FileResponse(path, media_type=media, filename=path.name,
                             background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
 

@@ -87,6 +87,8 @@ def _search_tab(ui: Handlers, sel_dropdown_holder: list):
         where = gr.Textbox(label="Filter (SQL over metadata)", placeholder="split = 'test' AND loss > 1",
                            info="columns: " + ", ".join(cols))
         negatives = gr.Textbox(label="Negative phrases (one per line): move away from these", lines=2)
+        pool_only = gr.Checkbox(False, label="Unlabeled pool only (split = 'pool': images worth labelling next)",
+                                elem_id="search-pool-only")
     status = gr.Markdown(elem_id="search-status")
     gallery = _results_gallery("search-gallery")
     shown = gr.State([])
@@ -96,11 +98,11 @@ def _search_tab(ui: Handlers, sel_dropdown_holder: list):
         add_one = gr.Button("Add clicked image to selection", scale=1)
     panel = _detail_panel("Clicked image")
     for trigger in (go.click, q.submit):
-        trigger(ui.search, inputs=[q, k, weight, where, negatives], outputs=[gallery, status, shown],
+        trigger(ui.search, inputs=[q, k, weight, where, negatives, pool_only], outputs=[gallery, status, shown],
                 api_visibility="private", concurrency_id="query")
     _wire_details(ui, gallery, shown, panel)
     sel_dropdown_holder.append((add_all, add_one, name, shown, panel[3]))
-    return q, go, k, weight, where, negatives, gallery, status, shown
+    return q, go, k, weight, where, negatives, pool_only, gallery, status, shown
 
 
 def _similar_tab(ui: Handlers):
@@ -146,6 +148,9 @@ def _modes_tab(ui: Handlers, tabs, search_q, run_search):
     return name, to_sel, modes, choice
 
 
+PLAN_COLUMNS = ["#", "failure mode", "action", "items", "available", "why"]
+
+
 def _curate_tab(ui: Handlers):
     with gr.Row():
         # Choices are filled per session (and the API passes any name); the library refuses unknown ones.
@@ -167,6 +172,19 @@ def _curate_tab(ui: Handlers):
     gallery.select(ui.remove_clicked, inputs=[sel, shown], outputs=[summary, mix, gallery, shown],
                    api_visibility="private")
     dl.click(ui.download, inputs=[sel, fmt_], outputs=file, api_name="download", concurrency_id="heavy")
+    with gr.Accordion("Labelling plan: what to label next, and which labels to check", open=True):
+        with gr.Row():
+            budget = gr.Number(value=200, precision=0, minimum=1, label="Labelling budget (items)", scale=2,
+                               elem_id="plan-budget")
+            make = gr.Button("Make plan", variant="primary", scale=1, elem_id="plan-button")
+        plan_md = gr.Markdown(elem_id="plan-summary")
+        plan_table = gr.Dataframe(headers=PLAN_COLUMNS, interactive=False, wrap=True, elem_id="plan-table")
+        plan_gallery = gr.Gallery(label="Items, in the order to label them", columns=8, height=300,
+                                  allow_preview=False, fit_columns=False, elem_id="plan-gallery")
+        plan_file = gr.File(label="The plan as a manifest (for a labelling tool; `llm2loss index` reads it)",
+                            elem_id="plan-file")
+    make.click(ui.plan, inputs=budget, outputs=[plan_md, plan_table, plan_gallery, plan_file],
+               api_visibility="private", concurrency_id="heavy", concurrency_limit=1)
     return sel, refresh
 
 
@@ -366,10 +384,10 @@ def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
         holder: list = []
         with gr.Tabs() as tabs:
             with gr.Tab("Search", id="search"):
-                q, go, k, weight, where, negatives, gallery, status, shown = _search_tab(ui, holder)
+                q, go, k, weight, where, negatives, pool_only, gallery, status, shown = _search_tab(ui, holder)
             with gr.Tab("Similar", id="similar"):
                 _similar_tab(ui)
-            run_search = dict(fn=ui.search, inputs=[q, k, weight, where, negatives],
+            run_search = dict(fn=ui.search, inputs=[q, k, weight, where, negatives, pool_only],
                               outputs=[gallery, status, shown], api_visibility="private")
             with gr.Tab("Failure modes", id="modes"):
                 mode_name, mode_add, modes, choice = _modes_tab(ui, tabs, q, run_search)

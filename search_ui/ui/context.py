@@ -135,6 +135,7 @@ class AppContext:
         self.scratch = self._scratch.name  # downloads are written here before Gradio caches them
         self._modes: dict[tuple, list[dict]] = {}
         self._modes_lock = threading.Lock()
+        self._plans: dict[tuple, dict] = {}
 
     @property
     def engine(self):
@@ -185,3 +186,17 @@ class AppContext:
                     del self._modes[old]
                 self._modes[key] = [jsonable(m.to_dict(with_ids=True)) for m in modes]
             return self._modes[key]
+
+    def plan(self, budget: int, modes: tuple[str, ...] = ()) -> dict:
+        """``diagnosis.curate.plan_curation`` as a dict (modes, items), cached per table version,
+        budget and modes: it runs explain, seconds that every visitor would otherwise pay."""
+        key = (self.db.version, int(budget), tuple(modes))
+        with self._modes_lock:
+            if key not in self._plans:
+                from diagnosis.curate import plan_curation
+
+                plan = plan_curation(self.db, int(budget), modes=list(modes) or None)
+                for old in [k for k in self._plans if k[0] != key[0]]:
+                    del self._plans[old]
+                self._plans[key] = jsonable(plan.to_dict())
+            return self._plans[key]

@@ -103,11 +103,11 @@ class Handlers:
 
     # ---- search and similar --------------------------------------------------------------------
     def search_records(self, text: str, k: int = 24, weight: float = 0.5, where: str | None = None,
-                       negatives: list[str] | None = None) -> list[dict]:
+                       negatives: list[str] | None = None, pool_only: bool = False) -> list[dict]:
         if not text or not text.strip():
             raise UserError("the search box is empty; type what to look for, e.g. 'a blue circle'.")
         return self._query("search", text.strip(), k=int(k), where=_none_if_blank(where),
-                           weight=float(weight), negatives=negatives or [])
+                           weight=float(weight), negatives=negatives or [], pool_only=bool(pool_only))
 
     def similar_records(self, query: str, k: int = 24, weight: float = 0.5, where: str | None = None,
                         uploaded: bool = False) -> list[dict]:
@@ -145,10 +145,11 @@ class Handlers:
         return items, msg, shown
 
     @friendly
-    def search(self, text, k, weight, where, negatives, progress=gr.Progress()):
+    def search(self, text, k, weight, where, negatives, pool_only=False, progress=gr.Progress()):
         progress(0.2, desc="searching")
-        recs = self.search_records(text, k, weight, where, split_phrases(negatives))
-        return self._gallery_answer(recs, f"“{text.strip()}”")
+        recs = self.search_records(text, k, weight, where, split_phrases(negatives), pool_only)
+        what = f"“{text.strip()}”" + (" in the unlabeled pool" if pool_only else "")
+        return self._gallery_answer(recs, what)
 
     @friendly
     def similar(self, upload, sample_id, k, weight, progress=gr.Progress()):
@@ -321,6 +322,31 @@ class Handlers:
             progress(0.7, desc="zipping")
             return shutil.make_archive(str(out_dir / safe), "zip", root_dir=folder)
         return str(export(self.ctx.db, out=out_dir / f"{safe}.{fmt_}", fmt=fmt_, selection=name))
+
+    # ---- labelling plan --------------------------------------------------------------------------
+    @friendly
+    def plan(self, budget, progress=gr.Progress()):
+        """Make the labelling plan for ``budget`` items: (markdown, table of modes, gallery of the
+        items, the plan's manifest as a CSV file)."""
+        try:
+            budget = int(budget)
+        except (TypeError, ValueError):
+            raise UserError(f"the budget {budget!r} is not a whole number; give the items to label, e.g. 200.") from None
+        progress(0.1, desc="naming the failures and deciding what each needs")
+        plan = self.ctx.plan(budget)
+        rows = [[m["number"], m["mode"], m["action"], m["chosen"], m["available"], m["reason"]] for m in plan["modes"]]
+        used = sum(m["chosen"] for m in plan["modes"])
+        md = (f"**Labelling plan**: {used} of {budget} items over {len(plan['modes'])} failure modes "
+              f"({plan['rule']}). *collect*: unlabeled pool images to label; *relabel*: training labels to check.")
+        recs = self.ctx.rows([it["id"] for it in plan["items"]][:SELECTION_SHOWN])
+        items, _ = self.ctx.gallery(recs)
+        out_dir = Path(tempfile.mkdtemp(dir=self.ctx.scratch))
+        from diagnosis.curate import items_table
+        from search_ui.export import _write_table
+
+        path = out_dir / "labelling_plan.csv"
+        _write_table(items_table(plan["items"]), path, "csv")
+        return md, rows, items, str(path)
 
     # ---- model health --------------------------------------------------------------------------
     def health_data(self, progress=None):
