@@ -55,6 +55,9 @@ RELABEL_FACTOR = 3.0
 NEAR_DUPLICATE = 0.98
 DIVERSITY = 0.3
 BASE_SAMPLE = 2000  # training rows the split-wide share of suspect labels is measured on
+#: A mode's training rows checked for suspect labels at most (a fixed sample beyond): neighbours are
+#: computed among them, (r x r) similarities, so this bounds the cost of a vast mode.
+MODE_SAMPLE = 20_000
 COLLECT, RELABEL = "collect", "relabel"
 #: Columns of the plan's manifest, in order. ``plan_predicted_loss`` is the ensemble's predicted
 #: loss when the plan was made (``predicted_loss`` is written by ``index``/``diagnose`` only, so a
@@ -116,11 +119,14 @@ def items_table(items: list[dict]) -> pa.Table:
 RULE = "half the budget split equally over the modes, half by their share of the held-out loss, each capped by its items"
 
 
-def plan_curation(db, budget: int, modes: list[str] | None = None, vocab=None, top: int = 10) -> CurationPlan:
+def plan_curation(db, budget: int, modes: list[str] | None = None, vocab=None, top: int = 10,
+                  explained=None) -> CurationPlan:
     """Plan how to spend ``budget`` labels on the failure modes of ``db`` (module doc).
 
     ``modes``: numbers or descriptions of modes from ``explain`` (default: every mode it shows,
-    at most ``top``). Refuses a budget below 1 and a table without a fitted ensemble.
+    at most ``top``). ``explained``: what :func:`diagnosis.explain.explain_table` returned for
+    ``db``, when the caller already has it. Refuses a budget below 1 and a table without a fitted
+    ensemble.
     """
     from diagnosis.run import open_db
 
@@ -128,7 +134,7 @@ def plan_curation(db, budget: int, modes: list[str] | None = None, vocab=None, t
         raise UserError(f"--budget {budget!r} must be a whole number of items, at least 1.")
     db = open_db(db)
     numbers = [int(x) for x in modes or [] if str(x).strip().isdigit()]
-    found, t, words = explain_table(db, vocab=vocab, top=max([top, *numbers]))
+    found, t, words = explained or explain_table(db, vocab=vocab, top=max([top, *numbers]))
     if not found:
         raise UserError(f"`llm2loss explain` shows no failure mode for {db.path}, so there is nothing to plan for; "
                         "curate by hand with `llm2loss select` and `export`.")
@@ -205,6 +211,8 @@ def _base_share(t, train: np.ndarray, info: dict) -> float:
 def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict, base: float):
     """(the mode's :class:`ModePlan` without its budget, its candidate items in order)."""
     mine = train[name_matches(t, m, words, t.X[train])] if len(train) else train
+    if len(mine) > MODE_SAMPLE:
+        mine = np.sort(np.random.default_rng(0).choice(mine, MODE_SAMPLE, replace=False))
     mean_train = float(t.loss[train].mean()) if len(train) else float("nan")
     fig = {"train_rows": int(len(mine)), "base_suspect_share": round(base, 4), "pool_rows": m.pool_rows or 0,
            "share_of_loss": m.share_of_loss}

@@ -242,7 +242,7 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     from search_ui.demo import run_demo
 
-    run_demo(db=args.db, spec=args.spec, serve=not args.no_serve, port=args.port)
+    run_demo(db=args.db, spec=args.spec, serve=not args.no_serve, port=args.port, retrain=args.retrain)
     return 0
 
 
@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", default=None, help="database folder (default: in the world's cache)")
     s.add_argument("--spec", default=None, help="world spec JSON (default: the built-in spec)")
     s.add_argument("--no-serve", action="store_true", help="stop after printing the summary")
+    s.add_argument("--retrain", action="store_true",
+                   help="also retrain the world's model on the labelling plan and on a random set of the same "
+                        "size, and print what each changed per planted slice (two trainings: minutes)")
     s.add_argument("--port", type=int, default=7860)
     s.set_defaults(func=cmd_demo)
     return p

@@ -10,7 +10,7 @@ from search_ui.cli import main
 from search_ui.demo import run_demo
 
 TINY = {
-    "seed": 5, "n_train": 300, "n_test": 120, "image_size": 32, "task": "shape",
+    "seed": 5, "n_train": 300, "n_test": 120, "n_pool": 60, "image_size": 32, "task": "shape",
     "slices": [
         {"name": "blue circles", "kind": "correlation", "where": {"shape": "circle", "color": "blue"},
          "strength": 0.9},
@@ -29,8 +29,11 @@ def first_run(tmp_path_factory):
 
 def test_first_run_indexes_diagnoses_and_explains(first_run, capsys):
     _, s = first_run
-    assert s["rows"] == 420 and s["index"] == {"indexed": True, "reused": False, "rows": 420}
-    assert s["diagnosis"] and not s["diagnosis"]["reused"] and s["diagnosis"]["rows"] == 420
+    # 420 labelled rows and the 60-image unlabeled pool, indexed and scored together
+    assert s["rows"] == 420 and s["pool_rows"] == 60
+    assert s["index"] == {"indexed": True, "reused": False, "rows": 480}
+    assert s["diagnosis"] and not s["diagnosis"]["reused"] and s["diagnosis"]["rows"] == 480
+    assert s["diagnosis"]["pool_rows"] == 60
     # explain names modes from the world's own vocab.txt (beside the manifest) by default, or from
     # compositions of its phrases, and lists only modes whose evidence holds: on this 420-row world
     # with a 3-step CLIP there may be none (issue 13)

@@ -419,6 +419,31 @@ def test_the_pool_is_drawn_like_the_test_split_and_leaves_the_labelled_world_as_
     assert len(none.pool_truth()) == 0 and none.manifest_rows() == len(b)
 
 
+def test_retraining_uses_the_truth_the_world_keeps_aside(world):
+    """The simulated labeller: relabelled training rows get their true label, collected pool images
+    theirs; the retrained model is measured on the test split per planted slice."""
+    from indexer.world.retrain import Retrainer
+
+    rt = Retrainer(world)
+    before = rt.baseline()
+    rows = world.rows()
+    test = rows[rows["split"] == "test"]
+    assert before.accuracy == pytest.approx(float((test["prediction"] == test["shape"]).mean()))
+    assert set(before.slices) == {"blue circles", "small stars", "striped triangles"}
+    corrupted = rows.loc[rows["label_corrupted"], "id"].tolist()
+    clean = rows.loc[(rows["split"] == "train") & ~rows["label_corrupted"], "id"].tolist()[:3]
+    pool = world.pool_truth()["id"].tolist()[:20]
+    out = rt.retrain(add=pool, relabel=corrupted + clean)
+    assert out.added == 20 and out.relabelled == len(corrupted) + 3 and out.relabel_fixed == len(corrupted) > 0
+    assert out.train_rows == (rows["split"] == "train").sum() + 20
+    assert 0 <= out.accuracy <= 1 and np.isfinite(out.mean_loss)
+    for s in out.slices.values():
+        assert s["ratio"] == pytest.approx(s["mean_loss"] / out.mean_loss)
+    # same seed, same data: the same model
+    again = rt.retrain(add=pool, relabel=corrupted + clean)
+    assert again.mean_loss == pytest.approx(out.mean_loss, rel=1e-4)
+
+
 def test_a_killed_builds_temp_folder_is_removed_by_the_next_build(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     worlds = tmp_path / "worlds"
