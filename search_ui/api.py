@@ -55,7 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import schema as S
 from indexer.errors import UserError
-from search_ui.ui.context import AppContext
+from search_ui.ui.context import AppContext, public_mode
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def _router(ctx: AppContext) -> APIRouter:
         if top < 1:
             raise UserError(f"top {top} asks for no failure modes; pass top=1 or more.")
         _bound(top, "top", MAX_TOP)
-        return _json([{k: v for k, v in m.items() if k != "ids"} for m in ctx.modes(int(top))
+        return _json([public_mode(m) for m in ctx.modes(int(top))
                       if m.get("shown", True)])  # as the CLI and /explain: names whose evidence holds
 
     def _selections():

@@ -27,7 +27,7 @@ import numpy as np
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
-from search_ui.ui.context import AppContext, serving_dirs
+from search_ui.ui.context import AppContext, public_mode, serving_dirs
 from search_ui.ui.handlers import Handlers, friendly
 from search_ui.ui.modes import MODE_COLUMNS
 
@@ -225,7 +225,7 @@ def _api(ui: Handlers) -> None:
     @friendly
     def explain(top: int = 10) -> list[dict]:
         """Failure modes named in words, worst first (as `llm2loss explain --json`)."""
-        return [{k: v for k, v in m.items() if k != "ids"} for m in ui.ctx.modes(int(top)) if m.get("shown", True)]
+        return [public_mode(m) for m in ui.ctx.modes(int(top)) if m.get("shown", True)]
 
     @friendly
     def details(ids: list[str]) -> list[dict]:

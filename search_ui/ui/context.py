@@ -122,6 +122,12 @@ def jsonable(rec: dict) -> dict:
     return out
 
 
+def public_mode(m: dict) -> dict:
+    """A cached mode (:meth:`AppContext.modes`) as `llm2loss explain --json` gives it: without the
+    member and pool id lists."""
+    return {k: v for k, v in m.items() if k not in ("ids", "pool_ids")}
+
+
 class AppContext:
     """Shared by every session of one server: the database, the engine, caches and locks."""
 

@@ -6,7 +6,7 @@ from diagnosis.explain import evidence_rows
 from search_ui.ui.context import fmt
 
 MODE_COLUMNS = ["#", "failure mode", "its images' true loss (x mean)", "their predicted loss [95% CI]",
-                "coverage", "precision", "samples", "share of loss"]
+                "coverage", "precision", "samples", "share of loss", "unlabeled pool images it retrieves"]
 
 
 def _ci(lo_hi) -> str:
@@ -23,7 +23,8 @@ def mode_row(i: int, m: dict) -> list:
     true = "n/a" if ev.get("true_loss") is None else f"{fmt(ev['true_loss'])} ({ev['true_loss_ratio']:.1f}x)"
     pred = f"{fmt(ev.get('predicted_loss', m.get('predicted_loss')))} {_ci(ev.get('predicted_loss_ci'))}".strip()
     return [i, m["description"] + ("" if m.get("shown", True) else f" (hidden: {(m.get('evidence') or {}).get('reason')})"), true, pred,
-            _pct(ev.get("coverage")), _pct(ev.get("precision")), m.get("size"), _pct(m.get("share_of_loss"))]
+            _pct(ev.get("coverage")), _pct(ev.get("precision")), m.get("size"), _pct(m.get("share_of_loss")),
+            "no pool" if m.get("pool_rows") is None else m["pool_rows"]]
 
 
 def evidence_markdown(m: dict) -> str:
