@@ -469,7 +469,8 @@ def _score_new_rows(db: Database) -> int:
     loaded = load_ensemble(db, allow_stale=True)
     d = db.embed_dim
     # the rows to score, read before anything is written; then one commit for all of them
-    new = db.read([S.ID, S.EMBEDDING], where=f"{S.PREDICTED_LOSS} IS NULL")
+    version, n_rows = db.data_version, db.count_rows()
+    new = db.read([S.ID, S.EMBEDDING, S.LOSS], where=f"{S.PREDICTED_LOSS} IS NULL")
     if new.num_rows == 0:
         return 0
     pred = np.empty(new.num_rows, dtype=np.float32)
@@ -481,7 +482,27 @@ def _score_new_rows(db: Database) -> int:
         pred[s : s + m], std[s : s + m] = loaded.ensemble.predict(X, return_std=True)
     db.update_columns(pa.table({S.ID: new.column(S.ID), S.PREDICTED_LOSS: pred, S.PREDICTED_LOSS_STD: std}))
     db.cleanup()
+    _restamp_if_only_pool_added(db, loaded, new, version, n_rows)
     return new.num_rows
+
+
+def _restamp_if_only_pool_added(db: Database, loaded: LoadedEnsemble, scored: pa.Table, version: int,
+                                n_rows: int) -> None:
+    """An ensemble is fitted on rows with a loss. When every row added since the fit was an
+    unlabeled one (no loss: nothing it could have learned from) and all are now scored, the fit is
+    as current as before they came: stamp it with the table as it is, so explain and curate use it
+    without a refit. Rows added with a loss leave it stale (it never saw their losses)."""
+    info = loaded.info
+    if loaded.stale is None or info.get("clip") != db.clip_identity:
+        return
+    added = n_rows - int(info.get("num_rows", -1))
+    if added <= 0 or scored.num_rows != added or scored.column(S.LOSS).null_count != scored.num_rows:
+        return
+    if db.data_version != version or db.count_rows() != n_rows:
+        return  # another writer came between: leave the stamp to the next diagnose
+    write_json_atomic(db.diagnosis_dir / INFO_FILE, {**info, "data_version": version, "num_rows": n_rows,
+                                                     "table_version": db.version,
+                                                     "pool_rows_scored_since_fit": added})
 
 
 def _bar(total: int, show: bool, desc: str):

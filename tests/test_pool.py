@@ -54,9 +54,15 @@ def test_a_pool_only_manifest_indexes_and_gets_predicted_losses(pooled):
     pool = t[t[S.SPLIT] == S.POOL_SPLIT]
     assert len(pool) == 60 and pool[S.LOSS].isna().all() and pool[S.LABEL].isna().all()
     assert pool[S.PREDICTED_LOSS].isna().all()  # added after the fit: not scored yet
+    from diagnosis.run import load_ensemble
+
+    assert load_ensemble(db, allow_stale=True).stale  # rows came after the fit
     assert score_new_rows(db, progress=False) == 60
     t = db.read([S.SPLIT, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD]).to_pandas()
     assert t[S.PREDICTED_LOSS].notna().all() and (t[S.PREDICTED_LOSS_STD] >= 0).all()
+    # they were unlabeled, nothing the fit could have learned from: once scored, the ensemble is
+    # current again (explain and curate use it without a refit)
+    assert load_ensemble(db).stale is None
 
 
 def test_the_ensemble_never_fits_a_pool_row(pooled, monkeypatch):
@@ -230,3 +236,37 @@ def test_the_api_curates_and_searches_the_pool(planned):
         assert r.status_code == 200 and all(h["split"] == S.POOL_SPLIT for h in r.json()["results"])
     finally:
         server.close()
+
+
+def test_the_curate_tab_makes_a_plan_and_offers_its_manifest(planned):
+    import gradio as gr
+
+    from search_ui.ui.context import AppContext
+    from search_ui.ui.handlers import Handlers
+
+    folder, db = planned
+    ui = Handlers(AppContext(db))
+    md, rows, items, path = ui.plan(9, progress=lambda *a, **k: None)
+    assert "Labelling plan" in md and rows and all(r[2] in ("collect", "relabel") for r in rows)
+    plan = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    assert 0 < len(plan) <= 9 and sum(r[3] for r in rows) == len(plan) and len(items) == len(plan)
+    with pytest.raises(gr.Error, match="not a whole number"):
+        ui.plan("lots", progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="at least 1"):
+        ui.plan(0, progress=lambda *a, **k: None)
+    # the search tab's pool toggle
+    gallery, msg, shown = ui.search("a red square", 6, 0.5, "", "", True, progress=lambda *a, **k: None)
+    assert "unlabeled pool" in msg and shown and all(r["split"] == S.POOL_SPLIT for r in shown)
+
+
+def test_rows_added_with_a_loss_leave_the_ensemble_stale_after_scoring(tmp_path, tiny_clip_spec):
+    from diagnosis.run import load_ensemble
+
+    df = make_images(tmp_path, n=40)
+    df.iloc[:30].to_csv(tmp_path / "first.csv", index=False)
+    df.iloc[30:].to_csv(tmp_path / "second.csv", index=False)
+    index_dataset(tmp_path / "first.csv", tmp_path / "db", clip=tiny_clip_spec, progress=False, workers=0)
+    diagnose(tmp_path / "db", members=2, folds=2, progress=False, fit_split="all")
+    index_dataset(tmp_path / "second.csv", tmp_path / "db", progress=False, workers=0)
+    assert score_new_rows(tmp_path / "db", progress=False) == 10
+    assert "rows were added" in load_ensemble(tmp_path / "db", allow_stale=True).stale
