@@ -52,7 +52,14 @@ log = logging.getLogger(__name__)
 NEIGHBOURS = 10
 RELABEL_SHARE = 0.10
 RELABEL_FACTOR = 3.0
+#: Two images at cosine >= the *near-duplicate line* never both use the budget. The line is the 99th
+#: percentile of the pool's nearest-neighbour cosines, kept within [NEAR_DUPLICATE, DUPLICATE]: a
+#: CLIP that reads only an image's content puts distinct images of one kind very close (the offline
+#: world's tiny CLIP: median nearest neighbour 0.9975), where a fixed 0.98 would call all of them
+#: duplicates and leave the budget unspent; a copy of an image (cosine ~1) is always one.
 NEAR_DUPLICATE = 0.98
+DUPLICATE = 0.9999
+DUPLICATE_SAMPLE = 5000  # pool images the line is measured on (a fixed sample beyond)
 DIVERSITY = 0.3
 BASE_SAMPLE = 2000  # training rows the split-wide share of suspect labels is measured on
 #: A mode's training rows checked for suspect labels at most (a fixed sample beyond): neighbours are
@@ -299,11 +306,25 @@ def _allot(plans: list[ModePlan], modes: list[FailureMode], budget: int) -> None
 
 
 # ---- choosing the items ------------------------------------------------------------------------------
+def near_duplicate_line(X: np.ndarray) -> float:
+    """The cosine from which two of the images ``X`` ((p, d) float32, L2-normalised) count as
+    near-duplicates: the 99th percentile of their nearest-neighbour cosines (on a fixed sample of
+    ``DUPLICATE_SAMPLE``), within [``NEAR_DUPLICATE``, ``DUPLICATE``]."""
+    if len(X) < 2:
+        return DUPLICATE
+    if len(X) > DUPLICATE_SAMPLE:
+        X = X[np.sort(np.random.default_rng(0).choice(len(X), DUPLICATE_SAMPLE, replace=False))]
+    nn = _top_neighbours(X, X, 2)  # itself and its nearest other
+    sims = np.einsum("ij,ij->i", X[nn[:, 0]], X[nn[:, 1]])
+    return float(np.clip(np.quantile(sims, 0.99), NEAR_DUPLICATE, DUPLICATE))
+
+
 def _select(plans: list[ModePlan], cands: list[list[dict]], t, info: dict) -> list[dict]:
     items: list[dict] = []
     chosen_X: list[np.ndarray] = []  # collected images so far, across modes (near-duplicates)
     used: set[str] = set()
     mean_pred = _mean_pred(t)
+    line = near_duplicate_line(t.pool.X) if t.pool is not None else DUPLICATE
     for p, c in zip(plans, cands, strict=True):
         if p.budget == 0:
             continue
@@ -319,7 +340,7 @@ def _select(plans: list[ModePlan], cands: list[list[dict]], t, info: dict) -> li
                                    f"{loss:.2f}"))
         else:
             rows = np.array([_pool_row(t, x["pool"]) for x in c if x["pool"] not in used], dtype=np.int64)
-            picked = _spread(rows, t.pool.X, t.pool.pred, p.budget, chosen_X)
+            picked = _spread(rows, t.pool.X, t.pool.pred, p.budget, chosen_X, line)
             for rank, r in enumerate(picked, 1):
                 sid = str(t.pool.ids[r])
                 used.add(sid)
@@ -338,11 +359,13 @@ def _item(sid, info, label, split, loss, p: ModePlan, rank, suggested, pred, rea
             "reason": reason}
 
 
-def _spread(rows: np.ndarray, X: np.ndarray, pred: np.ndarray, k: int, chosen_X: list[np.ndarray]) -> list[int]:
+def _spread(rows: np.ndarray, X: np.ndarray, pred: np.ndarray, k: int, chosen_X: list[np.ndarray],
+            line: float = NEAR_DUPLICATE) -> list[int]:
     """Up to ``k`` of ``rows`` (sorted by predicted loss, highest first) by maximal marginal
     relevance: each step takes the row maximising ``(1 - DIVERSITY) x`` its predicted loss (scaled
     to [0, 1] over the candidates) ``- DIVERSITY x`` its cosine to the nearest image chosen so far,
-    never one at ``NEAR_DUPLICATE`` or closer. Appends the chosen embeddings to ``chosen_X``."""
+    never one at cosine ``line`` (the near-duplicate line) or closer. Appends the chosen embeddings
+    to ``chosen_X``."""
     if k <= 0 or not len(rows):
         return []
     rows = rows[: max(10 * k, 200)]  # the likeliest failures; diversity is weighed among these
@@ -356,7 +379,7 @@ def _spread(rows: np.ndarray, X: np.ndarray, pred: np.ndarray, k: int, chosen_X:
     free = np.ones(len(rows), dtype=bool)
     while len(out) < k:
         score = (1 - DIVERSITY) * rel - DIVERSITY * np.maximum(near, 0.0)
-        score[~free | (near >= NEAR_DUPLICATE)] = -np.inf
+        score[~free | (near >= line)] = -np.inf
         j = int(np.argmax(score))
         if not np.isfinite(score[j]):
             break

@@ -8,7 +8,16 @@ an unlabeled pool; the command end to end on a real database in test_pool.py.
 import numpy as np
 import pytest
 
-from diagnosis.curate import COLLECT, NEAR_DUPLICATE, RELABEL, _allot, _spread, make_plan
+from diagnosis.curate import (
+    COLLECT,
+    DUPLICATE,
+    NEAR_DUPLICATE,
+    RELABEL,
+    _allot,
+    _spread,
+    make_plan,
+    near_duplicate_line,
+)
 from diagnosis.explain import FailureMode, Faithfulness, _Pool, _Table, attach_pool, name_modes
 from diagnosis.vocab import Grammar
 from tests.test_naming import ATTR, Space, vocab
@@ -131,3 +140,23 @@ def test_near_duplicates_do_not_use_the_budget_twice():
     # an image close to one an earlier mode took is not taken again
     taken = [X[6]]
     assert 0 not in _spread(rows, X, pred, 8, taken)
+
+
+def test_the_near_duplicate_line_follows_how_close_distinct_images_are():
+    """A CLIP that ignores nuisances puts distinct images of one kind at cosine ~0.997: a fixed 0.98
+    would call them all duplicates and spend a fraction of the budget; copies stay duplicates."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 32))
+    X = centres[rng.integers(0, 5, 400)] + 0.05 * rng.normal(size=(400, 32))  # tight kinds: cosine ~0.997
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    line = near_duplicate_line(X)
+    assert NEAR_DUPLICATE < line <= DUPLICATE
+    pred = rng.random(400)
+    rows = np.argsort(-pred)
+    assert len(_spread(rows, X, pred, 200, [], line)) == 200  # the budget is spent
+    assert len(_spread(rows, X, pred, 200, [], NEAR_DUPLICATE)) <= 5  # a fixed 0.98: one per kind
+    spread_out = rng.normal(size=(400, 32))
+    spread_out /= np.linalg.norm(spread_out, axis=1, keepdims=True)
+    assert near_duplicate_line(spread_out.astype(np.float32)) == pytest.approx(NEAR_DUPLICATE)
+    copies = np.vstack([X[:10], X[:10]])
+    assert len(set(_spread(np.arange(20), copies, np.ones(20), 20, [], near_duplicate_line(copies)))) == 10
