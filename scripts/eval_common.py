@@ -7,8 +7,12 @@ diagnose) once, and tying failure modes to the planted slices they name.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diagnosis.run import diagnose, load_ensemble
@@ -50,3 +54,33 @@ def mode_slice(ids: list[str], rows, slices: list[dict]) -> dict | None:
     from search_ui.demo import _best_slice
 
     return _best_slice(ids, rows, slices)
+
+
+def parser(doc: str, specs: dict) -> argparse.ArgumentParser:
+    """The options every evaluation takes: the worlds, where their databases go, the JSON output."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--specs", default=",".join(specs),
+                    help=f"comma list of: {', '.join(specs)}, or JSON spec paths (default: all of them)")
+    ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two evaluations share 2 cores)")
+    return ap
+
+
+def run(args, specs: dict, evaluate: Callable[[str, object], dict], markdown: Callable[[list[dict]], str]) -> int:
+    """Evaluate each world of ``args.specs`` (names of ``specs`` or JSON paths) with ``evaluate(name,
+    spec)``, logging each result as JSON on stderr (and into ``args.out`` as it goes), then print
+    ``markdown`` of them all on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    results = []
+    for name in args.specs.split(","):
+        results.append(evaluate(name, specs.get(name, name)))
+        print(json.dumps(results[-1], indent=1, default=str), file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print(markdown(results))
+    return 0

@@ -28,15 +28,13 @@ Usage: ``nice python scripts/eval_curation.py [--specs default,shape-seed2,path.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from eval_common import ensure_db, mode_slice
+from eval_common import ensure_db, mode_slice, parser, run
 
 from diagnosis.curate import plan_curation
 from indexer.world import benchmark_specs, build_world
@@ -182,28 +180,8 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default=",".join(SPECS),
-                    help=f"comma list of: {', '.join(SPECS)}, or JSON spec paths (default: all of them)")
-    ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
-    ap.add_argument("--out", default=None, help="also write the results as JSON here")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
-    results = []
-    for name in args.specs.split(","):
-        spec = SPECS.get(name, name)
-        r = evaluate(name, spec, Path(args.work), not args.quiet)
-        results.append(r)
-        print(json.dumps(r, indent=1, default=str), file=sys.stderr)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-    print(markdown(results))
-    return 0
+    args = parser(__doc__, SPECS).parse_args(argv)
+    return run(args, SPECS, lambda name, spec: evaluate(name, spec, Path(args.work), not args.quiet), markdown)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ in ``scripts/worlds/``: ``--specs scripts/worlds/unseen-a.json,scripts/worlds/un
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from eval_common import ensure_db
+from eval_common import ensure_db, parser, run
 
 from diagnosis.explain import explain
 from diagnosis.metrics import quality
@@ -259,40 +258,25 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", default=",".join(SPECS),
-                    help=f"comma list of: {', '.join(SPECS)}, or JSON spec paths (default: all of them)")
-    ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
-    ap.add_argument("--out", default=None, help="also write the results as JSON here")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap = parser(__doc__, SPECS)
     ap.add_argument("--small", action="store_true", help="build the named worlds at the demo's quick size")
     ap.add_argument("--baseline", default=None, help="another checkout whose explain is judged beside")
     ap.add_argument("--worlds-built", default=None, help="file of '<spec name> <db path>' lines to use")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when two evaluations share 2 cores)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    import torch
-
-    torch.set_num_threads(max(1, args.threads))
     built = {}
     if args.worlds_built:
         for line in Path(args.worlds_built).read_text().splitlines():
             parts = line.split()
             if len(parts) >= 2 and (Path(parts[1]) / "meta.json").exists():  # an indexed database
                 built[parts[0]] = parts[1]
-    results = []
-    for name in args.specs.split(","):
-        spec = SPECS.get(name, name)
+
+    def one(name, spec):
         if args.small and isinstance(spec, dict):
             spec = {**spec, **SMALL}
-        r = evaluate(name, spec, Path(args.work), not args.quiet, Path(args.baseline) if args.baseline else None,
-                     built)
-        results.append(r)
-        print(json.dumps(r, indent=1, default=str), file=sys.stderr)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-    print(markdown(results))
-    return 0
+        return evaluate(name, spec, Path(args.work), not args.quiet, Path(args.baseline) if args.baseline else None,
+                        built)
+
+    return run(args, SPECS, one, markdown)
 
 
 if __name__ == "__main__":
