@@ -8,7 +8,8 @@ Since the diagnosis ensemble predicts a loss from an image alone, it scores the 
     The mode's training images carry labels their own neighbours contradict: a training image is
     *suspect* when more of its ``NEIGHBOURS`` nearest training images *of the same mode* (CLIP
     space; the training images its name describes) carry another label than its own. A mode needs
-    relabelling when the share of suspect labels among them is at least ``RELABEL_SHARE`` and
+    relabelling when it has at least ``MIN_TRAIN_ROWS`` training images and the share of suspect
+    labels among them is at least ``RELABEL_SHARE`` and
     ``RELABEL_FACTOR`` x the share across the whole training split (each image against its
     neighbours there): wrong labels, not missing images, make the model fail there. A rare group
     or a spurious correlation has few or misleading images, but labels that agree with their
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 NEIGHBOURS = 10
 RELABEL_SHARE = 0.10
 RELABEL_FACTOR = 3.0
+#: Fewer training images than this say too little of their labels: such a mode is collected.
+MIN_TRAIN_ROWS = 20
 #: Two images at cosine >= the *near-duplicate line* never both use the budget. The line is the 99th
 #: percentile of the pool's nearest-neighbour cosines, kept within [NEAR_DUPLICATE, DUPLICATE]: a
 #: CLIP that reads only an image's content puts distinct images of one kind very close (the offline
@@ -167,8 +170,9 @@ def make_plan(found: list[FailureMode], t, words, info: dict, budget: int, modes
         mp, c = _decide(i + 1, found[i], t, words, train, info, base)
         plans.append(mp)
         cands.append(c)
-    _allot(plans, [found[i] for i in chosen], budget)
-    items = _select(plans, cands, t, info)
+    picked = [found[i] for i in chosen]
+    _allot(plans, picked, budget)
+    items = _select(plans, cands, picked, t, info, budget)
     return CurationPlan(budget=budget, modes=plans, items=items, rule=RULE)
 
 
@@ -238,7 +242,7 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
     mean_pred = _mean_pred(t)
     if len(pool_pred):
         fig["pool_predicted_ratio"] = round(float(pool_pred.mean() / mean_pred), 3) if mean_pred > 0 else None
-    if len(mine) and share >= max(RELABEL_SHARE, RELABEL_FACTOR * base) and suspect.sum() > 0:
+    if len(mine) >= MIN_TRAIN_ROWS and share >= max(RELABEL_SHARE, RELABEL_FACTOR * base) and suspect.sum() > 0:
         order = np.lexsort((-t.loss[mine[suspect]], -differ[suspect]))
         rows = mine[suspect][order]
         cands = [{"row": int(r), "suggested_label": str(sg), "differ": float(d)}
@@ -277,15 +281,22 @@ def _pool_row(t, sid: str) -> int:
 
 # ---- splitting the budget --------------------------------------------------------------------------
 def _allot(plans: list[ModePlan], modes: list[FailureMode], budget: int) -> None:
-    """Set each plan's ``budget`` (module doc's rule): weights half equal, half share of loss;
-    parts capped by ``available``; what a capped mode cannot use goes to the others."""
+    """Set each plan's ``budget`` by the module doc's rule (:func:`_shares`, capped by ``available``)."""
+    for p, n in zip(plans, _shares(modes, [p.available for p in plans], budget), strict=True):
+        p.budget = n
+
+
+def _shares(modes: list[FailureMode], caps: list[int], budget: int) -> list[int]:
+    """``budget`` split over ``modes``: weights half equal, half each mode's share of the loss;
+    parts capped by ``caps``, and what a capped mode cannot use goes to the others by the same rule
+    (largest remainders round to whole items)."""
     cost = np.array([m.share_of_loss if m.share_of_loss is not None else m.size * m.mean_predicted_loss
                      for m in modes], dtype=np.float64)
     cost = np.nan_to_num(np.clip(cost, 0, None))
     cost = cost / cost.sum() if cost.sum() > 0 else np.full(len(modes), 1 / len(modes))
     weight = 0.5 / len(modes) + 0.5 * cost
-    cap = np.array([p.available for p in plans])
-    got = np.zeros(len(plans), dtype=int)
+    cap = np.asarray(caps, dtype=int)
+    got = np.zeros(len(modes), dtype=int)
     left = budget
     while left > 0:
         open_ = got < cap
@@ -301,8 +312,7 @@ def _allot(plans: list[ModePlan], modes: list[FailureMode], budget: int) -> None
             break
         got += add
         left -= int(add.sum())
-    for p, g in zip(plans, got, strict=True):
-        p.budget = int(g)
+    return [int(g) for g in got]
 
 
 # ---- choosing the items ------------------------------------------------------------------------------
@@ -319,38 +329,65 @@ def near_duplicate_line(X: np.ndarray) -> float:
     return float(np.clip(np.quantile(sims, 0.99), NEAR_DUPLICATE, DUPLICATE))
 
 
-def _select(plans: list[ModePlan], cands: list[list[dict]], t, info: dict) -> list[dict]:
+def _select(plans: list[ModePlan], cands: list[list[dict]], modes: list[FailureMode], t, info: dict,
+            budget: int) -> list[dict]:
+    """Choose each mode's items (module doc) for the budgets :func:`_allot` set, in passes: a mode
+    whose candidates ran short (taken by an earlier mode, or near-duplicates of images already
+    chosen) is closed, and what the budget has left is split again over the others (:func:`_shares`).
+    Each plan's ``budget`` ends as what it was given, ``chosen`` as what it used."""
     items: list[dict] = []
     chosen_X: list[np.ndarray] = []  # collected images so far, across modes (near-duplicates)
     used: set[str] = set()
     mean_pred = _mean_pred(t)
     line = near_duplicate_line(t.pool.X) if t.pool is not None else DUPLICATE
-    for p, c in zip(plans, cands, strict=True):
-        if p.budget == 0:
-            continue
-        if p.action == RELABEL:
-            picked = [x for x in c if str(t.ids[x["row"]]) not in used][: p.budget]
-            for rank, x in enumerate(picked, 1):
-                sid = str(t.ids[x["row"]])
-                used.add(sid)
-                label, loss = info["label"][sid], float(t.loss[x["row"]])
-                items.append(_item(sid, info, label, "train", loss, p, rank, x["suggested_label"], float(t.pred[x["row"]]),
-                                   f"labelled {label!r} but {round(x['differ'] * NEIGHBOURS)} of its {NEIGHBOURS} nearest "
-                                   f"look-alikes in the mode are not; they say {x['suggested_label']!r}; training loss "
-                                   f"{loss:.2f}"))
-        else:
-            rows = np.array([_pool_row(t, x["pool"]) for x in c if x["pool"] not in used], dtype=np.int64)
-            picked = _spread(rows, t.pool.X, t.pool.pred, p.budget, chosen_X, line)
-            for rank, r in enumerate(picked, 1):
-                sid = str(t.pool.ids[r])
-                used.add(sid)
-                pred = float(t.pool.pred[r])
-                items.append(_item(sid, info, None, S.POOL_SPLIT, None, p, rank, None, pred,
-                                   f"unlabeled image the name {p.mode!r} retrieves, predicted loss {pred:.2f} "
-                                   f"({pred / mean_pred:.1f}x the mean)" if mean_pred > 0 else
-                                   f"unlabeled image the name {p.mode!r} retrieves"))
-        p.chosen = len(picked)
-    return items
+    want = [p.budget for p in plans]
+    closed = [p.available == 0 for p in plans]
+    while True:
+        for i, (p, c) in enumerate(zip(plans, cands, strict=True)):
+            if want[i] > 0 and not closed[i]:
+                got = _pick(p, c, want[i], t, info, used, chosen_X, line, mean_pred)
+                items += got
+                p.chosen += len(got)
+                closed[i] = len(got) < want[i]
+        left = budget - len(items)
+        open_ = [i for i in range(len(plans)) if not closed[i]]
+        if left <= 0 or not open_:
+            return items
+        extra = _shares([modes[i] for i in open_], [plans[i].available - plans[i].chosen for i in open_], left)
+        if not any(extra):
+            return items
+        want = [0] * len(plans)
+        for i, n in zip(open_, extra, strict=True):
+            want[i] = n
+            plans[i].budget += n
+
+
+def _pick(p: ModePlan, c: list[dict], k: int, t, info: dict, used: set[str], chosen_X: list[np.ndarray],
+          line: float, mean_pred: float) -> list[dict]:
+    """Up to ``k`` more items of mode ``p`` from its candidates ``c`` (not in ``used``), ranked
+    after the ``p.chosen`` it already has."""
+    out = []
+    if p.action == RELABEL:
+        picked = [x for x in c if str(t.ids[x["row"]]) not in used][:k]
+        for rank, x in enumerate(picked, p.chosen + 1):
+            sid = str(t.ids[x["row"]])
+            used.add(sid)
+            label, loss = info["label"][sid], float(t.loss[x["row"]])
+            out.append(_item(sid, info, label, "train", loss, p, rank, x["suggested_label"], float(t.pred[x["row"]]),
+                             f"labelled {label!r} but {round(x['differ'] * NEIGHBOURS)} of its {NEIGHBOURS} nearest "
+                             f"look-alikes in the mode are not; they say {x['suggested_label']!r}; training loss "
+                             f"{loss:.2f}"))
+        return out
+    rows = np.array([_pool_row(t, x["pool"]) for x in c if x["pool"] not in used], dtype=np.int64)
+    for rank, r in enumerate(_spread(rows, t.pool.X, t.pool.pred, k, chosen_X, line), p.chosen + 1):
+        sid = str(t.pool.ids[r])
+        used.add(sid)
+        pred = float(t.pool.pred[r])
+        out.append(_item(sid, info, None, S.POOL_SPLIT, None, p, rank, None, pred,
+                         f"unlabeled image the name {p.mode!r} retrieves, predicted loss {pred:.2f} "
+                         f"({pred / mean_pred:.1f}x the mean)" if mean_pred > 0 else
+                         f"unlabeled image the name {p.mode!r} retrieves"))
+    return out
 
 
 def _item(sid, info, label, split, loss, p: ModePlan, rank, suggested, pred, reason) -> dict:

@@ -247,7 +247,7 @@ def test_openapi_lists_every_route(served, http):
     paths = http.get(f"{url}/openapi.json").json()["paths"]
     assert set(paths) == {f"/api/v1{p}" for p in (
         "/search", "/similar", "/samples/{sample_id}", "/samples/{sample_id}/image", "/explain", "/selections",
-        "/selections/{name}", "/selections/{name}/add", "/selections/{name}/remove", "/export", "/health")}
+        "/selections/{name}", "/selections/{name}/add", "/selections/{name}/remove", "/export", "/curate", "/health")}
 
 
 def test_the_page_keeps_its_file_policy_through_the_mount(served):

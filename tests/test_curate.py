@@ -160,3 +160,18 @@ def test_the_near_duplicate_line_follows_how_close_distinct_images_are():
     assert near_duplicate_line(spread_out.astype(np.float32)) == pytest.approx(NEAR_DUPLICATE)
     copies = np.vstack([X[:10], X[:10]])
     assert len(set(_spread(np.arange(20), copies, np.ones(20), 20, [], near_duplicate_line(copies)))) == 10
+
+
+def test_a_mode_whose_pool_images_another_took_leaves_its_budget_to_the_others(world):
+    """Two names retrieving the same pool images ("a small star" and a twin): the second runs short
+    of images the first has not taken, and what it leaves is spent by the other modes."""
+    import copy
+
+    s, table, info, truth, modes, words = world
+    star = next(m for m in modes if m.description == "a small star")
+    plan = make_plan([*modes, copy.copy(star)], table, words, info, budget=300)
+    first, twin = [m for m in plan.modes if m.mode == "a small star"]
+    assert first.action == twin.action == COLLECT
+    assert twin.chosen < twin.budget  # it ran short: the first took its images
+    assert len(plan.items) == sum(m.chosen for m in plan.modes) == 300  # and nothing was left unspent
+    assert len({it["id"] for it in plan.items}) == 300
