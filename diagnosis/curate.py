@@ -95,8 +95,8 @@ class ModePlan:
 
 @dataclass
 class CurationPlan:
-    """A labelling plan: ``modes`` (:class:`ModePlan`) and ``items`` (dicts with :data:`COLUMNS`),
-    collect items first within each mode, in the order to label them."""
+    """A labelling plan: ``modes`` (:class:`ModePlan`) and ``items`` (dicts with :data:`COLUMNS`):
+    mode by mode, each mode's in the order to label them (``priority`` 1, 2, ...)."""
 
     budget: int
     modes: list[ModePlan]
