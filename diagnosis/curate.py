@@ -4,6 +4,10 @@ which items to spend a labelling budget on.
 Since the diagnosis ensemble predicts a loss from an image alone, it scores the unlabeled pool
 (``split = "pool"``) too; a failure's fix is one of two kinds, decided per mode from the table:
 
+Scarce modes are collected first of all: when the share of the training split a mode's name
+describes is below ``SCARCE`` x its share of the held-out rows, the model saw too few images like
+it (a rare group), whatever their labels say. Otherwise:
+
 ``relabel``
     The mode's training images carry labels their own neighbours contradict: a training image is
     *suspect* when more of its ``NEIGHBOURS`` nearest training images *of the same mode* (CLIP
@@ -55,6 +59,11 @@ RELABEL_SHARE = 0.10
 RELABEL_FACTOR = 3.0
 #: Fewer training images than this say too little of their labels: such a mode is collected.
 MIN_TRAIN_ROWS = 20
+#: A mode whose share of the training split is below this fraction of its share of the held-out
+#: rows is *scarce* in training (a rare group, or one a spurious correlation kept out): it needs
+#: images, whatever its few labels say.
+SCARCE = 0.5
+DESCRIBED_SAMPLE = 50_000  # held-out rows the representation is measured on (a fixed sample beyond)
 #: Two images at cosine >= the *near-duplicate line* never both use the budget. The line is the 99th
 #: percentile of the pool's nearest-neighbour cosines, kept within [NEAR_DUPLICATE, DUPLICATE]: a
 #: CLIP that reads only an image's content puts distinct images of one kind very close (the offline
@@ -222,11 +231,13 @@ def _base_share(t, train: np.ndarray, info: dict) -> float:
 def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict, base: float):
     """(the mode's :class:`ModePlan` without its budget, its candidate items in order)."""
     mine = train[name_matches(t, m, words, t.X[train])] if len(train) else train
+    represented = _representation(t, m, words, train, len(mine))
     if len(mine) > MODE_SAMPLE:
         mine = np.sort(np.random.default_rng(0).choice(mine, MODE_SAMPLE, replace=False))
     mean_train = float(t.loss[train].mean()) if len(train) else float("nan")
     fig = {"train_rows": int(len(mine)), "base_suspect_share": round(base, 4), "pool_rows": m.pool_rows or 0,
-           "share_of_loss": m.share_of_loss}
+           "share_of_loss": m.share_of_loss, "train_share": represented[0], "held_out_share": represented[1]}
+    scarce = represented[1] > 0 and represented[0] < SCARCE * represented[1]
     if len(mine):
         # neighbours among the mode's own training images: in a group with wrong labels they
         # contradict each other; a rare group's few images agree among themselves (their
@@ -242,7 +253,8 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
     mean_pred = _mean_pred(t)
     if len(pool_pred):
         fig["pool_predicted_ratio"] = round(float(pool_pred.mean() / mean_pred), 3) if mean_pred > 0 else None
-    if len(mine) >= MIN_TRAIN_ROWS and share >= max(RELABEL_SHARE, RELABEL_FACTOR * base) and suspect.sum() > 0:
+    if not scarce and len(mine) >= MIN_TRAIN_ROWS and share >= max(RELABEL_SHARE, RELABEL_FACTOR * base) \
+            and suspect.sum() > 0:
         order = np.lexsort((-t.loss[mine[suspect]], -differ[suspect]))
         rows = mine[suspect][order]
         cands = [{"row": int(r), "suggested_label": str(sg), "differ": float(d)}
@@ -253,7 +265,10 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
                   f"not missing images, make it fail; {int(suspect.sum())} labels to check")
         return ModePlan(number, m.description, RELABEL, reason, available=len(cands), figures=fig, members=m.ids), cands
     cands = [{"pool": i} for i in m.pool_ids]
-    if len(mine):
+    if scarce:
+        why = (f"images like it are {100 * represented[0]:.2f}% of the training split against "
+               f"{100 * represented[1]:.2f}% of the held-out rows: the model saw too few of them")
+    elif len(mine):
         why = (f"{100 * share:.0f}% of its {len(mine)} training images carry a label their neighbours contradict "
                f"({100 * base:.0f}% across the training split), so its labels are not the problem and it needs more "
                "images like these")
@@ -266,6 +281,19 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
     else:
         why += "; the unlabeled pool holds none its name retrieves: index unlabeled images of this kind"
     return ModePlan(number, m.description, COLLECT, why, available=len(cands), figures=fig, members=m.ids), cands
+
+
+def _representation(t, m: FailureMode, words, train: np.ndarray, n_train: int) -> tuple[float, float]:
+    """(share of the training split the mode's name describes, share of the judged held-out rows it
+    describes); (0, 0) without a training split or held-out rows."""
+    judged = np.flatnonzero(t.judged)
+    held = np.setdiff1d(judged, train, assume_unique=True) if len(train) else judged
+    if not len(train) or not len(held):
+        return 0.0, 0.0
+    if len(held) > DESCRIBED_SAMPLE:
+        held = np.sort(np.random.default_rng(0).choice(held, DESCRIBED_SAMPLE, replace=False))
+    n_held = len(name_matches(t, m, words, t.X[held]))
+    return round(n_train / len(train), 5), round(n_held / len(held), 5)
 
 
 def _mean_pred(t) -> float:

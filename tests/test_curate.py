@@ -87,7 +87,9 @@ def test_the_noisy_label_group_is_relabelled_and_the_rare_group_collected(world)
     noisy, rare = by["a triangle on a striped background"], by["a small star"]
     assert noisy.action == RELABEL and rare.action == COLLECT
     assert noisy.figures["suspect_share"] > 0.3 > 3 * noisy.figures["base_suspect_share"]
-    assert rare.figures["suspect_share"] < 0.1
+    assert rare.figures["train_share"] < 0.1 * rare.figures["held_out_share"]  # scarce in training
+    assert "too few" in rare.reason
+    assert noisy.figures["train_share"] > 0.5 * noisy.figures["held_out_share"]
     for m in (noisy, rare):  # one sentence, with its figures
         assert "%" in m.reason and "\n" not in m.reason
     items = plan.items
