@@ -54,7 +54,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import schema as S
-from indexer.errors import UserError
+from indexer.errors import Unavailable, UserError
+from indexer.integrity import storage_error, write_error
 from search_ui.ui.context import AppContext
 
 log = logging.getLogger(__name__)
@@ -437,6 +438,10 @@ def build_api(ctx: AppContext, auth: tuple[str, str] | None = None) -> FastAPI:
     async def refused(request: Request, e: UserError):
         return _error(str(e), 400)
 
+    @app.exception_handler(Unavailable)  # a damaged table, a full disk, a read-only folder: not the request's fault
+    async def unavailable(request: Request, e: Unavailable):
+        return _error(str(e), 503)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         return _error(_validation_sentence(e), 422)
@@ -450,6 +455,10 @@ def build_api(ctx: AppContext, auth: tuple[str, str] | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception):
+        err = storage_error(e, ctx.db.path) or write_error(e, "to the database", None, cleaned=False, db_path=ctx.db.path)
+        if err is not None:
+            log.warning("%s %s: %s", request.method, request.url.path, e)
+            return _error(str(err), 503)
         log.error("%s %s failed", request.method, request.url.path, exc_info=e)
         return _error(f"{request.url.path} failed ({type(e).__name__}: {str(e)[:200]}); the server log has the "
                       "details.", 500)
