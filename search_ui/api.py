@@ -404,7 +404,7 @@ def health_report(ctx: AppContext) -> dict:
     """rows, table_version, data_version, clip, and the FAISS index's and the ensemble's freshness."""
     import json
 
-    from diagnosis.run import INFO_FILE, staleness
+    from diagnosis.run import INFO_FILE, damage, staleness
     from indexer import ann
 
     db = ctx.db
@@ -418,7 +418,8 @@ def health_report(ctx: AppContext) -> dict:
             info = json.loads(info_path.read_text())
         except ValueError:
             info = None
-    reason = "no diagnosis ensemble was fitted (run `llm2loss diagnose`)" if info is None else staleness(db, info)
+    reason = "no diagnosis ensemble was fitted (run `llm2loss diagnose`)" if info is None else \
+        staleness(db, info) or damage(db, info)
     ensemble = {"exists": info is not None, "fresh": reason is None, "reason": reason,
                 "num_rows": (info or {}).get("num_rows"), "data_version": (info or {}).get("data_version")}
     return {"rows": db.count_rows(), "table_version": db.version, "data_version": db.data_version,

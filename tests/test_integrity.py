@@ -202,3 +202,22 @@ def test_a_damaged_data_file_is_one_sentence_for_every_command(db_copy, capsys, 
         assert rc == 2 and len(err) == 1 and f"run `llm2loss check --db {d}`" in err[0], (argv, err)
     rc, out, _ = _run(capsys, "check", "--db", d)
     assert rc == 1 and "no earlier version holding rows is intact" in out and "backup" in out, out
+
+
+def test_the_api_answers_a_damaged_table_and_ensemble_with_503_sentences(db_copy):
+    from fastapi.testclient import TestClient
+
+    from search_ui.api import build_api
+    from search_ui.ui.context import AppContext
+
+    ens = db_copy / "diagnosis" / "ensemble.skops"
+    os.truncate(ens, ens.stat().st_size - 1)
+    client = TestClient(build_api(AppContext(db_copy)), raise_server_exceptions=False)
+    health = client.get("/api/v1/health").json()
+    assert not health["ensemble"]["fresh"] and "ensemble.skops" in health["ensemble"]["reason"], health
+    r = client.get("/api/v1/explain", params={"top": 2})
+    assert r.status_code == 503 and "llm2loss check" in r.json()["error"], r.text
+    Path(_data_files(db_copy)[0]).write_bytes(b"\0" * 4096)
+    r = client.post("/api/v1/search", json={"text": "a blue circle", "k": 3})
+    assert r.status_code == 503 and "run `llm2loss check" in r.json()["error"], r.text
+    assert "\n" not in r.json()["error"]
