@@ -798,15 +798,8 @@ def _probe_serve(db: Path, requests_: list) -> dict:
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(url + "/api/v1/health", timeout=2).status_code in (200, 503):
-                    break
-            except httpx.HTTPError:
-                pass
-            if serve.poll() is not None:
-                return {"error": "serve exited: " + serve.stdout.read()[-500:]}
-            time.sleep(0.5)
+        if (error := wait_for_serve(serve, url + "/api/v1/health", (200, 503))) is not None:
+            return {"error": error}
         answers = []
         for method, path, body in requests_:
             r = httpx.request(method, url + path, json=body, timeout=60)
@@ -934,6 +927,22 @@ def classify(case: Case, procs: list, before, after, problem: str | None) -> dic
 
 
 # ---- the HTTP part -------------------------------------------------------------------------------
+def wait_for_serve(serve: subprocess.Popen, url: str, statuses: tuple[int, ...]) -> str | None:
+    """Wait (up to 2 minutes) until ``url`` answers one of ``statuses``; why not, if it does not."""
+    import httpx
+
+    for _ in range(240):
+        try:
+            if httpx.get(url, timeout=2).status_code in statuses:
+                return None
+        except httpx.HTTPError:
+            pass
+        if serve.poll() is not None:
+            return "serve exited: " + serve.stdout.read()[-500:]
+        time.sleep(0.5)
+    return f"serve did not answer {url} within 2 minutes"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -950,15 +959,8 @@ def http_probes(w: dict) -> dict:
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if serve.poll() is not None:
-                return {"error": "serve exited: " + serve.stdout.read()[-500:]}
-            time.sleep(0.5)
+        if (error := wait_for_serve(serve, url, (200,))) is not None:
+            return {"error": error}
         world, db = w["world"], w["db"]
         image = world / "images" / "00000_red_circle.png"
         must_not = [world / "manifest.csv", world / "secret.txt", world / "private" / "id_rsa",
