@@ -781,15 +781,31 @@ def integrity_http_probes(w: dict, base: Path) -> dict:
     d = base / "http-damaged"
     d.mkdir()
     shutil.copytree(w["db"], d / "db")
+    # damaged before it starts: serve exits with the sentence; damaged while it serves: each answer
+    # is right (from what it holds in memory) or a 503 sentence, never a 500
     _damage("data zero-filled")(w, d)
-    out["damaged"] = _probe_serve(d / "db", [("POST", "/api/v1/search", {"text": "a circle", "k": 3})])
+    started = _probe_serve(d / "db", [])
+    lines = [ln for ln in started.get("error", "").replace("serve exited: ", "").splitlines()
+             if ln.strip() and not LOG_LINE.match(ln)]
+    out["damaged_at_start"] = {"exits_with_one_sentence": len(lines) == 1 and "llm2loss check" in lines[0],
+                               "message": (lines or [""])[-1][:300]}
+    d = base / "http-damaged-later"
+    d.mkdir()
+    shutil.copytree(w["db"], d / "db")
+    out["damaged_while_serving"] = _probe_serve(
+        d / "db", [("POST", "/api/v1/search", {"text": "a circle", "k": 3}), ("GET", "/api/v1/samples/s00001", None),
+                   ("POST", "/api/v1/similar", {"id": "s00002", "k": 3}), ("POST", "/api/v1/export",
+                                                                            {"ids": ["s00001"], "format": "csv"})],
+        before=lambda: _damage("data zero-filled")(w, d))
     answers = [a for v in out.values() for a in v.get("answers", [])]
+    out["answered_500"] = sum(1 for a in answers if a["status"] >= 500 and a["status"] != 503)
     out["sentences_4xx_5xx_not_500"] = sum(1 for a in answers if a["status"] in (400, 503) and a["one_sentence"])
     out["probes"] = len(answers)
     return out
 
 
-def _probe_serve(db: Path, requests_: list) -> dict:
+def _probe_serve(db: Path, requests_: list, before=None) -> dict:
+    """Start ``serve`` over ``db``, call ``before()`` once it answers, then send ``requests_``."""
     import httpx
 
     port = _free_port()
@@ -800,6 +816,8 @@ def _probe_serve(db: Path, requests_: list) -> dict:
     try:
         if (error := wait_for_serve(serve, url + "/api/v1/health", (200, 503))) is not None:
             return {"error": error}
+        if before is not None:
+            before()
         answers = []
         for method, path, body in requests_:
             r = httpx.request(method, url + path, json=body, timeout=60)
@@ -808,7 +826,8 @@ def _probe_serve(db: Path, requests_: list) -> dict:
             except ValueError:
                 msg = r.text[:200]
             answers.append({"route": f"{method} {path}", "status": r.status_code, "message": msg[:300],
-                            "one_sentence": bool(msg) and "\n" not in msg and "Traceback" not in msg})
+                            "one_sentence": r.status_code == 200 or (bool(msg) and "\n" not in msg
+                                                                      and "Traceback" not in msg)})
         return {"answers": answers}
     finally:
         serve.terminate()
