@@ -9,7 +9,8 @@ by the full ensemble, in batches. ``scripts/bench_diagnose.py`` measures what th
 Files written under ``DIR/diagnosis/``: ``ensemble.skops`` (the fitted estimator as arrays and
 parameters, read back without unpickling: see :func:`diagnosis.ensemble.load_ensemble_file`), ``image_mean.npy``
 ((d,) float32, mean image embedding, for the modality gap) and ``info.json``, stamped with the
-``data_version``, row count and CLIP identity it was fitted on, so a stale ensemble is detected.
+``data_version``, row count, CLIP identity and set of ids it was fitted on, so a stale ensemble is
+detected, and with both files' size and SHA-256, verified on every load: a damaged one is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,8 @@ import pyarrow as pa
 from diagnosis.ensemble import DiagnosisEnsemble, UnsafeEnsembleFile, load_ensemble_file, save_ensemble
 from diagnosis.metrics import quality, undefined_why
 from indexer import schema as S
-from indexer.errors import UserError
+from indexer.errors import Unavailable, UserError
+from indexer.integrity import checksum_problem, file_checksum, id_set_digest, write_error
 from indexer.store import Database, write_json_atomic, writer_lock
 
 log = logging.getLogger(__name__)
@@ -316,24 +317,38 @@ def _diagnose(db: Database, members, folds, max_rows, progress, random_state, fi
 
     t = time.perf_counter()
     _check_unchanged(db, data_version, len(ids))
-    db.update_columns(pa.table({
-        S.ID: pa.array(ids, type=pa.string()),
-        S.PREDICTED_LOSS: pa.array(pred.astype(np.float32)),
-        S.PREDICTED_LOSS_STD: pa.array(std.astype(np.float32)),
-    }))
-    db.cleanup()
-    timings["write_s"] = time.perf_counter() - t
+    # The ensemble's files are written (to temporary names) before the table changes: a full disk
+    # then fails the run with the table, the old ensemble and its stamp as they were.
+    staged: dict[str, str] = {}
+    try:
+        staged = _stage(db, ens, image_mean)
+        db.update_columns(pa.table({
+            S.ID: pa.array(ids, type=pa.string()),
+            S.PREDICTED_LOSS: pa.array(pred.astype(np.float32)),
+            S.PREDICTED_LOSS_STD: pa.array(std.astype(np.float32)),
+        }))
+        db.cleanup()
+        timings["write_s"] = time.perf_counter() - t
 
-    seconds = time.perf_counter() - t0
-    report = DiagnoseReport(
-        path=str(db.diagnosis_dir), rows=len(ids), fitted_rows=len(fit_rows), rows_with_loss=n_loss,
-        members=members, folds=ens.n_folds_, spearman=q["spearman"], r2=q["r2"],
-        auroc_top10=q["auroc_top10"], seconds=seconds, data_version=data_version, test=q_test,
-        timings={k: round(v, 2) for k, v in timings.items()}, fit_split="held-out" if use_held_out else "all",
-        quality_note=undefined_why(loss[has_loss], pred[has_loss]),
-        pool_rows=int((split == S.POOL_SPLIT).sum()),
-    )
-    _save(db, ens, image_mean, report, clip)
+        seconds = time.perf_counter() - t0
+        report = DiagnoseReport(
+            path=str(db.diagnosis_dir), rows=len(ids), fitted_rows=len(fit_rows), rows_with_loss=n_loss,
+            members=members, folds=ens.n_folds_, spearman=q["spearman"], r2=q["r2"],
+            auroc_top10=q["auroc_top10"], seconds=seconds, data_version=data_version, test=q_test,
+            timings={k: round(v, 2) for k, v in timings.items()}, fit_split="held-out" if use_held_out else "all",
+            quality_note=undefined_why(loss[has_loss], pred[has_loss]),
+            pool_rows=int((split == S.POOL_SPLIT).sum()),
+        )
+        _save(db, staged, report, clip, ids)
+    except (OSError, RuntimeError, ValueError) as e:
+        err = write_error(e, f"the diagnosis of {db.path}", f"diagnose --db {db.path}")
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return report
 
 
@@ -346,21 +361,43 @@ def _check_unchanged(db: Database, data_version: int, n: int) -> None:
         )
 
 
-def _save(db: Database, ens: DiagnosisEnsemble, image_mean: np.ndarray, report: DiagnoseReport,
-          clip: dict | None) -> None:
-    """Write the ensemble files atomically (each via a temporary file and a rename), info.json last,
-    so a reader never pairs a new ensemble with an old stamp."""
+def _stage(db: Database, ens: DiagnosisEnsemble, image_mean: np.ndarray) -> dict[str, str]:
+    """Write the ensemble and the image mean to temporary files beside their final names; returns
+    {final name: temporary path}. On failure none is left behind."""
     out = db.diagnosis_dir
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / ENSEMBLE_FILE, lambda p: save_ensemble(ens, p))
+    staged: dict[str, str] = {}
+    try:
+        for name, write in ((ENSEMBLE_FILE, lambda p: save_ensemble(ens, p)),
+                            (IMAGE_MEAN_FILE, lambda p: _save_npy(p, image_mean))):
+            fd, staged[name] = tempfile.mkstemp(dir=out, prefix=name, suffix=".tmp")
+            os.close(fd)
+            write(staged[name])
+    except BaseException:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return staged
+
+
+def _save(db: Database, staged: dict[str, str], report: DiagnoseReport, clip: dict | None, ids: np.ndarray) -> None:
+    """Put the staged files in place, info.json last, stamped with what the ensemble was fitted on
+    (data version, rows, CLIP, the set of ids) and each file's checksum: a reader never pairs a new
+    ensemble with an old stamp (info.json is removed first), and a file damaged later is refused."""
+    out = db.diagnosis_dir
+    checksums = {name: file_checksum(tmp) for name, tmp in staged.items()}
+    (out / INFO_FILE).unlink(missing_ok=True)
+    for name, tmp in staged.items():
+        os.replace(tmp, out / name)
     (out / LEGACY_ENSEMBLE_FILE).unlink(missing_ok=True)  # a pickle from an older version: never read
-    _atomic(out / IMAGE_MEAN_FILE, lambda p: _save_npy(p, image_mean))
-    for stale in out.glob("text_mean*.npy"):  # cached text means belong to the previous fit's CLIP
+    for stale in out.glob("text_mean*"):  # cached text means (and their stamps) of the previous fit
         stale.unlink()
     write_json_atomic(out / INFO_FILE, {
         "data_version": report.data_version,
         "num_rows": report.rows,
         "clip": clip,
+        "ids_sha256": id_set_digest(ids),
         "table_version": db.version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "members": report.members,
@@ -370,6 +407,7 @@ def _save(db: Database, ens: DiagnosisEnsemble, image_mean: np.ndarray, report: 
         "quality": {"spearman": report.spearman, "r2": report.r2, "auroc_top10": report.auroc_top10,
                     "test": report.test},
         "files": {"ensemble": ENSEMBLE_FILE, "image_mean": IMAGE_MEAN_FILE},
+        "checksums": checksums,
     })
 
 
@@ -378,15 +416,19 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def damage(db: Database, info: dict) -> str | None:
+    """Why the ensemble files stamped ``info`` are not the ones written (size, SHA-256); None when
+    they are, or when ``info`` predates checksums (nothing to verify: said in the log)."""
+    checksums = info.get("checksums")
+    if not isinstance(checksums, dict):
+        log.warning("the diagnosis ensemble in %s has no checksums (fitted by an older llm2loss); "
+                    "run `llm2loss diagnose` again to stamp it", db.diagnosis_dir)
+        return None
+    for name in (ENSEMBLE_FILE, IMAGE_MEAN_FILE):
+        problem = checksum_problem(db.diagnosis_dir / name, checksums.get(name))
+        if problem is not None:
+            return problem
+    return None
 
 
 @dataclass
@@ -444,6 +486,10 @@ def load_ensemble(db, allow_stale: bool = False) -> LoadedEnsemble:
             f"the diagnosis ensemble in {db.diagnosis_dir} is stale ({stale}); "
             f"run `llm2loss diagnose --db {db.path}` again."
         )
+    problem = damage(db, info)
+    if problem is not None:
+        raise Unavailable(f"the diagnosis ensemble in {db.diagnosis_dir} is damaged ({problem}) and is not used; "
+                          f"run `llm2loss check --db {db.path}`, then `llm2loss diagnose --db {db.path}` to fit it again.")
     try:
         ens = load_ensemble_file(ens_path)
     except UnsafeEnsembleFile as e:
@@ -501,7 +547,7 @@ def _restamp_if_only_pool_added(db: Database, loaded: LoadedEnsemble, scored: pa
     if db.data_version != version or db.count_rows() != n_rows:
         return  # another writer came between: leave the stamp to the next diagnose
     write_json_atomic(db.diagnosis_dir / INFO_FILE, {**info, "data_version": version, "num_rows": n_rows,
-                                                     "table_version": db.version,
+                                                     "table_version": db.version, "ids_sha256": id_set_digest(db.ids()),
                                                      "pool_rows_scored_since_fit": added})
 
 

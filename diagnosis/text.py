@@ -22,7 +22,8 @@ from functools import cached_property
 
 import numpy as np
 
-from diagnosis.run import LoadedEnsemble, _atomic, _save_npy, load_ensemble, open_db
+from diagnosis.run import LoadedEnsemble, load_ensemble, open_db
+from indexer.integrity import load_cached_array, save_cached_array
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +115,13 @@ class Scorer:
         phrases = default_vocabulary(self.db)
         key = hashlib.sha256("\n".join(phrases).encode()).hexdigest()[:12]
         path = self.db.diagnosis_dir / f"text_mean_{key}.npy"
-        if path.exists():
-            return np.load(path, allow_pickle=False)
-        mean = self.encode_text(phrases).mean(axis=0).astype(np.float32)
-        try:
-            _atomic(path, lambda p: _save_npy(p, mean))
-        except OSError as e:  # a read-only database still scores, only slower
-            log.debug("could not cache %s: %s", path, e)
+        # stamped with what it was computed from; a damaged or foreign cache is recomputed
+        built_from = {"vocabulary_sha256": hashlib.sha256("\n".join(phrases).encode()).hexdigest(),
+                      "clip": self.db.clip_identity}
+        mean = load_cached_array(path, built_from)
+        if mean is None:
+            mean = self.encode_text(phrases).mean(axis=0).astype(np.float32)
+            save_cached_array(path, mean, built_from)  # a read-only database still scores, only slower
         return mean
 
     def gap(self, text_emb: np.ndarray | None = None) -> np.ndarray:

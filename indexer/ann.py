@@ -5,6 +5,8 @@ Files in ``DIR/faiss/``::
     index.faiss   the FAISS index (inner product on L2-normalised vectors = cosine similarity)
     ids.npy       (n,) unicode array: FAISS position i holds the row whose ``id`` is ids[i]
     info.json     the stamp and the index's quality: data_version, num_rows, embed_dim, clip,
+                  files ({name: {bytes, sha256}} of the two files above), ids_sha256 (the ids in
+                  FAISS order, :func:`indexer.integrity.ids_digest`),
                   kind ("flat" | "ivf"), nlist, nprobe, recall_at_10, recall_curve (nprobe -> recall),
                   nprobe_at_100, recall_at_100, recall_curve_at_100, build_seconds, index_bytes, gpu
 
@@ -12,7 +14,7 @@ Positions are mapped to ids through ``ids.npy`` because compaction and deletes c
 table's rows; nothing here relies on row positions.
 
 An index is *fresh* when its stamped ``data_version``, row count, embedding size and CLIP model equal
-the database's. A stale index is rebuilt (``load_index(db)``) or refused with a
+the database's and its files are the ones written (size on every status check, SHA-256 on load). A stale index is rebuilt (``load_index(db)``) or refused with a
 :class:`~indexer.errors.UserError` (``load_index(db, rebuild_if_stale=False)``), never served.
 
 IVF: ``nlist = 4 * sqrt(n)`` cells (k-means trained on a random sample of at most ``64 * nlist`` rows).
@@ -40,7 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from indexer.ann_build import build_flat, build_ivf, faiss_module, gpu_available
-from indexer.errors import UserError
+from indexer.errors import Unavailable, UserError
+from indexer.integrity import checksum_problem, file_checksum, ids_digest, size_problem, write_error
 from indexer.store import Database, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -95,15 +98,44 @@ def _stale_reason(info: dict | None, stamp: dict) -> str | None:
 
 
 def index_status(db) -> dict:
-    """The stored index's info.json plus ``exists``, ``fresh`` and ``reason`` (why it is stale)."""
+    """The stored index's info.json plus ``exists``, ``fresh`` and ``reason`` (why it is stale).
+
+    Cheap: the stamp against the table, and each file's size against the size recorded when it was
+    written (a truncated file reads as stale); :func:`load_index` also verifies their SHA-256."""
     db = _as_db(db)
     info = _read_info(db)
     reason = _stale_reason(info, _stamp(db))
     files_ok = all((db.faiss_dir / f).exists() for f in (INDEX_FILE, IDS_FILE))
     if reason is None and not files_ok:
         reason = "the index files are missing"
+    if reason is None and not isinstance(info.get("files"), dict):
+        reason = "the index was written without checksums (by an older llm2loss)"
+    if reason is None:
+        reason = next(filter(None, (size_problem(db.faiss_dir / f, info["files"].get(f))
+                                    for f in (INDEX_FILE, IDS_FILE))), None)
+        if reason is not None:
+            reason = f"the index files are damaged: {reason}"
     return {**(info or {}), "exists": info is not None and files_ok, "fresh": reason is None,
             "reason": reason}
+
+
+def _read_files(db: Database, status: dict):
+    """(index, ids) read from the folder when both files are the ones stamped in ``status`` (size,
+    SHA-256) and agree with each other; otherwise a sentence saying what is damaged."""
+    faiss = faiss_module()
+    files = status.get("files") or {}
+    for name in (INDEX_FILE, IDS_FILE):
+        problem = checksum_problem(db.faiss_dir / name, files.get(name))
+        if problem is not None:
+            return f"the index files are damaged: {problem}"
+    try:
+        index = faiss.read_index(str(db.faiss_dir / INDEX_FILE))
+        ids = np.load(db.faiss_dir / IDS_FILE, allow_pickle=False)
+    except (RuntimeError, OSError, ValueError) as e:
+        return f"the index files cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if index.ntotal != len(ids) or len(ids) != status["num_rows"]:
+        return f"the index files disagree ({index.ntotal} vectors, {len(ids)} ids, {status['num_rows']} stamped)"
+    return index, ids
 
 
 @contextmanager
@@ -151,7 +183,6 @@ def _build_index(db: Database, force: bool, exact_max_rows: int, target_recall: 
     if status["fresh"] and not force:
         log.info("FAISS index is fresh (%d rows); not rebuilding", status["num_rows"])
         return {k: v for k, v in status.items() if k not in ("exists", "fresh", "reason")}
-    faiss = faiss_module()
     t0 = time.perf_counter()
     stamp = _stamp(db)
     from indexer import ann_large  # IVF-PQ, streamed, for tables whose vectors do not fit in memory
@@ -172,25 +203,53 @@ def _build_index(db: Database, force: bool, exact_max_rows: int, target_recall: 
     # rows appended since _stamp are in the index; a newer data_version marks it stale
     stamp["num_rows"] = len(ids_arr)
 
-    db.faiss_dir.mkdir(parents=True, exist_ok=True)
-    (db.faiss_dir / INFO_FILE).unlink(missing_ok=True)
-    fd, tmp_index = tempfile.mkstemp(dir=db.faiss_dir, suffix=".faiss.tmp")
-    os.close(fd)
-    faiss.write_index(index, tmp_index)
-    fd, tmp_ids = tempfile.mkstemp(dir=db.faiss_dir, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, ids_arr, allow_pickle=False)
-    os.replace(tmp_index, db.faiss_dir / INDEX_FILE)
-    os.replace(tmp_ids, db.faiss_dir / IDS_FILE)
+    def write_ids(path: str) -> None:
+        with open(path, "wb") as f:
+            np.save(f, ids_arr, allow_pickle=False)
+
     info.update(stamp)
+    info["ids_sha256"] = ids_digest(ids_arr)
     info["build_seconds"] = round(time.perf_counter() - t0, 3)
-    info["index_bytes"] = os.path.getsize(db.faiss_dir / INDEX_FILE)
-    info["ids_bytes"] = os.path.getsize(db.faiss_dir / IDS_FILE)
-    write_json_atomic(db.faiss_dir / INFO_FILE, info)
+    write_index_files(db, index, write_ids, info)
     _ensure_id_index(db)
     log.info("FAISS %s index over %d rows built in %.1f s (recall@10 %.3f)", info["kind"],
              info["num_rows"], info["build_seconds"], info["recall_at_10"])
     return info
+
+
+def write_index_files(db: Database, index, write_ids, info: dict) -> None:
+    """Write ``index.faiss`` and ``ids.npy`` (``write_ids(path)`` writes the latter) each through a
+    temporary file and a rename, then ``info.json`` with both files' checksums, last: a crash leaves
+    an index that reads as stale, and a failed write (a full disk) leaves no temporary file behind and
+    becomes one sentence. Sets ``info["files"]``, ``index_bytes``, ``ids_bytes``."""
+    faiss = faiss_module()
+    out = db.faiss_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INFO_FILE).unlink(missing_ok=True)  # the stamp goes last: a crash reads as stale
+    tmps: list[str] = []
+    try:
+        for suffix in (".npy.tmp", ".faiss.tmp"):
+            fd, tmp = tempfile.mkstemp(dir=out, suffix=suffix)
+            os.close(fd)
+            tmps.append(tmp)
+        tmp_ids, tmp_index = tmps
+        write_ids(tmp_ids)
+        faiss.write_index(index, tmp_index)
+        files = {INDEX_FILE: file_checksum(tmp_index), IDS_FILE: file_checksum(tmp_ids)}
+        os.replace(tmp_index, out / INDEX_FILE)
+        os.replace(tmp_ids, out / IDS_FILE)
+        info["files"] = files
+        info["index_bytes"], info["ids_bytes"] = files[INDEX_FILE]["bytes"], files[IDS_FILE]["bytes"]
+        write_json_atomic(out / INFO_FILE, info)
+    except (OSError, RuntimeError) as e:  # faiss reports a failed write as a RuntimeError
+        err = write_error(e, f"the FAISS index in {out}", None)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _ensure_id_index(db: Database) -> None:
@@ -296,25 +355,34 @@ class AnnIndex:
 
 
 def load_index(db, rebuild_if_stale: bool = True) -> AnnIndex:
-    """The fresh FAISS index of ``db``; a missing or stale one is rebuilt, or refused when
-    ``rebuild_if_stale`` is False. Moved to the GPU when faiss sees one."""
+    """The fresh FAISS index of ``db``; a missing, stale or damaged one (a file whose size or SHA-256
+    is not the one stamped at build, ids in another order included) is rebuilt, or refused when
+    ``rebuild_if_stale`` is False. Never served. Moved to the GPU when faiss sees one."""
     db = _as_db(db)
     faiss = faiss_module()
     for _ in range(LOAD_ATTEMPTS):
         # the stamp and both files are read as one set, never half from a concurrent build
         with _folder_lock(db, exclusive=False):
             status = index_status(db)
-            if status["fresh"]:
-                index = faiss.read_index(str(db.faiss_dir / INDEX_FILE))
-                ids = np.load(db.faiss_dir / IDS_FILE, allow_pickle=False)
+            damaged = status["fresh"] and isinstance(loaded := _read_files(db, status), str)
+            if status["fresh"] and not damaged:
+                index, ids = loaded
                 break
+            if damaged:
+                status = {**status, "fresh": False, "reason": loaded}
+        damaged = damaged or "damaged" in (status["reason"] or "")
         if not rebuild_if_stale:
+            if damaged:
+                raise Unavailable(f"the FAISS index in {db.faiss_dir} is not used ({status['reason']}); run "
+                                  f"`llm2loss check --db {db.path} --repair` to rebuild it.")
             raise UserError(
                 f"the FAISS index in {db.faiss_dir} is stale ({status['reason']}); rebuild it with "
                 "indexer.ann.build_index(db) (the query engine and `llm2loss index` do so by default)."
             )
-        log.info("rebuilding the FAISS index: %s", status["reason"])
-        build_index(db)  # not forced: whoever held the lock before us may have rebuilt it already
+        (log.warning if damaged else log.info)("rebuilding the FAISS index: %s", status["reason"])
+        # not forced when stale: whoever held the lock before us may have rebuilt it already; forced
+        # when damaged (the stamp is right, the files are not)
+        build_index(db, force=damaged)
     else:
         # An `index` run is still appending: each rebuild was outdated by the next commit. Serve the
         # newest complete build (it covers one earlier version of the table, and says so in the log)
@@ -326,15 +394,13 @@ def load_index(db, rebuild_if_stale: bool = True) -> AnnIndex:
                     f"the table in {db.path} kept changing while its FAISS index was built (an `llm2loss "
                     "index` run is writing it); query again when that run has finished."
                 )
-            index = faiss.read_index(str(db.faiss_dir / INDEX_FILE))
-            ids = np.load(db.faiss_dir / IDS_FILE, allow_pickle=False)
+            loaded = _read_files(db, status)
+        if isinstance(loaded, str):
+            raise Unavailable(f"the FAISS index in {db.faiss_dir} is not used ({loaded}); run "
+                              f"`llm2loss check --db {db.path} --repair` to rebuild it.")
+        index, ids = loaded
         log.warning("the table is being written (%s); searching the FAISS index of %d rows built meanwhile",
                     status["reason"], len(ids))
-    if index.ntotal != len(ids) or len(ids) != status["num_rows"]:
-        raise UserError(
-            f"the FAISS files in {db.faiss_dir} disagree ({index.ntotal} vectors, {len(ids)} ids); "
-            "delete that folder and run the query again to rebuild it."
-        )
     if status.get("kind") == "ivf":
         index.nprobe = int(status["nprobe"])
     res = None

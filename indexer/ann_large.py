@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -35,7 +33,8 @@ import pyarrow as pa
 
 from indexer import ann, ann_build
 from indexer import schema as S
-from indexer.store import Database, write_json_atomic
+from indexer.integrity import ids_digest
+from indexer.store import Database
 
 log = logging.getLogger(__name__)
 
@@ -183,30 +182,21 @@ def _search(index, q: np.ndarray, k: int, nprobe: int, gpu: bool) -> np.ndarray:
 
 def _write(db: Database, index, ids_chunks: list, n: int, info: dict, stamp: dict, t0: float) -> None:
     """The files of :func:`indexer.ann.build_index`, atomically; ids.npy through a memory map."""
-    faiss = ann_build.faiss_module()
-    out = db.faiss_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ann.INFO_FILE).unlink(missing_ok=True)  # the stamp goes last: a crash reads as stale
     width = max((max((len(s) for s in c.to_pylist()), default=1) for c in ids_chunks), default=1)
-    fd, tmp_ids = tempfile.mkstemp(dir=out, suffix=".npy.tmp")
-    os.close(fd)
-    ids = np.lib.format.open_memmap(tmp_ids, mode="w+", dtype=f"<U{max(1, width)}", shape=(n,))
-    i = 0
-    for c in ids_chunks:
-        ids[i : i + len(c)] = c.to_numpy(zero_copy_only=False).astype(str)
-        i += len(c)
-    ids.flush()
-    del ids
-    fd, tmp_index = tempfile.mkstemp(dir=out, suffix=".faiss.tmp")
-    os.close(fd)
-    faiss.write_index(index, tmp_index)
-    os.replace(tmp_index, out / ann.INDEX_FILE)
-    os.replace(tmp_ids, out / ann.IDS_FILE)
+
+    def write_ids(path: str) -> None:
+        ids = np.lib.format.open_memmap(path, mode="w+", dtype=f"<U{max(1, width)}", shape=(n,))
+        i = 0
+        for c in ids_chunks:
+            ids[i : i + len(c)] = c.to_numpy(zero_copy_only=False).astype(str)
+            i += len(c)
+        ids.flush()
+        del ids
+
     info.update(stamp)
+    info["ids_sha256"] = ids_digest(i for c in ids_chunks for i in c.to_pylist())
     info["build_seconds"] = round(time.perf_counter() - t0, 3)
-    info["index_bytes"] = os.path.getsize(out / ann.INDEX_FILE)
-    info["ids_bytes"] = os.path.getsize(out / ann.IDS_FILE)
-    write_json_atomic(out / ann.INFO_FILE, info)
+    ann.write_index_files(db, index, write_ids, info)
     ann._ensure_id_index(db)
     log.info("FAISS IVF-PQ (%s, %d cells) over %d rows built in %.1f s: recall@10 %.3f at nprobe %d, "
              "%.3f of the top 10 within the top 100", info["codec"], info["nlist"], n, info["build_seconds"],

@@ -25,7 +25,6 @@ import csv
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from indexer import schema as S
 from indexer.clip import ClipSpec, clip_spec_from_args, load_clip, resolve_clip, resolve_device
 from indexer.errors import UserError
 from indexer.images import ShapeMismatch, image_batches, max_pixels
+from indexer.integrity import atomic_write, write_error
 from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
 from indexer.manifest import Manifest, read_source, short_error
 from indexer.store import META_FILE, Database, FolderSnapshot, describe_clip, write_json_atomic, writer_lock
@@ -181,13 +181,15 @@ def _write_rejects(path: Path, manifest: Manifest, rejects: Rejects) -> Path | N
         return None
     rows = sorted(rejects)
     part = manifest.table.select([S.ID, S.IMAGE]).take(pa.array(rows, pa.int64()))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", S.ID, S.IMAGE, "reason", "detail"])
-        for row, rid, img in zip(rows, part.column(S.ID).to_pylist(), part.column(S.IMAGE).to_pylist(), strict=True):
-            w.writerow([row + 1, rid, img, *rejects[row]])
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["row", S.ID, S.IMAGE, "reason", "detail"])
+            for row, rid, img in zip(rows, part.column(S.ID).to_pylist(), part.column(S.IMAGE).to_pylist(), strict=True):
+                w.writerow([row + 1, rid, img, *rejects[row]])
+
+    atomic_write(path, write)
     return path
 
 
@@ -402,7 +404,20 @@ def index_dataset(source, db, clip: ClipSpec | None = None, predictions=None, mo
         except UserError:
             snap.rollback(database)
             raise
-        return finish_index(plan, database, written, embed_seconds)
+        except Exception as e:  # a full disk or a read-only folder met while writing rows
+            err = write_error(e, f"the database {plan.db_path}", "index")
+            if err is None:
+                raise
+            if not existed:  # a new folder is removed; an existing one keeps its committed batches (a rerun continues)
+                snap.rollback(database)
+            raise err from None
+        try:
+            return finish_index(plan, database, written, embed_seconds)
+        except (OSError, RuntimeError) as e:  # rejects.csv and the FAISS files are written atomically
+            err = write_error(e, f"the database {plan.db_path}", "index")
+            if err is None:
+                raise
+            raise err from None
 
 
 def db_folder(db) -> Path:

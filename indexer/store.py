@@ -16,6 +16,7 @@ FAISS index stays valid across ``diagnose`` runs while any change of rows makes 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -35,6 +36,7 @@ import pyarrow as pa
 
 from indexer import schema as S
 from indexer.errors import UserError
+from indexer.integrity import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a reader (or a crash) never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 _held: dict[str, list] = {}  # folder -> [owning thread id, nesting depth] of writer_lock in this process
@@ -131,10 +137,13 @@ same process is refused too). Creates the folder
             break
         f.close()
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"`llm2loss {command}` (pid {os.getpid()})")
-        f.flush()
+        try:  # the holder's name is for the sentence a second writer gets; a full disk only loses it
+            f.seek(0)
+            f.truncate()
+            f.write(f"`llm2loss {command}` (pid {os.getpid()})")
+            f.flush()
+        except OSError as e:
+            log.debug("could not write the writer's name into %s: %s", lock_path, e)
         with _held_lock:
             _held[key] = [me, 1]
         yield existed
@@ -149,13 +158,34 @@ same process is refused too). Creates the folder
                 f.truncate()  # no holder named once released
         except OSError:
             pass
-        f.close()
+        with contextlib.suppress(OSError):
+            f.close()  # releases the lock even when flushing the holder's name fails (a full disk)
         for p in created if not existed else ():
             try:
                 if p.exists():
                     p.rmdir()  # innermost first (the folder, then parents this call made) while empty
             except OSError:
                 break
+
+
+def _reads(method):
+    """Turn Lance's report of a damaged file, met while reading the table, into one sentence that
+    points at ``llm2loss check`` (:func:`indexer.integrity.storage_error`); other errors pass."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            err = storage_error(e, self.path)
+            if err is None:
+                raise
+            raise err from None
+
+    return wrapper
 
 
 class Database:
@@ -243,6 +273,7 @@ class Database:
         return S.TABLE_NAME in self._conn.list_tables().tables
 
     @property
+    @_reads
     def table(self):
         """The LanceDB table; refuses politely when nothing was indexed yet."""
         if self._table is None:
@@ -258,6 +289,7 @@ class Database:
         return self._table
 
     @property
+    @_reads
     def version(self) -> int:
         """Current Lance version of the table (bumps on every commit)."""
         self.table.checkout_latest()
@@ -268,6 +300,7 @@ class Database:
         """Version of the last commit that changed the set of rows (see module doc)."""
         return int(self.read_meta().get("data_version", 0))
 
+    @_reads
     def count_rows(self, where: str | None = None) -> int:
         return int(self.table.count_rows(where))
 
@@ -279,6 +312,7 @@ class Database:
         """All sample ids, (n,) object array of str, in table order."""
         return self._scan([S.ID]).column(S.ID).to_numpy(zero_copy_only=False)
 
+    @_reads
     def _scan(self, columns: list[str], where: str | None = None) -> pa.Table:
         q = self.table.search().select(columns).limit(None)
         if where:
@@ -290,6 +324,7 @@ class Database:
         cols = columns or [f.name for f in self.table.schema]
         return self._scan(cols, where)
 
+    @_reads
     def snapshot(self):
         """The table as it is now, pinned: later commits by other writers do not change what it reads
         (pass it to :meth:`iter_batches` to stream the same rows, in the same order, several times)."""
@@ -300,7 +335,13 @@ class Database:
         """Stream the table (or a :meth:`snapshot` of it) in record batches, in table order, so
         memory does not grow with its size."""
         ds = snapshot if snapshot is not None else self.table.to_lance()
-        yield from ds.to_batches(columns=columns, batch_size=batch_rows, scan_in_order=True)
+        try:
+            yield from ds.to_batches(columns=columns, batch_size=batch_rows, scan_in_order=True)
+        except Exception as e:
+            err = storage_error(e, self.path)
+            if err is None:
+                raise
+            raise err from None
 
     def embeddings(self, batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,) object, embeddings (n, d) float32 L2-normalised), read in batches."""

@@ -481,6 +481,381 @@ def _check_meta_json(w, d, procs):
     return None
 
 
+
+# ==== issue 25, integrity: damaged storage, a full disk, a read-only database ============================
+# (the integrity branch's cases, kept in this block; the security branch adds its own block elsewhere)
+#
+# Each damage case breaks the case's copy of the database the way a failing disk would (a Lance data
+# file truncated, deleted or zero-filled, the latest version manifest truncated, faiss/index.faiss
+# truncated, faiss/ids.npy holding the same ids in another order, one byte of the ensemble flipped)
+# and runs a command over it: a query must answer right (rebuilt) or say one sentence naming
+# `llm2loss check`; `check` must find it, `check --repair` mend what it can. The disk-full and
+# read-only cases mount a small tmpfs (root / CAP_SYS_ADMIN; left out, and said, where mounting is
+# refused), and their check reruns the command with space: it must complete.
+_MOUNTS: list[Path] = []
+
+
+def _can_mount() -> str | None:
+    """None when a tmpfs can be mounted here, else why not."""
+    probe = Path(tempfile.mkdtemp(prefix="llm2loss-mount-"))
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True, text=True)
+        if r.returncode != 0:
+            return r.stderr.strip() or f"mount exited {r.returncode}"
+        subprocess.run(["umount", str(probe)], capture_output=True)
+        return None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _mount(d: Path, size: str, copy_db: bool = True) -> Path:
+    disk = d / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True, capture_output=True)
+    _MOUNTS.append(disk)
+    if copy_db:
+        shutil.copytree(d / "db", disk / "db")
+    return disk
+
+
+def _umount(d: Path) -> None:
+    subprocess.run(["umount", "-l", str(d / "disk")], capture_output=True)
+
+
+def umount_all() -> None:
+    for disk in _MOUNTS:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _fill_disk(disk: Path, leave: int = 0) -> Path:
+    filler = disk / "filler.bin"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def _cli_run(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "search_ui.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def _lance_files(d: Path) -> list[Path]:
+    return sorted((d / "db" / "samples.lance" / "data").glob("*.lance"), key=lambda p: p.stat().st_mtime)
+
+
+def _damage(kind: str):
+    """setup: break the case's database copy (see the block's comment)."""
+    def setup(w, d):
+        import numpy as np
+
+        db = d / "db"
+        if kind in ("faiss truncated", "ids reordered"):
+            from indexer.ann import build_index
+
+            build_index(db)  # the world's database is diagnosed but never searched: no index yet
+        if kind == "data truncated":
+            f = _lance_files(d)[0]
+            os.truncate(f, f.stat().st_size // 3)
+        elif kind == "data deleted":
+            _lance_files(d)[0].unlink()
+        elif kind == "data zero-filled":
+            f = _lance_files(d)[0]
+            f.write_bytes(b"\0" * f.stat().st_size)
+        elif kind == "manifest truncated":
+            from indexer.check import manifest_versions
+
+            (_v, f), *_ = manifest_versions(db / "samples.lance")
+            os.truncate(f, f.stat().st_size // 2)
+        elif kind == "faiss truncated":
+            f = db / "faiss" / "index.faiss"
+            os.truncate(f, f.stat().st_size // 2)
+        elif kind == "ids reordered":
+            ids = np.load(db / "faiss" / "ids.npy")
+            np.save(db / "faiss" / "ids.npy", np.roll(ids, 11))
+        elif kind == "ensemble byte flipped":
+            f = db / "diagnosis" / "image_mean.npy"
+            raw = bytearray(f.read_bytes())
+            raw[-5] ^= 0xFF
+            f.write_bytes(bytes(raw))
+        elif kind == "cache truncated":
+            from diagnosis.text import Scorer
+
+            Scorer(db).default_text_mean  # noqa: B018 -- writes the cache
+            (cache,) = (db / "diagnosis").glob("text_mean_*.npy")
+            os.truncate(cache, cache.stat().st_size - 8)
+    return setup
+
+
+def _check_same_as_pristine(query: str):
+    """check: the command's printed ids equal the same command's on the undamaged world database
+    (a damaged index answering other neighbours is a silent wrong result)."""
+    def check(w, d, procs):
+        ref = _cli_run("similar", query, "--db", w["db"], "-k", "10", "--json")
+        import json as _json
+
+        want = [r["id"] for r in _json.loads(ref.stdout)]
+        try:
+            got = [r["id"] for r in _json.loads(procs[0].stdout)]
+        except ValueError:
+            return f"silent wrong result: no JSON answer ({procs[0].stderr.strip()[-200:]})"
+        return None if got == want else f"silent wrong result: other neighbours {got[:3]} vs {want[:3]}"
+    return check
+
+
+def _check_check(rc: int, words: list[str], then: list[list[str]] | None = None):
+    """check: `check` exited ``rc`` and said ``words``; then each command of ``then`` exits 0."""
+    def check(w, d, procs):
+        if procs[0].returncode != rc or any(x not in procs[0].stdout for x in words):
+            return f"check exited {procs[0].returncode}, said {procs[0].stdout.strip()[-300:]!r}"
+        for argv in then or []:
+            r = _cli_run(*[_fill(a, w, d) for a in argv])
+            if r.returncode != 0:
+                return f"after the repair `{argv[0]}` exited {r.returncode}: {r.stderr.strip()[-200:]}"
+        return None
+    return check
+
+
+def _check_rerun(argv: list[str], make_room, expect_rows: int | None = None, unchanged: bool = False):
+    """check: nothing half-written (no *.tmp, no 0-row database), then room is made and the
+    command, rerun, completes. Unmounts the case's tmpfs."""
+    def check(w, d, procs):
+        disk = d / "disk"
+        try:
+            tmps = [str(p.relative_to(disk)) for p in disk.rglob("*.tmp")]
+            if tmps:
+                return f"temporary files left behind: {tmps[:3]}"
+            if unchanged and procs[0].returncode == 2 and (disk / "db" / "meta.json").exists():
+                from diagnosis.run import load_ensemble
+
+                load_ensemble(disk / "db")  # the old ensemble is still there and verifies
+            make_room(w, d)
+            r = _cli_run(*[_fill(a, w, d) for a in argv])
+            if r.returncode != 0:
+                return f"the rerun with room exited {r.returncode}: {r.stderr.strip()[-200:]}"
+            if expect_rows is not None:
+                from indexer.store import Database
+
+                n = Database(disk / "db").count_rows()
+                if n != expect_rows:
+                    return f"the rerun stored {n} rows, not {expect_rows}"
+            return None
+        except Exception as e:  # a check that cannot read what the case left: said
+            return f"the check could not run ({type(e).__name__}: {str(e)[:150]})"
+        finally:
+            _umount(d)
+    return check
+
+
+def _check_new_db_absent(argv, rows):
+    inner = _check_rerun(argv, lambda w, d: subprocess.run(["mount", "-o", "remount,size=64m", str(d / "disk")],
+                                                           check=True), expect_rows=rows)
+
+    def check(w, d, procs):
+        if (d / "disk" / "db").exists():
+            _umount(d)
+            return "a database was left behind (destroyed nothing, but half-written)"
+        return inner(w, d, procs)
+    return check
+
+
+def _remove_filler(w, d):
+    (d / "disk" / "filler.bin").unlink()
+
+
+def _setup_full_new(w, d):
+    _manifest()(w, d)
+    _mount(d, "48k", copy_db=False)
+
+
+def _setup_full_faiss(w, d):
+    disk = _mount(d, "64m")
+    (disk / "db" / "faiss" / "info.json").unlink()  # the index must be written again
+    _fill_disk(disk)
+
+
+def _setup_full_ensemble(w, d):
+    disk = _mount(d, "64m")
+    _fill_disk(disk, leave=256 * 1024)  # room for locks and JSON, not for the ~1 MB ensemble
+
+
+def _setup_read_only(w, d):
+    _mount(d, "64m")
+    (d / "ids.txt").write_text("s00001\ns00002\n")
+    subprocess.run(["mount", "-o", "remount,ro", str(d / "disk")], check=True, capture_output=True)
+
+
+def _check_read_only(w, d, procs):
+    _umount(d)
+    return None
+
+
+def _setup_binary_ids(w, d):
+    (d / "ids.bin").write_bytes(bytes(range(256)) * 4)
+
+
+def integrity_cases() -> list[Case]:
+    """The issue-25 integrity cases (owner ``int``); those needing a tmpfs only where one mounts."""
+    db = "{db}"
+    C = Case
+    out = [
+        # derived files: rebuilt, never served
+        C("ids.npy reordered, similar", "integrity", "int", ["similar", "s00001", "--db", db, "-k", "10", "--json"],
+          expect="safe", setup=_damage("ids reordered"), check=_check_same_as_pristine("s00001")),
+        C("index.faiss truncated, similar", "integrity", "int", ["similar", "s00001", "--db", db, "-k", "10", "--json"],
+          expect="safe", setup=_damage("faiss truncated"), check=_check_same_as_pristine("s00001")),
+        C("ensemble byte flipped, explain", "integrity", "int", ["explain", "--db", db], setup=_damage("ensemble byte flipped"),
+          words=["damaged", "llm2loss check"]),
+        C("text-mean cache truncated, explain", "integrity", "int", ["explain", "--db", db, "--top", "2"], expect="safe",
+          setup=_damage("cache truncated")),
+        C("ids.npy reordered, check", "integrity", "int", ["check", "--db", db], expect="safe",
+          setup=_damage("ids reordered"), check=_check_check(1, ["DAMAGED  faiss", "--repair"])),
+        # damaged table: one sentence naming check; check finds it; --repair goes back
+        C("Lance data file truncated, search", "integrity", "int", ["search", "a circle", "--db", db],
+          setup=_damage("data truncated"), words=["llm2loss check --db"]),
+        C("Lance data file deleted, similar", "integrity", "int", ["similar", "s00001", "--db", db],
+          setup=_damage("data deleted"), words=["llm2loss check --db"]),
+        C("Lance data file zero-filled, explain", "integrity", "int", ["explain", "--db", db],
+          setup=_damage("data zero-filled"), words=["llm2loss check --db"]),
+        C("Lance data file zero-filled, export", "integrity", "int",
+          ["export", "--db", db, "--query", "a circle", "--out", "{d}/x.csv"], setup=_damage("data zero-filled"),
+          words=["llm2loss check --db"]),
+        C("latest manifest truncated, search", "integrity", "int", ["search", "a circle", "--db", db],
+          setup=_damage("manifest truncated"), words=["llm2loss check --db"]),
+        C("index.faiss truncated, check", "integrity", "int", ["check", "--db", db], expect="safe",
+          setup=_damage("faiss truncated"), check=_check_check(1, ["DAMAGED  faiss"])),
+        C("Lance data file truncated, check", "integrity", "int", ["check", "--db", db], expect="safe",
+          setup=_damage("data truncated"), check=_check_check(1, ["DAMAGED  table", "backup"])),
+        C("latest manifest truncated, check --repair", "integrity", "int", ["check", "--db", db, "--repair"],
+          expect="safe", setup=_damage("manifest truncated"),
+          check=_check_check(0, ["lost:", "all is well"], then=[["search", "a circle", "--db", db]])),
+        C("select add --ids a binary file", "integrity", "int", ["select", "--db", db, "add", "hard", "--ids", "{d}/ids.bin"],
+          setup=_setup_binary_ids, words=["not UTF-8"]),
+    ]
+    why = _can_mount()
+    if why is not None:
+        print(f"integrity: the disk-full and read-only cases are left out: a tmpfs cannot be mounted here ({why})",
+              file=sys.stderr)
+        return out
+    new_db = ["index", "{d}/m.csv", "--db", "{d}/disk/db", "--clip", str(TINY), "--pretrained", "none"]
+    world_index = ["index", "{world}/manifest.csv", "--db", "{d}/disk/db"]
+    diag = ["diagnose", "--db", "{d}/disk/db", "--members", "2", "--folds", "2"]
+    return out + [
+        C("disk full: index into a new database", "integrity", "int", new_db, setup=_setup_full_new,
+          words=["no space"], check=_check_new_db_absent(new_db, 60)),
+        C("disk full: index at the FAISS write", "integrity", "int", world_index, setup=_setup_full_faiss,
+          words=["no space", "FAISS"], check=_check_rerun(world_index, _remove_filler)),
+        C("disk full: diagnose at the ensemble write", "integrity", "int", diag, setup=_setup_full_ensemble,
+          words=["no space"], check=_check_rerun(diag, _remove_filler, unchanged=True)),
+        C("read-only database: select add", "integrity", "int",
+          ["select", "--db", "{d}/disk/db", "add", "hard", "--ids", "{d}/ids.txt"], setup=_setup_read_only,
+          words=["read-only"], check=_check_read_only),
+    ]
+
+
+def integrity_http_probes(w: dict, base: Path) -> dict:
+    """``serve`` over a read-only copy (selection add / delete must be a 503 sentence, not 500) and
+    over a copy with a zero-filled data file (search: a 503 sentence naming check)."""
+    out: dict = {}
+    if _can_mount() is None:
+        d = base / "http-ro"
+        d.mkdir()
+        shutil.copytree(w["db"], d / "db")
+        disk = _mount(d, "64m")
+        from search_ui.selections import Selections
+
+        Selections(disk / "db").add("kept", ["s00003"])
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
+        try:
+            out["read_only"] = _probe_serve(disk / "db", [("POST", "/api/v1/selections/hard/add", {"ids": ["s00001"]}),
+                                                          ("DELETE", "/api/v1/selections/kept", None)])
+        finally:
+            _umount(d)
+    d = base / "http-damaged"
+    d.mkdir()
+    shutil.copytree(w["db"], d / "db")
+    # damaged before it starts: serve exits with the sentence; damaged while it serves: each answer
+    # is right (from what it holds in memory) or a 503 sentence, never a 500
+    _damage("data zero-filled")(w, d)
+    started = _probe_serve(d / "db", [])
+    lines = [ln for ln in started.get("error", "").replace("serve exited: ", "").splitlines()
+             if ln.strip() and not LOG_LINE.match(ln)]
+    out["damaged_at_start"] = {"exits_with_one_sentence": len(lines) == 1 and "llm2loss check" in lines[0],
+                               "message": (lines or [""])[-1][:300]}
+    d = base / "http-damaged-later"
+    d.mkdir()
+    shutil.copytree(w["db"], d / "db")
+    out["damaged_while_serving"] = _probe_serve(
+        d / "db", [("POST", "/api/v1/search", {"text": "a circle", "k": 3}), ("GET", "/api/v1/samples/s00001", None),
+                   ("POST", "/api/v1/similar", {"id": "s00002", "k": 3}), ("POST", "/api/v1/export",
+                                                                            {"ids": ["s00001"], "format": "csv"})],
+        before=lambda: _damage("data zero-filled")(w, d))
+    answers = [a for v in out.values() for a in v.get("answers", [])]
+    out["answered_500"] = sum(1 for a in answers if a["status"] >= 500 and a["status"] != 503)
+    out["sentences_4xx_5xx_not_500"] = sum(1 for a in answers if a["status"] in (400, 503) and a["one_sentence"])
+    out["probes"] = len(answers)
+    return out
+
+
+def _probe_serve(db: Path, requests_: list, before=None) -> dict:
+    """Start ``serve`` over ``db``, call ``before()`` once it answers, then send ``requests_``."""
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    serve = subprocess.Popen([sys.executable, "-m", "search_ui.cli", "serve", "--db", str(db), "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if (error := wait_for_serve(serve, url + "/api/v1/health", (200, 503))) is not None:
+            return {"error": error}
+        if before is not None:
+            before()
+        answers = []
+        for method, path, body in requests_:
+            r = httpx.request(method, url + path, json=body, timeout=60)
+            try:
+                msg = r.json().get("error", "")
+            except ValueError:
+                msg = r.text[:200]
+            answers.append({"route": f"{method} {path}", "status": r.status_code, "message": msg[:300],
+                            "one_sentence": r.status_code == 200 or (bool(msg) and "\n" not in msg
+                                                                      and "Traceback" not in msg)})
+        return {"answers": answers}
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+
+
+def integrity_summary(results: list[dict]) -> dict:
+    """The issue-25 integrity recount: this block's cases only."""
+    mine = [r for r in results if r["owner"] == "int"]
+    counts = Counter(r["outcome"] for r in mine)
+    return {
+        "cases": len(mine),
+        "one_sentence_refusals": counts["refused"],
+        "handled_safely": counts["safe"],
+        "tracebacks": counts["traceback"],
+        "process_crashes": sum(1 for r in mine if any(rc not in (0, 1, 2, 130) for rc in r["rc"])),
+        "silent_wrong_results": sum(1 for r in mine if "wrong" in (r["problem"] or "")),
+        "left_half_written": sum(1 for r in mine if any(k in (r["problem"] or "") for k in ("left behind", "temporary"))),
+        "rerun_failed": sum(1 for r in mine if "rerun" in (r["problem"] or "")),
+        "rows_lost": sum(1 for r in mine if r["data_lost"]),
+        "not_ok": [r["name"] for r in mine if r["outcome"] not in ("refused", "safe") or r["data_lost"]],
+    }
+# ==== end of issue 25, integrity ========================================================================
+
+
 # ---- running -------------------------------------------------------------------------------------
 def db_state(db: Path) -> dict | None:
     if not (db / "meta.json").exists():
@@ -530,11 +905,17 @@ def run_case(i: int, case: Case, w: dict, work: Path) -> dict:
                                                              "owner": case.owner, "seconds": round(seconds, 1)}
 
 
+def _exit_codes(case: Case) -> tuple[int, ...]:
+    """Exit statuses that are answers, not crashes: 0, 2 (refused), 130 (interrupted), and 1 for
+    `check` (something is damaged, as git fsck)."""
+    return (0, 1, 2, 130) if case.args[:1] == ["check"] else (0, 2, 130)
+
+
 def classify(case: Case, procs: list, before, after, problem: str | None) -> dict:
     p = procs[0]
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip() and not LOG_LINE.match(ln)
-             and not ln.startswith(("indexing", "reading", "scoring"))]  # tqdm bars
-    tb = any("Traceback" in q.stderr or q.returncode not in (0, 2, 130) for q in procs)
+             and not ln.startswith(("indexing", "reading", "scoring")) and "%|" not in ln]  # tqdm bars
+    tb = any("Traceback" in q.stderr or q.returncode not in _exit_codes(case) for q in procs)
     said = "\n".join([p.stdout, p.stderr])
     missing = [w for w in case.words if w not in said]
     lost = None
@@ -565,6 +946,22 @@ def classify(case: Case, procs: list, before, after, problem: str | None) -> dic
 
 
 # ---- the HTTP part -------------------------------------------------------------------------------
+def wait_for_serve(serve: subprocess.Popen, url: str, statuses: tuple[int, ...]) -> str | None:
+    """Wait (up to 2 minutes) until ``url`` answers one of ``statuses``; why not, if it does not."""
+    import httpx
+
+    for _ in range(240):
+        try:
+            if httpx.get(url, timeout=2).status_code in statuses:
+                return None
+        except httpx.HTTPError:
+            pass
+        if serve.poll() is not None:
+            return "serve exited: " + serve.stdout.read()[-500:]
+        time.sleep(0.5)
+    return f"serve did not answer {url} within 2 minutes"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -581,15 +978,8 @@ def http_probes(w: dict) -> dict:
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if serve.poll() is not None:
-                return {"error": "serve exited: " + serve.stdout.read()[-500:]}
-            time.sleep(0.5)
+        if (error := wait_for_serve(serve, url, (200,))) is not None:
+            return {"error": error}
         world, db = w["world"], w["db"]
         image = world / "images" / "00000_red_circle.png"
         must_not = [world / "manifest.csv", world / "secret.txt", world / "private" / "id_rsa",
@@ -646,7 +1036,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         w = build_world(base)
-        todo = cases()
+        todo = cases() + integrity_cases()
         if args.only:
             words = [x.strip() for x in args.only.split(",")]
             todo = [c for c in todo if any(x in c.name for x in words)]
@@ -655,7 +1045,9 @@ def main(argv=None) -> int:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             results = list(pool.map(lambda ic: run_case(ic[0], ic[1], w, work), enumerate(todo)))
         http = http_probes(w) if args.http else None
+        http_int = integrity_http_probes(w, base) if args.http else None
     finally:
+        umount_all()
         if args.keep:
             print(f"kept {base}", file=sys.stderr)
         else:
@@ -688,11 +1080,15 @@ def main(argv=None) -> int:
     if http is not None:
         summary["http_files_served_not_indexed_images"] = http.get("files_served_not_indexed_images")
         summary["http_upload_one_sentence"] = (http.get("upload") or {}).get("one_sentence")
+    summary["integrity"] = integrity_summary(results)
+    if http_int is not None:
+        summary["integrity"]["http"] = http_int
     print(json.dumps(summary, indent=2))
     if http is not None:
         print(json.dumps(http, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "cases": results, "http": http}, indent=2))
+        Path(args.json).write_text(json.dumps({"summary": summary, "cases": results, "http": http,
+                                               "http_integrity": http_int}, indent=2))
     return 0
 
 

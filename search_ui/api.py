@@ -54,7 +54,8 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import schema as S
-from indexer.errors import UserError
+from indexer.errors import Unavailable, UserError
+from indexer.integrity import storage_error, write_error
 from search_ui.ui.context import AppContext, public_mode
 
 log = logging.getLogger(__name__)
@@ -437,7 +438,7 @@ def health_report(ctx: AppContext) -> dict:
     """rows, table_version, data_version, clip, and the FAISS index's and the ensemble's freshness."""
     import json
 
-    from diagnosis.run import INFO_FILE, staleness
+    from diagnosis.run import INFO_FILE, damage, staleness
     from indexer import ann
 
     db = ctx.db
@@ -451,7 +452,8 @@ def health_report(ctx: AppContext) -> dict:
             info = json.loads(info_path.read_text())
         except ValueError:
             info = None
-    reason = "no diagnosis ensemble was fitted (run `llm2loss diagnose`)" if info is None else staleness(db, info)
+    reason = "no diagnosis ensemble was fitted (run `llm2loss diagnose`)" if info is None else \
+        staleness(db, info) or damage(db, info)
     ensemble = {"exists": info is not None, "fresh": reason is None, "reason": reason,
                 "num_rows": (info or {}).get("num_rows"), "data_version": (info or {}).get("data_version")}
     return {"rows": db.count_rows(), "table_version": db.version, "data_version": db.data_version,
@@ -471,6 +473,10 @@ def build_api(ctx: AppContext, auth: tuple[str, str] | None = None) -> FastAPI:
     async def refused(request: Request, e: UserError):
         return _error(str(e), 400)
 
+    @app.exception_handler(Unavailable)  # a damaged table, a full disk, a read-only folder: not the request's fault
+    async def unavailable(request: Request, e: Unavailable):
+        return _error(str(e), 503)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
         return _error(_validation_sentence(e), 422)
@@ -484,6 +490,10 @@ def build_api(ctx: AppContext, auth: tuple[str, str] | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def failed(request: Request, e: Exception):
+        err = storage_error(e, ctx.db.path) or write_error(e, "to the database", None, cleaned=False, db_path=ctx.db.path)
+        if err is not None:
+            log.warning("%s %s: %s", request.method, request.url.path, e)
+            return _error(str(err), 503)
         log.error("%s %s failed", request.method, request.url.path, exc_info=e)
         return _error(f"{request.url.path} failed ({type(e).__name__}: {str(e)[:200]}); the server log has the "
                       "details.", 500)

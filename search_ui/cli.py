@@ -232,6 +232,17 @@ def cmd_select(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from diagnosis.check import check_database
+
+    report = check_database(args.db, repair=args.repair)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
 def cmd_serve(args) -> int:
     from search_ui.app import serve
 
@@ -394,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print `list` / `show` as JSON")
     s.set_defaults(func=cmd_select)
 
+    s = sub.add_parser("check", help="verify the database: every data file of the table, the FAISS index, the "
+                       "ensemble and caches against it (like git fsck)", description=(
+        "Verify a database folder: read every data file of the table's latest version, check each derived "
+        "file (the FAISS index and its ids, the diagnosis ensemble, cached text means) against the checksum and "
+        "the table version it was stamped with when written, and list what is damaged and what to do. Exit "
+        "status 0 when all is well, 1 when something is damaged (2 for a folder that is not a database). "
+        "--repair goes back to the newest intact table version when the latest is damaged (saying which "
+        "versions and rows that loses), rebuilds the FAISS index and the id index, and removes damaged caches "
+        "and temporary files left by interrupted writes; it never refits the ensemble."))
+    db_arg(s)
+    s.add_argument("--repair", action="store_true", help="repair what can be repaired here (see above), then check again")
+    s.add_argument("--json", action="store_true", help="print the findings as one JSON document")
+    s.set_defaults(func=cmd_check)
+
     s = sub.add_parser("serve", help="the Gradio web UI and its JSON HTTP API (/api/v1), on one port")
     db_arg(s)
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
@@ -431,6 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"llm2loss {args.command}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # a damaged table or a full / read-only disk met outside a guarded read or write
+        from indexer.integrity import storage_error, write_error
+
+        err = storage_error(e, getattr(args, "db", None)) or write_error(e, "to the disk", args.command, cleaned=False,
+                                                                         db_path=getattr(args, "db", None))
+        if err is None:
+            raise
+        log.debug("%s", e, exc_info=e)
+        print(f"llm2loss {args.command}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"llm2loss {args.command}: interrupted; rerun the same command to continue.", file=sys.stderr)

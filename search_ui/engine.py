@@ -429,6 +429,8 @@ class QueryEngine:
     def _count(self, where: str) -> int:
         try:
             return self.db.count_rows(where)
+        except UserError:  # a damaged table, said as such
+            raise
         except Exception as e:  # lance raises various errors for bad SQL
             raise self._bad_where(where, e) from e
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from indexer import schema as S
 from indexer.errors import UserError
+from indexer.integrity import write_error
 from indexer.store import Database, write_json_atomic
 
 _NAME = re.compile(r"^[\w][\w .\-]{0,99}$")
@@ -34,7 +35,14 @@ def read_ids_file(path: str | Path) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"ids file {p} does not exist; pass a text file with one sample id per line.")
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"ids file {p} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); pass a text "
+                        "file with one sample id per line.") from None
+    except OSError as e:
+        raise UserError(f"ids file {p} cannot be read ({e.strerror or e}); pass a readable text file.") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class Selections:
@@ -46,13 +54,23 @@ class Selections:
 
     @contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+        """Hold the selections' lock for a read-modify-write; a folder that cannot be written (read
+        only, full) is one sentence (:class:`~indexer.errors.Unavailable`), the file left as it was."""
+        try:
+            lock = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115 -- closed below
+        except OSError as e:
+            raise self._write_failed(e) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
+            except OSError as e:  # write_json_atomic removes its temporary file
+                raise self._write_failed(e) from None
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write_failed(self, e: OSError) -> Exception:
+        return write_error(e, f"the selections of the database {self.db.path}", None) or e
 
     def all(self) -> dict[str, list[str]]:
         """Every selection: name -> ids, names sorted."""

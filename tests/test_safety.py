@@ -174,6 +174,10 @@ def test_a_hostile_ensemble_file_runs_nothing_and_is_one_sentence(tmp_path, smal
     else:
         ens.write_bytes(b"PK\x03\x04 not really a zip")
         match = "could not be read"
+    if ens.exists():
+        with pytest.raises(UserError, match="damaged"):  # its checksum is not the one stamped at fitting
+            load_ensemble(db)
+        _restamp(db)  # a crafted folder carries a matching stamp: the skops layer must hold on its own
     with pytest.raises(UserError, match=match):
         load_ensemble(db)
     for argv in (["explain", "--db", str(db)], ["diagnose", "--score-new", "--db", str(db)]):
@@ -181,6 +185,17 @@ def test_a_hostile_ensemble_file_runs_nothing_and_is_one_sentence(tmp_path, smal
         err = capsys.readouterr().err.strip()
         assert "Traceback" not in err and err.count("\n") == 0 and "re-run `llm2loss diagnose" in err, err
     assert not marker.exists()
+
+
+def _restamp(db) -> None:
+    import json
+
+    from indexer.integrity import file_checksum
+
+    info_path = db / "diagnosis" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["checksums"]["ensemble.skops"] = file_checksum(db / "diagnosis" / "ensemble.skops")
+    info_path.write_text(json.dumps(info))
 
 
 # ---- one database, several processes -----------------------------------------------------------------

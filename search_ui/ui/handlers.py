@@ -45,6 +45,12 @@ def friendly(fn):
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
         except Exception as e:
+            from indexer.integrity import storage_error, write_error
+
+            err = storage_error(e, None) or write_error(e, "to the database", None, cleaned=False)
+            if err is not None:  # a damaged table, a full disk: said as such, pointing at `llm2loss check`
+                log.warning("%s: %s", fn.__name__, e)
+                raise gr.Error(str(err), print_exception=False) from None
             log.exception("%s failed", fn.__name__)
             raise gr.Error(f"{fn.__name__} failed ({type(e).__name__}: {e}); the server log has the details.",
                            print_exception=False) from None
