@@ -55,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import schema as S
 from indexer.errors import UserError
+from search_ui.filters import FILTER_HELP
 from search_ui.ui.context import AppContext
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ MAX_K = 1000
 MAX_CANDIDATES = 20_000
 MAX_TEXT_CHARS = 1000
 MAX_PHRASES = 32
-MAX_WHERE_CHARS = 4000
 MAX_IDS = 100_000
 MAX_TOP = 100
 
@@ -84,7 +84,7 @@ class SearchRequest(_Body):
     text: str = Field(description="what to look for, e.g. 'a blue circle' (taken literally)")
     k: int = Field(10, description=f"results, 1..{MAX_K}")
     weight: float | None = Field(None, description="0 = by similarity only, 1 = by predicted failure only (default 0.5)")
-    where: str | None = Field(None, description="LanceDB SQL filter, e.g. \"split = 'test' AND loss > 1\"")
+    where: str | None = Field(None, description=FILTER_HELP)
     negatives: list[str] = Field([], description="phrases to move away from; 'TEXT:W' sets a weight (default 0.5)")
     also: list[str] = Field([], description="more phrases to look for; 'TEXT:W' sets a weight (default 1)")
     image: str | None = Field(None, description="a stored sample id to combine with the text")
@@ -96,7 +96,7 @@ class SimilarRequest(_Body):
     id: str = Field(description="a stored sample id (as returned by a search)")
     k: int = Field(10, description=f"results, 1..{MAX_K}")
     weight: float | None = Field(None, description="0 = by similarity only, 1 = by predicted failure only (default 0.5)")
-    where: str | None = Field(None, description="LanceDB SQL filter")
+    where: str | None = Field(None, description=FILTER_HELP)
     candidates: int | None = Field(None, description="least pool the ranking picks from; its neighbourhood is 10x (default max(100, 10 k))")
 
 
@@ -111,7 +111,7 @@ class ExportRequest(_Body):
     mode: str | None = Field(None, description="a failure mode from explain: its number or description")
     format: Literal["csv", "parquet", "folder"] = Field("csv", description="folder: a zip of OUT/<label>/<image> + manifest.csv")
     k: int = Field(100, description="results for `query` / `mode`")
-    where: str | None = Field(None, description="a filter for `query`")
+    where: str | None = Field(None, description="a filter for `query`: " + FILTER_HELP)
 
 
 # ---- answers ---------------------------------------------------------------------------------
@@ -164,8 +164,7 @@ def _check_text(text: str | None, name: str) -> None:
 def _check_query(k: int, candidates: int | None, where: str | None) -> None:
     _bound(k, "k", MAX_K)
     _bound(candidates, "candidates", MAX_CANDIDATES)
-    if where is not None and len(where) > MAX_WHERE_CHARS:
-        raise UserError(f"the filter `where` is {len(where)} characters long; send at most {MAX_WHERE_CHARS}.")
+    # `where` is bounded and checked by the filter language (search_ui.filters) inside the engine.
 
 
 # ---- the middleware: body size and login ------------------------------------------------------

@@ -84,8 +84,9 @@ def _search_tab(ui: Handlers, sel_dropdown_holder: list):
             weight = gr.Slider(0, 1, value=0.5, step=0.05,
                                label="Weight: 0 = most similar, 1 = most likely to fail")
         cols = [S.LABEL, S.SPLIT, S.LOSS, S.PREDICTED_LOSS] + ui.ctx.metadata_columns
-        where = gr.Textbox(label="Filter (SQL over metadata)", placeholder="split = 'test' AND loss > 1",
-                           info="columns: " + ", ".join(cols))
+        where = gr.Textbox(label="Filter", placeholder="split = 'test' AND loss > 1",
+                           info="= != < <= > >=, AND, OR, NOT, IN (...), LIKE, BETWEEN, IS NULL; strings in 'quotes'; "
+                                "no functions. Columns: " + ", ".join(cols))
         negatives = gr.Textbox(label="Negative phrases (one per line): move away from these", lines=2)
     status = gr.Markdown(elem_id="search-status")
     gallery = _results_gallery("search-gallery")

@@ -404,3 +404,28 @@ def test_text_cache_is_bounded_and_keyed_by_model():
     assert len(c) == 2 and c.get(("m1", "b")) is None and c.get(("m1", "a")) is not None
     with pytest.raises(ValueError):
         c.get(("m1", "a"))[0] = 5.0  # entries are read-only
+
+
+def test_hostile_filters_are_400_and_the_server_lives(served, http):
+    """Issue 25: `repeat(id, 100000000)` in a filter aborted the whole server (LanceDB asked for
+    100 GB); every payload of that class is now refused by the filter language, one sentence."""
+    _, url, _, _ = served
+    payloads = {
+        "repeat(id, 100000000) = 'x'": "calls the function repeat",
+        "regexp_like(id, '(a|a)*b')": "calls the function regexp_like",
+        "CAST(loss AS VARCHAR) = '1'": "calls the function CAST",
+        "id IN (SELECT id FROM samples)": "expected a value",
+        "split = 'test'; SELECT 1": "a `;`",
+        "(" * 200 + "loss > 1" + ")" * 200: "nests more than",
+        "loss IN (" + ",".join(str(i) for i in range(1500)) + ")": "more than 1000 values",
+        "id LIKE '" + "%_" * 200 + "'": "LIKE pattern",
+        "x" * 20_000: "characters long",
+    }
+    for where, words in payloads.items():
+        for route, body in (("search", {"text": "a circle", "where": where}), ("similar", {"id": "s00001", "where": where}),
+                            ("export", {"query": "a circle", "where": where})):
+            msg = _one_sentence(http.post(f"{url}/{route}", json=body), 400)
+            assert words in msg, (route, msg)
+    assert http.get(f"{url}/health").status_code == 200
+    ok = http.post(f"{url}/search", json={"text": "a circle", "k": 3, "where": "split = 'test' AND loss >= 0"})
+    assert ok.status_code == 200 and all(r["split"] == "test" for r in ok.json()["results"])
