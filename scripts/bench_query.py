@@ -76,7 +76,7 @@ def make_db(path: Path, spec: ClipSpec, dim: int, n: int, seed: int = 0) -> Data
             S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
             S.PREDICTED_LOSS: pa.array((loss + rng.normal(0, 0.1, m)).clip(0).astype(np.float32)),
             S.PREDICTED_LOSS_STD: pa.array(np.full(m, 0.1, np.float32)),
-            "color": [COLORS[j % 5] for j in c],
+            "color": [COLORS[j % 5] for j in c], **S.no_identity(m),
         }, schema=schema))
     db.update_meta(clip=spec.identity(), clip_spec=spec.to_dict(), data_version=db.version, embed_dim=dim)
     return db

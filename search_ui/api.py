@@ -35,6 +35,8 @@ import base64
 import binascii
 import inspect
 import logging
+import mimetypes
+import os
 import re
 import secrets
 import shutil
@@ -73,6 +75,10 @@ MAX_TOP = 100
 
 class NotFound(UserError):
     """An unknown sample id or selection name (HTTP 404)."""
+
+
+class Forbidden(UserError):
+    """A file that may not be handed out: an indexed image changed since it was indexed (HTTP 403)."""
 
 
 # ---- request bodies (pydantic: types only; bounds are checked below with the CLI's sentences) --
@@ -284,13 +290,18 @@ def _router(ctx: AppContext) -> APIRouter:
 
     @r.get("/samples/{sample_id:path}/image", summary="A sample's image file", response_class=FileResponse)
     def sample_image(sample_id: str):
-        """The indexed image of a stored sample (only files the table indexes, under its image folders)."""
-        rec = _sample(sample_id)
-        path = ctx.guard.check(rec.get(S.IMAGE))
-        if path is None:
-            raise NotFound(f"the image of sample '{sample_id}' cannot be served (missing, or outside the "
-                           "dataset's folders); restore the file or re-index it.")
-        return FileResponse(path)
+        """The indexed image of a stored sample: only a file the table indexes, under its image folders,
+        and still the file indexed (size, time and SHA-256 recorded by `index`; else 403)."""
+        image = _sample(sample_id).get(S.IMAGE)
+        got = ctx.files.read(image) if ctx.guard.check(image) is not None else None
+        if got is None and (not image or not os.path.lexists(image)):
+            raise NotFound(f"the image file of sample '{sample_id}' is missing; restore the file or re-index it.")
+        if got is None:
+            raise Forbidden(f"the image file of sample '{sample_id}' is no longer the file that was indexed "
+                            "(replaced, modified or re-linked since), so it is not served; restore it or re-index.")
+        real, data = got
+        media = mimetypes.guess_type(real)[0] or "application/octet-stream"
+        return Response(data, media_type=media)
 
     @r.get("/samples/{sample_id:path}", summary="One sample's stored fields")
     def sample(sample_id: str) -> Response:
@@ -431,6 +442,10 @@ def build_api(ctx: AppContext, auth: tuple[str, str] | None = None) -> FastAPI:
     @app.exception_handler(NotFound)
     async def not_found(request: Request, e: NotFound):
         return _error(str(e), 404)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, e: Forbidden):
+        return _error(str(e), 403)
 
     @app.exception_handler(UserError)
     async def refused(request: Request, e: UserError):

@@ -18,16 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
-from search_ui.ui.context import AppContext, serving_dirs
+from search_ui.ui.context import AppContext, ServedFiles, serving_dirs
 from search_ui.ui.handlers import Handlers, friendly
 from search_ui.ui.modes import MODE_COLUMNS
 
@@ -240,82 +238,6 @@ def _api(ui: Handlers) -> None:
         gr.api(fn, api_name=fn.__name__, concurrency_id="query" if fn in (search, similar) else None)
 
 
-class ServedFiles:
-    """The files ``serve`` hands out: exactly the indexed images, by their resolved (real) paths.
-
-    Gradio's ``allowed_paths`` admits whole folders, so a manifest, a key or a symlink to
-    ``/etc/passwd`` beside the images would be served; this allow-list admits a requested path only
-    when its real path (``..`` and symlinks resolved as the file route would open it) is the real
-    path of an image in the table, or lies in Gradio's own cache of copies it made for handlers'
-    outputs and uploads. It is rebuilt when the table's rows change (``data_version``).
-
-    Memory: one int64 hash per indexed image (8 MB per million rows); Python's string hash is
-    keyed per process, so a collision cannot be aimed at.
-    """
-
-    def __init__(self, db: Database):
-        self.db = db
-        self._lock = threading.Lock()
-        self._hashes: np.ndarray | None = None
-        self._version: int | None = None
-
-    @staticmethod
-    def _real_paths(paths: list[str]) -> list[str]:
-        """Real paths of ``paths``: one ``realpath`` per folder plus one per symlinked file (a
-        directory listing says which files are links without a stat per file)."""
-        out, dirs, links = [], {}, {}
-        for p in paths:
-            if not p:
-                continue
-            folder, name = os.path.split(p)
-            if folder not in dirs:
-                dirs[folder] = os.path.realpath(folder)
-                try:
-                    with os.scandir(folder) as it:
-                        links[folder] = {e.name for e in it if e.is_symlink()}
-                except OSError:
-                    links[folder] = None  # a missing folder: its files cannot be served anyway
-            if links[folder] is None:
-                continue
-            out.append(os.path.realpath(p) if name in links[folder] else os.path.join(dirs[folder], name))
-        return out
-
-    def _current(self) -> np.ndarray:
-        version = self.db.data_version
-        with self._lock:
-            if self._hashes is None or version != self._version:
-                hashes = []
-                for batch in self.db.iter_batches([S.IMAGE]):
-                    hashes.extend(hash(p) for p in self._real_paths(batch.column(S.IMAGE).to_pylist()))
-                self._hashes, self._version = np.unique(np.asarray(hashes, dtype=np.int64)), version
-            return self._hashes
-
-    def indexed(self, real: str) -> bool:
-        hashes = self._current()
-        i = int(np.searchsorted(hashes, hash(real)))
-        return i < len(hashes) and int(hashes[i]) == hash(real)
-
-    def check(self, requested: str) -> str | None:
-        """The real path ``requested`` opens when it may be served, else None. ``requested`` is a path
-        as Gradio's file route receives it (absolute, or relative to the working directory)."""
-        from gradio import utils as gr_utils
-
-        if not requested or "://" in requested or "\x00" in requested:
-            return None
-        # Gradio opens os.path.abspath(requested): ".." is removed by text first, then the OS
-        # resolves symlinks; realpath of that string is the file that would be sent.
-        real = os.path.realpath(os.path.abspath(requested))
-        if not os.path.isfile(real):
-            return None
-        if self.indexed(real):
-            return real
-        for created in (gr_utils.get_upload_folder(), gr_utils.get_cache_folder()):
-            folder = os.path.realpath(os.path.abspath(created))
-            if real.startswith(folder.rstrip(os.sep) + os.sep):
-                return real
-        return None
-
-
 def served_file(app: gr.Blocks, requested: str) -> str | None:
     """The real path of ``requested`` if the app ``app`` (from :func:`build_app`) may hand it out
     (an indexed image, or Gradio's own copy of a handler's output), else None; for any route."""
@@ -358,7 +280,7 @@ def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
     # analytics off: the app must not phone home (and machines without network must not wait on it).
     with gr.Blocks(title="llm2loss", delete_cache=(3600, 86400), analytics_enabled=False) as app:
         app.llm2loss_context = ctx  # serve() reads the image folders from it
-        app.llm2loss_files = ServedFiles(ctx.db)  # what the file route may hand out
+        app.llm2loss_files = ctx.files  # what the file route may hand out
         app.llm2loss_handlers = ui
         # API endpoints first, so they own the plain names (/search, ...) and the page's private events
         # of the same function names get suffixed ones.

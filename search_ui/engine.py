@@ -199,6 +199,11 @@ def neighbourhood_nprobe(ann, least: int, rows: int, share: float = 1.0) -> int:
     return min(nlist, max(ann.nprobe_for(int(math.ceil(POOL_PROBE_DEPTH * least / share))), hold))
 
 
+def _row_columns(schema: pa.Schema) -> list[str]:
+    """The columns a query reads: all but the vector and the file identities (not results)."""
+    return [f.name for f in schema if f.name != S.EMBEDDING and f.name not in S.IDENTITY_COLUMNS]
+
+
 def _sql_in(ids: list[str]) -> str:
     return f"{S.ID} IN (" + ",".join("'" + str(i).replace("'", "''") + "'" for i in ids) + ")"
 
@@ -237,7 +242,7 @@ class QueryEngine:
         self._gpu_lock = threading.Lock()  # a GPU index's search parameters are set on the index
         self._local = threading.local()
         self._clip_key: str | None = None
-        self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+        self._columns = _row_columns(self.db.table.schema)
         # the files whose modification times make the change signature, as strings: stat()ed on every query
         self._signature_files = (str(self.db.path / f"{S.TABLE_NAME}.lance" / "_versions"), str(self.db.meta_path))
 
@@ -297,7 +302,7 @@ class QueryEngine:
             info = self._ann.info if self._ann is not None else {}
             if info.get("data_version") != self.db.data_version or info.get("num_rows") != self.db.count_rows():
                 self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
-            self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+            self._columns = _row_columns(self.db.table.schema)
             self._rows = RowCache.load(self.db, self._ann.ids, self._columns) if self.cache_rows else None
             pred = self._rows.pred if self._rows is not None else \
                 self.db.read([S.PREDICTED_LOSS]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -178,7 +178,7 @@ class Handlers:
         rec = shown[evt.index]
         sims = [r for r in self.similar_records(rec[S.ID], DETAIL_SIMILAR_K + 1) if r[S.ID] != rec[S.ID]]
         items, sims_shown = self.ctx.gallery(sims[:DETAIL_SIMILAR_K])
-        image = display_image(self.ctx.guard.check(rec.get(S.IMAGE)))
+        image = display_image(self.ctx.servable(rec.get(S.IMAGE)))
         return image, details_markdown(rec), items, rec, sims_shown, gr.Column(visible=True)
 
     # ---- failure modes -------------------------------------------------------------------------
