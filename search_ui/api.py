@@ -10,6 +10,7 @@ schema at ``/api/v1/openapi.json``, browsable at ``/api/v1/docs``):
 ``POST /api/v1/search``               rows about a sentence (the fields of ``llm2loss search``)
 ``POST /api/v1/similar``              similar hard examples of a stored id
 ``GET /api/v1/samples/{id}``          one sample's stored fields; ``.../image`` its image file
+                                      (the id percent-encoded: ``/`` as ``%2F``)
 ``GET /api/v1/explain?top=N``         failure modes in words (cached until the table changes)
 ``GET /api/v1/selections``            every selection and its size
 ``GET /api/v1/selections/{name}``     a selection's ids
@@ -46,6 +47,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
@@ -53,6 +55,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import schema as S
@@ -83,7 +86,8 @@ class Forbidden(UserError):
 
 # ---- request bodies (pydantic: types only; bounds are checked below with the CLI's sentences) --
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "k": "10" or "k": true is a wrong type (422), not quietly 10 or 1; an integer is still a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SearchRequest(_Body):
@@ -237,6 +241,29 @@ class ApiGuard:
 
 
 # ---- the routes -------------------------------------------------------------------------------
+class _AnyPath(PathConvertor):
+    """``{x:anypath}``: like ``path``, newlines included (a stored id may hold one)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anypath", _AnyPath())
+
+
+def _sample_path(request: Request) -> tuple[str, bool]:
+    """(the sample id, whether its image is asked for) from ``.../samples/ID[/image]``, read from the
+    undecoded path: an id's own ``/`` arrives as ``%2F``, so only a literal ``/image`` names the image."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    raw = raw.split(b"?", 1)[0]
+    rest = raw[raw.index(b"/samples/") + len(b"/samples/"):]
+    image = rest.endswith(b"/image")
+    try:
+        return unquote((rest[:-len(b"/image")] if image else rest).decode("latin-1"), errors="strict"), image
+    except UnicodeDecodeError:
+        raise UserError("the sample id in the path is not percent-encoded UTF-8; encode it with "
+                        "urllib.parse.quote(id, safe='').") from None
+
+
 def _router(ctx: AppContext) -> APIRouter:
     from search_ui.app import CONCURRENCY
 
@@ -288,10 +315,7 @@ def _router(ctx: AppContext) -> APIRouter:
             raise NotFound(f"no sample has the id '{sample_id}' in {ctx.db.path}; pass an id as returned by a search.")
         return rows[0]
 
-    @r.get("/samples/{sample_id:path}/image", summary="A sample's image file", response_class=FileResponse)
-    def sample_image(sample_id: str):
-        """The indexed image of a stored sample: only a file the table indexes, under its image folders,
-        and still the file indexed (size, time and SHA-256 recorded by `index`; else 403)."""
+    def _sample_image(sample_id: str):
         image = _sample(sample_id).get(S.IMAGE)
         got = ctx.files.read(image) if ctx.guard.check(image) is not None else None
         if got is None and (not image or not os.path.lexists(image)):
@@ -303,10 +327,23 @@ def _router(ctx: AppContext) -> APIRouter:
         media = mimetypes.guess_type(real)[0] or "application/octet-stream"
         return Response(data, media_type=media)
 
-    @r.get("/samples/{sample_id:path}", summary="One sample's stored fields")
-    def sample(sample_id: str) -> Response:
-        """id, image, label, split, loss, predicted_loss, predicted_loss_std and the metadata columns."""
-        return _json(_sample(sample_id))
+    # Both routes read the id from the undecoded path (_sample_path), so whichever matches, "x%2Fimage"
+    # is the sample "x/image" and "x/image" the image of "x".
+    @r.get("/samples/{sample_id:anypath}/image", summary="A sample's image file", response_class=FileResponse)
+    def sample_image(sample_id: str, request: Request):
+        """The indexed image of a stored sample: only a file the table indexes, under its image folders,
+        and still the file indexed (size, time and SHA-256 recorded by `index`; else 403). The id is
+        percent-encoded (`quote(id, safe='')`: `/` as `%2F`, a newline as `%0A`)."""
+        sample_id, image = _sample_path(request)
+        return _sample_image(sample_id) if image else _json(_sample(sample_id))
+
+    @r.get("/samples/{sample_id:anypath}", summary="One sample's stored fields")
+    def sample(sample_id: str, request: Request) -> Response:
+        """id, image, label, split, loss, predicted_loss, predicted_loss_std and the metadata columns. The
+        id is percent-encoded (`quote(id, safe='')`): an id holding `/` sends it as `%2F`, a newline as
+        `%0A`; every stored id is reachable."""
+        sample_id, image = _sample_path(request)
+        return _sample_image(sample_id) if image else _json(_sample(sample_id))
 
     @r.get("/explain", summary="Failure modes named in words, worst first")
     def explain(top: int = 10) -> Response:
@@ -493,6 +530,9 @@ class Server:
         self._server.should_exit = True
         self._thread.join(timeout=15)
         self._sock.close()
+        ctx = getattr(self.blocks, "llm2loss_context", None)
+        if ctx is not None:
+            ctx.close()  # its scratch folder in the system temp directory
 
     def block(self) -> None:
         try:
@@ -531,12 +571,18 @@ def start_server(blocks, launch: dict, startup_timeout: float = 60.0) -> Server:
     import uvicorn
 
     from search_ui.app import parse_auth
+    from search_ui.serving import is_loopback
 
     host = launch.get("server_name") or "127.0.0.1"
     sock = _bind(host, launch.get("server_port"))
     auth = launch.get("auth")
     auth = parse_auth(auth) if isinstance(auth, str) else auth
     api = build_api(blocks.llm2loss_context, auth=auth)
+    # Outermost: cross-site requests are refused before any route (the API's or Gradio's) runs, and
+    # Gradio's CORS answers (which approve any origin off localhost) never leave the server.
+    from search_ui.serving import CrossSiteGuard
+
+    api.add_middleware(CrossSiteGuard, **getattr(blocks, "llm2loss_cross_site", {"loopback": is_loopback(host)}))
     takes = set(inspect.signature(gr.mount_gradio_app).parameters) - {"app", "blocks", "path"}
     mount = {k: v for k, v in launch.items() if k in takes}
     mount.update(server_name=host, server_port=sock.getsockname()[1], auth=auth)

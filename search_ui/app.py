@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +26,7 @@ import gradio as gr
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
+from search_ui.serving import CrossSiteGuard, is_loopback, parse_cors_origins
 from search_ui.ui.context import AppContext, ServedFiles, serving_dirs
 from search_ui.ui.handlers import Handlers, friendly
 from search_ui.ui.modes import MODE_COLUMNS
@@ -321,8 +323,9 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
 
 
 def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860,
-                  auth: str | None = None) -> dict:
-    """Arguments for ``app.launch``: the listening address, the login, and the file policy."""
+                  auth: str | None = None, cors_origins=()) -> dict:
+    """Arguments for ``app.launch``: the listening address, the login, the file policy and the
+    cross-site rules (:mod:`search_ui.serving`; ``cors_origins``: ``--cors-origin`` values)."""
     ctx: AppContext = app.llm2loss_context
     allowed = serving_dirs(ctx.db, ctx.guard)
     # The database folder holds losses and model files; it may sit inside an image root (the
@@ -333,21 +336,28 @@ def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 78
     # indexed images themselves.
     from starlette.middleware import Middleware
 
-    middleware = [Middleware(FileRouteGuard, files=app.llm2loss_files)]
+    cross_site = dict(origins=parse_cors_origins(cors_origins), loopback=is_loopback(host))
+    app.llm2loss_cross_site = cross_site  # start_server puts the guard outermost, in front of Gradio's CORS
+    middleware = [Middleware(FileRouteGuard, files=app.llm2loss_files), Middleware(CrossSiteGuard, **cross_site)]
     return dict(server_name=host, server_port=port, auth=parse_auth(auth), allowed_paths=allowed,
                 blocked_paths=blocked, show_error=True, max_threads=40, css=CSS, ssr_mode=False,
                 footer_links=["api"], quiet=True, app_kwargs={"middleware": middleware})
 
 
 def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int | None = 7860,
-          auth: str | None = None, block: bool = True):
+          auth: str | None = None, block: bool = True, cors_origins=()):
     """Build and launch the app with its JSON API (``/api/v1``, :mod:`search_ui.api`) on the same
-    port; with ``block`` (the CLI) it runs until interrupted. Returns the running
-    :class:`search_ui.api.Server` (``local_url``, ``close()``, and the Blocks' attributes)."""
+    port; with ``block`` (the CLI) it runs until interrupted. ``cors_origins``: web origins allowed
+    to call it from their pages (``--cors-origin``; none by default, :mod:`search_ui.serving`).
+    Returns the running :class:`search_ui.api.Server` (``local_url``, ``close()``, and the Blocks'
+    attributes)."""
     parse_auth(auth)  # refuse a malformed --auth before the slow part
+    parse_cors_origins(cors_origins)
+    if block:
+        _stop_on_sigterm()  # before anything is made that must be removed on the way out
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, not news
     app = build_app(db)
-    kwargs = launch_kwargs(app, host, port, auth)
+    kwargs = launch_kwargs(app, host, port, auth, cors_origins)
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log.warning("listening on %s without --auth: anyone who can reach this port can use the app", host)
     from search_ui.api import start_server
@@ -358,3 +368,15 @@ def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int |
     if block:
         server.block()
     return server
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, systemd, docker stop) stops the server as Ctrl-C does, so that its temporary
+    folders are removed on the way out (Python's default for SIGTERM is to die on the spot)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)

@@ -217,7 +217,7 @@ def cmd_select(args) -> int:
 def cmd_serve(args) -> int:
     from search_ui.app import serve
 
-    serve(args.db, host=args.host, port=args.port, auth=args.auth)
+    serve(args.db, host=args.host, port=args.port, auth=args.auth, cors_origins=args.cors_origin)
     return 0
 
 
@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require this login (the page's login form; HTTP Basic for /api/v1)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of this origin (scheme://host[:port]) call the API from a browser (repeatable); "
+                        "by default no other origin is approved, and cross-site requests change nothing")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="build the offline world, index, diagnose and serve it")
