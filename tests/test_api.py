@@ -316,6 +316,16 @@ def test_malformed_requests(served, http):
     assert "'k'" in _one_sentence(http.post(f"{url}/search", json={"text": "x", "k": "many"}), 422)
     assert "'text'" in _one_sentence(http.post(f"{url}/search", json={"k": 3}), 422)
     _one_sentence(http.post(f"{url}/search", json={"text": "x", "colour": "red"}), 422)  # unknown field
+    # Strict types on every body (issue 25): a number in quotes or a boolean is not quietly converted.
+    for route, body in (("search", {"text": "x", "k": "10"}), ("search", {"text": "x", "k": True}),
+                        ("search", {"text": "x", "weight": "0.5"}), ("search", {"text": "x", "weight": True}),
+                        ("search", {"text": 5}), ("search", {"text": "x", "negatives": [1]}),
+                        ("similar", {"id": "s00001", "k": "10"}), ("similar", {"id": 1}),
+                        ("similar", {"id": "s00001", "candidates": False}),
+                        ("selections/x/add", {"ids": [1, 2]}), ("selections/x/remove", {"ids": [True]}),
+                        ("export", {"ids": ["s00001"], "k": "5"}), ("export", {"selection": 3})):
+        assert "is not valid" in _one_sentence(http.post(f"{url}/{route}", json=body), 422), (route, body)
+    assert http.post(f"{url}/search", json={"text": "x", "k": 3, "weight": 1}).status_code == 200  # an int is a number
     # What a cross-site form can send (text/plain) is not taken as JSON.
     _one_sentence(http.post(f"{url}/search", data=b'{"text": "x"}', headers={"content-type": "text/plain"}), 422)
     assert "no route" in _one_sentence(http.get(f"{url}/nothing-here"), 404)

@@ -291,6 +291,10 @@ class AppContext:
         self._modes: dict[tuple, list[dict]] = {}
         self._modes_lock = threading.Lock()
 
+    def close(self) -> None:
+        """Remove the scratch folder (``serve`` calls this on exit, SIGTERM included)."""
+        self._scratch.cleanup()
+
     @property
     def engine(self):
         """The query engine, built on first use (it loads CLIP and the FAISS index)."""
@@ -318,12 +322,32 @@ class AppContext:
         real = self.guard.check(path)
         return real if real is not None and self.files.check(real) == real else None
 
+    def _printable_copy(self, real: str) -> str | None:
+        """A copy of an indexed image whose file name holds a newline or another control character
+        (Gradio's file route cannot serve such a name), under a printable name in the scratch folder;
+        the bytes are those checked against the recorded identity."""
+        got = self.files.read(real)
+        if got is None:
+            return None
+        import hashlib
+
+        name = "".join(c if c.isprintable() else "_" for c in os.path.basename(real))
+        out = Path(self.scratch) / "names" / hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16] / name
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_bytes(got[1])
+            os.replace(tmp, out)
+        return str(out)
+
     def gallery(self, records: list[dict]) -> tuple[list[tuple[str, str]], list[dict]]:
         """(gallery items ``(path, caption)``, the records shown) — unservable images are left out,
         so a gallery index always points at the record it shows."""
         items, shown = [], []
         for rec in records:
             path = self.servable(rec.get(S.IMAGE))
+            if path is not None and not os.path.basename(path).isprintable():
+                path = self._printable_copy(path)
             if path is not None:
                 items.append((path, caption(rec)))
                 shown.append(rec)

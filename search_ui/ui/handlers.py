@@ -234,8 +234,7 @@ class Handlers:
 
     def add_ids(self, name: str, ids: list[str]) -> int:
         """Add ``ids`` to the selection ``name``; its new size."""
-        name = (name or "").strip()
-        if not name:
+        if not (name or "").strip():
             raise UserError("the selection has no name; type one in 'Selection name'.")
         if not ids:
             raise UserError("nothing to add; run a search or pick a failure mode first.")
@@ -243,8 +242,8 @@ class Handlers:
 
     def _added(self, name: str, ids: list[str]):
         size = self.add_ids(name, ids)
-        gr.Info(f"Selection '{name.strip()}' now holds {size} samples.")
-        return gr.Dropdown(choices=sorted(self._selections().all()), value=name.strip())
+        gr.Info(f"Selection '{name}' now holds {size} samples.")
+        return gr.Dropdown(choices=sorted(self._selections().all()), value=name)
 
     @friendly
     def add_results(self, name, shown):
