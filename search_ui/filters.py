@@ -30,7 +30,9 @@ strings (a date or timestamp column with strings too), LIKE applies to strings.
 Nothing else: no function calls (``repeat(id, 100000000)``, ``regexp_match``, ``cast``), no
 subqueries, ``CASE``, ``;`` or comments. So a filter's cost is a scan of the table's small columns
 with an expression of at most :data:`MAX_NODES` operations (an ``IN`` list is one hash lookup), and
-it is bounded further: :data:`MAX_FILTER_CHARS` characters, nesting :data:`MAX_DEPTH` deep,
+it is bounded further (nesting matters twice: LanceDB's SQL parser takes time exponential in the
+parenthesis depth, ~45 ms at 26 levels and minutes at 40, so the canonical SQL parenthesises only
+where precedence needs it and its depth is bounded too): :data:`MAX_FILTER_CHARS` characters, nesting :data:`MAX_DEPTH` deep,
 :data:`MAX_IN_ITEMS` values in one ``IN``, strings of :data:`MAX_STRING_CHARS` characters, LIKE
 patterns of :data:`MAX_LIKE_CHARS` with at most :data:`MAX_LIKE_WILDCARDS` wildcards; and its
 evaluation stops after :data:`FILTER_SECONDS` (:func:`matching_row_ids`).
@@ -50,8 +52,8 @@ from indexer import schema as S
 from indexer.errors import UserError
 
 #: Bounds on one filter (each refusal says which was passed).
-MAX_FILTER_CHARS = 10_000
-MAX_DEPTH = 32
+MAX_FILTER_CHARS = 20_000
+MAX_DEPTH = 16
 MAX_NODES = 256
 MAX_IN_ITEMS = 1000
 MAX_STRING_CHARS = 1000
@@ -151,6 +153,32 @@ def _compatible(a: str, b: str) -> bool:
     return a == b or "null" in (a, b) or {a, b} == {"time", "str"}
 
 
+#: Precedences, loosest first: what the canonical SQL parenthesises (only a looser operand).
+_OR, _AND, _NOT, _PRED, _ADD, _MUL, _NEG, _ATOM = range(1, 9)
+
+
+def _wrap(e: tuple[str, str, int], prec: int) -> str:
+    """The SQL of expression ``e`` (sql, kind, precedence) as an operand of precedence ``prec``."""
+    return e[0] if e[2] >= prec else f"({e[0]})"
+
+
+def _paren_depth(sql: str) -> int:
+    """The deepest parenthesis nesting of ``sql`` outside quotes."""
+    depth = most = 0
+    quote = None
+    for ch in sql:
+        if quote:
+            quote = None if ch == quote else quote  # a doubled quote closes and reopens: same depth
+        elif ch in "'`":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+            most = max(most, depth)
+        elif ch == ")":
+            depth -= 1
+    return most
+
+
 def _sql_string(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -205,58 +233,60 @@ class _Parser:
         if kind != want and kind != "null":
             raise self.refuse(f"{role} needs {_KIND_WORDS[want]}, but {sql} is {_KIND_WORDS.get(kind, kind)}")
 
-    # ---- grammar
+    # ---- grammar: each rule returns (canonical SQL, kind, precedence), parenthesised only where needed
     def parse(self) -> str:
         if self.tok.kind == "end":
             raise self.refuse("it is empty")
-        sql, kind = self.or_()
+        sql, kind, _ = self.or_()
         if self.tok.kind != "end":
             raise self.refuse(f"unexpected {self.where(self.tok)} after a complete condition")
         if kind == "num" or kind == "str" or kind == "time":
             raise self.refuse(f"{sql} is {_KIND_WORDS[kind]}, not a condition (compare it: loss > 1)")
         return sql
 
-    def _logic(self, op: str, sub) -> tuple[str, str]:
-        sql, kind = sub()
-        parts = [(sql, kind)]
+    def _logic(self, op: str, prec: int, sub):
+        first = sub()
+        parts = [first]
         while self.word(op):
             self.take()
             self.node()
             parts.append(sub())
         if len(parts) == 1:
-            return sql, kind
-        for s, k in parts:
+            return first
+        for s, k, _ in parts:
             self.need(k, "bool", s, op)
-        return "(" + f" {op} ".join(s for s, _ in parts) + ")", "bool"
+        return f" {op} ".join(_wrap(e, prec) for e in parts), "bool", prec
 
     def or_(self):
-        return self._logic("OR", self.and_)
+        return self._logic("OR", _OR, self.and_)
 
     def and_(self):
-        return self._logic("AND", self.not_)
+        return self._logic("AND", _AND, self.not_)
 
     def not_(self):
         if self.word("NOT"):
             self.take()
             self.node()
             self.nest(1)
-            sql, kind = self.not_()
+            e = self.not_()
             self.nest(-1)
-            self.need(kind, "bool", sql, "NOT")
-            return f"(NOT {sql})", "bool"
+            self.need(e[1], "bool", e[0], "NOT")
+            return f"NOT {_wrap(e, _NOT)}", "bool", _NOT
         return self.predicate()
 
     def predicate(self):
-        left, kind = self.value()
+        left = self.value()
+        lsql, kind = _wrap(left, _ADD), left[1]
         t = self.tok
         if t.kind == "op" and t.text in ("=", "!=", "<>", "<", "<=", ">", ">="):
             self.take()
             self.node()
-            right, rkind = self.value()
-            if not _compatible(kind, rkind):
-                raise self.refuse(f"it compares {left} ({_KIND_WORDS[kind]}) with {right} ({_KIND_WORDS[rkind]})")
+            right = self.value()
+            if not _compatible(kind, right[1]):
+                raise self.refuse(f"it compares {left[0]} ({_KIND_WORDS[kind]}) with {right[0]} "
+                                  f"({_KIND_WORDS[right[1]]})")
             op = "!=" if t.text == "<>" else t.text
-            return f"({left} {op} {right})", "bool"
+            return f"{lsql} {op} {_wrap(right, _ADD)}", "bool", _PRED
         if self.word("IS"):
             self.take()
             self.node()
@@ -268,8 +298,8 @@ class _Parser:
             if what not in ("NULL", "TRUE", "FALSE"):
                 raise self.refuse(f"IS{neg} must be followed by NULL, TRUE or FALSE, not {what}")
             if what != "NULL":
-                self.need(kind, "bool", left, f"IS{neg} {what}")
-            return f"({left} IS{neg} {what})", "bool"
+                self.need(kind, "bool", left[0], f"IS{neg} {what}")
+            return f"{lsql} IS{neg} {what}", "bool", _PRED
         neg = ""
         if self.word("NOT") and self.toks[self.i + 1].kind == "name" and \
                 self.toks[self.i + 1].text.upper() in ("IN", "LIKE", "BETWEEN"):
@@ -278,89 +308,89 @@ class _Parser:
         if self.word("IN"):
             self.take()
             self.node()
-            return self.in_list(left, kind, neg)
+            return self.in_list(left, lsql, neg)
         if self.word("LIKE"):
             self.take()
             self.node()
-            self.need(kind, "str", left, "LIKE")
+            self.need(kind, "str", left[0], "LIKE")
             t = self.expect("string", what="a quoted pattern after LIKE, like 'cat%'")
             if len(t.text) > MAX_LIKE_CHARS:
                 raise self.refuse(f"its LIKE pattern is {len(t.text)} characters long (at most {MAX_LIKE_CHARS})")
             if sum(t.text.count(c) for c in "%_") > MAX_LIKE_WILDCARDS:
                 raise self.refuse(f"its LIKE pattern has more than {MAX_LIKE_WILDCARDS} wildcards (% and _)")
-            return f"({left} {neg}LIKE {_sql_string(t.text)})", "bool"
+            return f"{lsql} {neg}LIKE {_sql_string(t.text)}", "bool", _PRED
         if self.word("BETWEEN"):
             self.take()
             self.node()
-            lo, lkind = self.value()
+            lo = self.value()
             self.expect("name", "AND", "AND between the two bounds of BETWEEN")
-            hi, hkind = self.value()
-            for s, k in ((lo, lkind), (hi, hkind)):
+            hi = self.value()
+            for s, k, _ in (lo, hi):
                 if not _compatible(kind, k):
-                    raise self.refuse(f"BETWEEN compares {left} ({_KIND_WORDS[kind]}) with {s} ({_KIND_WORDS[k]})")
-            return f"({left} {neg}BETWEEN {lo} AND {hi})", "bool"
+                    raise self.refuse(f"BETWEEN compares {left[0]} ({_KIND_WORDS[kind]}) with {s} ({_KIND_WORDS[k]})")
+            return f"{lsql} {neg}BETWEEN {_wrap(lo, _ADD)} AND {_wrap(hi, _ADD)}", "bool", _PRED
         if neg:
             raise self.refuse(f"NOT must be followed by IN, LIKE or BETWEEN at {self.where(self.tok)}")
-        return left, kind
+        return left
 
-    def in_list(self, left: str, kind: str, neg: str):
+    def in_list(self, left, lsql: str, neg: str):
         self.expect("op", "(", "( after IN")
         items = []
         while True:
             if len(items) >= MAX_IN_ITEMS:
                 raise self.refuse(f"its IN list has more than {MAX_IN_ITEMS} values")
             sql, k = self.literal(in_list=True)
-            if not _compatible(kind, k):
-                raise self.refuse(f"IN compares {left} ({_KIND_WORDS[kind]}) with {sql} ({_KIND_WORDS[k]})")
+            if not _compatible(left[1], k):
+                raise self.refuse(f"IN compares {left[0]} ({_KIND_WORDS[left[1]]}) with {sql} ({_KIND_WORDS[k]})")
             items.append(sql)
             if self.tok.kind == "op" and self.tok.text == ",":
                 self.take()
                 continue
             self.expect("op", ")", ", or ) in the IN list")
-            return f"({left} {neg}IN ({', '.join(items)}))", "bool"
+            return f"{lsql} {neg}IN ({', '.join(items)})", "bool", _PRED
 
-    def _arith(self, ops: tuple[str, ...], sub):
-        sql, kind = sub()
+    def _arith(self, ops: tuple[str, ...], prec: int, sub):
+        e = sub()
         while self.tok.kind == "op" and self.tok.text in ops:
             op = self.take().text
             self.node()
-            right, rkind = sub()
-            self.need(kind, "num", sql, f"`{op}`")
-            self.need(rkind, "num", right, f"`{op}`")
-            sql, kind = f"({sql} {op} {right})", "num"
-        return sql, kind
+            right = sub()
+            self.need(e[1], "num", e[0], f"`{op}`")
+            self.need(right[1], "num", right[0], f"`{op}`")
+            # left-associative: a chain a + b + c needs no parentheses; a right operand of the same
+            # precedence does (a - (b - c))
+            e = f"{_wrap(e, prec)} {op} {_wrap(right, prec + 1)}", "num", prec
+        return e
 
     def value(self):
-        return self._arith(("+", "-"), self.term)
+        return self._arith(("+", "-"), _ADD, self.term)
 
     def term(self):
-        return self._arith(("*", "/"), self.unary)
+        return self._arith(("*", "/"), _MUL, self.unary)
 
     def unary(self):
         t = self.tok
         if t.kind == "op" and t.text == "-":
             self.take()
             self.node()
-            self.nest(1)
             if self.tok.kind == "number":
                 sql, kind = self.literal()
-                sql = sql[1:] if sql.startswith("-") else "-" + sql
-            else:
-                sql, kind = self.unary()
-                self.need(kind, "num", sql, "`-`")
-                sql = f"(- {sql})"
+                return "-" + sql, kind, _ATOM
+            self.nest(1)
+            e = self.unary()
             self.nest(-1)
-            return sql, kind
+            self.need(e[1], "num", e[0], "`-`")
+            return f"- {_wrap(e, _NEG)}", "num", _NEG  # the space: "--" would start a comment
         if t.kind == "op" and t.text == "(":
             self.take()
             self.nest(1)
-            sql, kind = self.or_()
+            e = self.or_()
             self.expect("op", ")", "a closing )")
             self.nest(-1)
-            return sql, kind
+            return e
         if t.kind == "column" or (t.kind == "name" and t.text.upper() not in ("TRUE", "FALSE", "NULL")):
-            return self.column()
-        return self.literal()
+            return (*self.column(), _ATOM)
+        return (*self.literal(), _ATOM)
 
     def column(self):
         t = self.take()
@@ -436,6 +466,8 @@ def parse_filter(text: str | Filter | None, schema: pa.Schema) -> Filter | None:
         raise _refuse(text, "it holds a NUL character")
     p = _Parser(text, schema)
     sql = p.parse()
+    if _paren_depth(sql) > MAX_DEPTH:  # LanceDB's SQL parser takes exponential time in nesting
+        raise _refuse(text, f"it nests more than {MAX_DEPTH} levels deep")
     return Filter(text=text, sql=sql, columns=tuple(dict.fromkeys(p.columns)))
 
 

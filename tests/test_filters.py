@@ -18,19 +18,23 @@ SCHEMA = pa.schema([("id", pa.string()), ("image", pa.string()), ("label", pa.st
 
 
 @pytest.mark.parametrize("text, sql", [
-    ("split = 'test' AND loss > 1", "((`split` = 'test') AND (`loss` > 1))"),
-    ("label IN ('a', 'it''s')", "(`label` IN ('a', 'it''s'))"),
-    ("label not in ('a')", "(`label` NOT IN ('a'))"),
-    ("NOT blue_circles OR blue_circles IS NULL", "((NOT `blue_circles`) OR (`blue_circles` IS NULL))"),
-    ("loss BETWEEN 0.5 AND 2e0", "(`loss` BETWEEN 0.5 AND 2.0)"),
-    ("loss NOT BETWEEN -1 AND 1", "(`loss` NOT BETWEEN -1 AND 1)"),
-    ("id LIKE 's0%' AND id NOT LIKE '%9'", "((`id` LIKE 's0%') AND (`id` NOT LIKE '%9'))"),
-    ("`odd name` <> 3", "(`odd name` != 3)"),
-    ('"split" = \'x;y\'', "(`split` = 'x;y')"),
-    ("loss * 2 > predicted_loss + 0.1", "((`loss` * 2) > (`predicted_loss` + 0.1))"),
-    ("blue_circles IS NOT TRUE", "(`blue_circles` IS NOT TRUE)"),
+    ("split = 'test' AND loss > 1", "`split` = 'test' AND `loss` > 1"),
+    ("label IN ('a', 'it''s')", "`label` IN ('a', 'it''s')"),
+    ("label not in ('a')", "`label` NOT IN ('a')"),
+    ("NOT blue_circles OR blue_circles IS NULL", "NOT `blue_circles` OR `blue_circles` IS NULL"),
+    ("loss BETWEEN 0.5 AND 2e0", "`loss` BETWEEN 0.5 AND 2.0"),
+    ("loss NOT BETWEEN -1 AND 1", "`loss` NOT BETWEEN -1 AND 1"),
+    ("id LIKE 's0%' AND id NOT LIKE '%9'", "`id` LIKE 's0%' AND `id` NOT LIKE '%9'"),
+    ("`odd name` <> 3", "`odd name` != 3"),
+    ('"split" = \'x;y\'', "`split` = 'x;y'"),
+    ("loss * 2 > predicted_loss + 0.1", "`loss` * 2 > `predicted_loss` + 0.1"),
+    ("loss - (predicted_loss - 1) * -2 > - -1", "`loss` - (`predicted_loss` - 1) * -2 > - -1"),
+    ("NOT (label = 'a' OR NOT blue_circles)", "NOT (`label` = 'a' OR NOT `blue_circles`)"),
+    ("(NOT blue_circles) = TRUE", "(NOT `blue_circles`) = TRUE"),
+    ("blue_circles IS NOT TRUE", "`blue_circles` IS NOT TRUE"),
     ("(label = 'a' OR label = 'b') AND split != 'train'",
-     "(((`label` = 'a') OR (`label` = 'b')) AND (`split` != 'train'))"),
+     "(`label` = 'a' OR `label` = 'b') AND `split` != 'train'"),
+    ("((((loss > 1))))", "`loss` > 1"),
     ("   ", None),
 ])
 def test_accepted_filters_become_canonical_sql(text, sql):
@@ -61,6 +65,7 @@ def test_accepted_filters_become_canonical_sql(text, sql):
     ("loss > 99999999999999999999", "larger than a 64-bit integer"),
     ("(" * (F.MAX_DEPTH + 1) + "loss > 1" + ")" * (F.MAX_DEPTH + 1), f"nests more than {F.MAX_DEPTH}"),
     ("NOT " * (F.MAX_DEPTH + 1) + "blue_circles", f"nests more than {F.MAX_DEPTH}"),
+    ("NOT (" * F.MAX_DEPTH + "blue_circles" + ")" * F.MAX_DEPTH, f"nests more than {F.MAX_DEPTH}"),
     (" OR ".join(["loss > 1"] * (F.MAX_NODES // 2)), f"more than {F.MAX_NODES} operations"),
     ("id IN (" + ", ".join(f"'s{i}'" for i in range(F.MAX_IN_ITEMS + 1)) + ")", f"more than {F.MAX_IN_ITEMS} values"),
     ("id = '" + "x" * (F.MAX_STRING_CHARS + 1) + "'", "characters long"),
@@ -102,6 +107,11 @@ def test_a_checked_filter_runs_on_lancedb_as_written(tmp_path):
     assert ids("`odd name` >= 4 OR loss IS NULL") == ["e\nf", "g"]
     assert ids("blue_circles AND loss > 1") == ["c'd"]
     assert ids("id LIKE 'c%'") == ["c'd"]
+    # precedence survives the re-emitted SQL (which parenthesises only where needed)
+    assert ids("NOT (loss > 1 OR id = 'g')") == ["a"]
+    assert ids("(id = 'a' OR id = 'g') AND loss < 1") == ["g"]
+    assert ids("loss - (1 - loss) > 4") == ["c'd"]
+    assert ids("NOT blue_circles AND loss > 0") == ["b\\", "g"]
     assert len(F.matching_row_ids(ds, parse_filter("loss BETWEEN 0.5 AND 2", t.schema))) == 3
     with pytest.raises(UserError, match="took more than 0 s"):
         F.matching_row_ids(ds, parse_filter("loss > 0", t.schema), seconds=0)
