@@ -7,10 +7,12 @@ operations are named API endpoints (``/search``, ``/similar``, ``/explain``, ``/
 ``gradio_client``; see docs/UI.md.
 
 Safe by default: it listens on 127.0.0.1, can require a login, hands out exactly the indexed image
-files through Gradio's file route (:class:`ServedFiles`, an allow-list of their resolved paths, checked
-by :class:`FileRouteGuard` in front of Gradio's route; every path a handler returns is checked as well,
-see :mod:`search_ui.ui.context`), never the database folder, and queues events so a slow query does
-not block other users or the page.
+files through Gradio's file route (:class:`ServedFiles`, an allow-list of the real paths recorded at
+index time, each file checked to still be the one indexed, enforced by :class:`FileRouteGuard` in
+front of Gradio's route; every path a handler returns is checked as well, see
+:mod:`search_ui.ui.context`), never the database folder, refuses cross-site requests that would
+change state (:mod:`search_ui.serving`), and queues events so a slow query does not block other
+users or the page.
 """
 
 from __future__ import annotations
