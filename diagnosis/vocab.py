@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 GENERIC_FILE = Path(__file__).with_name("data") / "generic_concepts.txt"
 DATASET_VOCAB = "vocab.txt"
 OBJECTS = "objects"
+#: Phrases a vocabulary file may hold. Naming failure modes costs about 6 s per 1,000 phrases on two
+#: shared CPU cores with the tiny CLIP (1,000: 5.6 s, 5,000: 30 s, 20,000: 116 s; BENCHMARKS.md
+#: "issue 25"), so 20,000 phrases take about two minutes and 200,000 would take twenty: refused.
+MAX_VOCAB_PHRASES = 20_000
 
 
 def read_vocab_file(path: str | os.PathLike) -> list[str]:
@@ -48,6 +52,12 @@ def read_vocab_file(path: str | os.PathLike) -> list[str]:
     phrases = [s for s in phrases if s and not s.startswith("#")]
     if not phrases:
         raise UserError(f"vocabulary file {p} holds no phrases; write one description per line.")
+    if len(phrases) > MAX_VOCAB_PHRASES:
+        raise UserError(f"vocabulary file {p} holds {len(phrases):,} phrases, more than the {MAX_VOCAB_PHRASES:,} "
+                        "explain accepts (about 6 s per 1,000 on a CPU); keep the descriptions you care about.")
+    if len(phrases) >= 1000:
+        log.info("naming failure modes with %d phrases of %s: about %d s on two CPU cores", len(phrases), p,
+                 round(6 * len(phrases) / 1000))
     return phrases
 
 

@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 from indexer import schema as S
 from indexer.clip import ClipSpec, clip_spec_from_args, load_clip, resolve_clip, resolve_device
 from indexer.errors import UserError
+from indexer.identity import identity_columns
 from indexer.images import ShapeMismatch, image_batches, max_pixels
 from indexer.integrity import atomic_write, write_error
 from indexer.losses import ModelLoss, Rejects, RowLosses, losses_from_column, losses_from_predictions
@@ -160,14 +161,19 @@ def _batch_table(manifest: Manifest, schema: pa.Schema, rows: np.ndarray, emb: n
 
 def rows_table(part: pa.Table, schema: pa.Schema, emb: np.ndarray, loss: np.ndarray) -> pa.Table:
     """Manifest rows ``part`` (b rows, the manifest's columns) with their (b, d) float32 embeddings
-    and (b,) losses, in the table's ``schema``. Shared with the distributed engine's writers."""
+    and (b,) losses, in the table's ``schema``. Shared with the distributed engine's writers.
+    The identity of each image file (:mod:`indexer.identity`) is read here, as it is written."""
     n, d = emb.shape
     cols = []
+    # never taken from the manifest: what identifies a file is read from the file itself
+    ident = identity_columns(part.column(S.IMAGE).to_pylist()) if S.IMAGE_SHA256 in schema.names else {}
     for f in schema:
         if f.name == S.EMBEDDING:
             cols.append(pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), d))
         elif f.name == S.LOSS:  # NaN: an unlabeled row, stored without a loss
             cols.append(pa.array(np.asarray(loss, dtype=np.float32), pa.float32(), from_pandas=True))
+        elif f.name in ident:
+            cols.append(ident[f.name])
         elif f.name in part.column_names:
             cols.append(part.column(f.name).cast(f.type))
         else:

@@ -73,7 +73,7 @@ def build(path: Path, n: int) -> None:
             S.LOSS: pa.array(loss.astype(np.float32)),
             S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), D),
             S.PREDICTED_LOSS: pa.nulls(m, pa.float32()),
-            S.PREDICTED_LOSS_STD: pa.nulls(m, pa.float32()),
+            S.PREDICTED_LOSS_STD: pa.nulls(m, pa.float32()), **S.no_identity(m),
         }, schema=schema))
     db.cleanup()
     np.save(path / "clean_loss.npy", clean_all)

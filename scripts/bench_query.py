@@ -76,7 +76,7 @@ def make_db(path: Path, spec: ClipSpec, dim: int, n: int, seed: int = 0) -> Data
             S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
             S.PREDICTED_LOSS: pa.array((loss + rng.normal(0, 0.1, m)).clip(0).astype(np.float32)),
             S.PREDICTED_LOSS_STD: pa.array(np.full(m, 0.1, np.float32)),
-            "color": [COLORS[j % 5] for j in c],
+            "color": [COLORS[j % 5] for j in c], **S.no_identity(m),
         }, schema=schema))
     db.update_meta(clip=spec.identity(), clip_spec=spec.to_dict(), data_version=db.version, embed_dim=dim)
     return db
@@ -171,6 +171,7 @@ def bench_model(name: str, spec: ClipSpec, rows: int, queries: int, root: Path) 
     from indexer import ann
     from indexer.clip import load_clip
     from search_ui.engine import TEXT_CACHE, QueryEngine, neighbourhood_nprobe
+    from search_ui.filters import parse_filter
     from search_ui.ranking import default_candidates, neighbourhood_size
 
     dim = load_clip(spec, "cpu").embed_dim
@@ -269,7 +270,7 @@ def bench_model(name: str, spec: ClipSpec, rows: int, queries: int, root: Path) 
     us = np.stack([engine.encode_text([p])[0] for p in phrases[3:]])  # as the engine encodes them
     probes = {"none": probe_study(index, xpos, pred, spread, us)}
     with engine._mask_lock:
-        mask = cache.where_mask("split = 'test'").copy()
+        mask = cache.where_mask(parse_filter("split = 'test'", engine.db.table.schema)).copy()
     probes["split = 'test'"] = probe_study(index, xpos, pred, spread, us, mask)
     # The engine itself against the exact neighbourhood's ranking (unfiltered): its own top 10.
     least = default_candidates(10)

@@ -103,7 +103,7 @@ def bench_faiss(n: int, d: int, work: Path) -> dict:
             S.ID: ids[s : s + m], S.IMAGE: ["/x.png"] * m, S.LABEL: pa.nulls(m, pa.string()),
             S.SPLIT: pa.nulls(m, pa.string()), S.LOSS: pa.array(np.zeros(m, np.float32)),
             S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x[s : s + m].reshape(-1)), d),
-            S.PREDICTED_LOSS: pa.nulls(m, pa.float32()), S.PREDICTED_LOSS_STD: pa.nulls(m, pa.float32())},
+            S.PREDICTED_LOSS: pa.nulls(m, pa.float32()), S.PREDICTED_LOSS_STD: pa.nulls(m, pa.float32()), **S.no_identity(m)},
             schema=schema))
     db.update_meta(clip={"model": "synthetic"}, data_version=db.version, embed_dim=d)
 

@@ -21,7 +21,13 @@ a private folder among them, as a careless user would leave them). Counted per c
 ``--http`` starts ``llm2loss serve`` on a free port over the same world and asks the file route for
 files that are not indexed images (the manifest beside the images, a secret, a private key, the
 database's own files, traversal and symlinks) and uploads an unreadable image to the similar-image
-endpoint. Counted: files served that are not indexed images (goal 0) and the upload's answer.
+endpoint. Counted: files served that are not indexed images (goal 0) and the upload's answer. Then
+(issue 25, :func:`http_issue25`) a second ``serve`` over a copy whose rows include files swapped
+after indexing, odd ids and a newline in a file name: hostile filters on every route that takes
+one, the swapped files on the image route, the file route and the export zip, cross-site
+preflights and state changes, wrong JSON types, odd selection names and ids, the page's gallery,
+then SIGTERM. Counted: process crashes, tracebacks, silent wrong results (an answer other than the
+documented one), files served that are not indexed images, rows lost, temporary folders left.
 
 Cases are tagged with the part of issue 14 they come from and the branch that fixes them (``input``:
 hostile input; ``sec``: the serve allow-list, locks, export safety, pickles, NA ids); ``baseline``
@@ -429,7 +435,88 @@ def cases() -> list[Case]:
           setup=_two_index_setup, check=_check_once),
         C("two diagnose runs at once", "data loss", "sec", ["diagnose", "--db", db, "--members", "2", "--folds", "2"],
           expect="safe", runs=2, check=_check_readers),
+        # ---- issue 25: filters are a language; a swapped file is never handed out; names, vocab ----
+        *[C(f"--where {what}", "issue 25", "sec25", ["search", "a circle", "--db", db, "--where", where], words=[words])
+          for what, where, words in HOSTILE_FILTERS],
+        C("select add --query --where repeat(...)", "issue 25", "sec25",
+          ["select", "add", "x", "--db", db, "--query", "a circle", "--where", "repeat(id, 100000000) = 'x'"],
+          words=["calls the function repeat"]),
+        C("export --query --where regexp_match(...)", "issue 25", "sec25",
+          ["export", "--db", db, "--query", "a circle", "--out", "{d}/o.csv", "--where", "regexp_match(id, 'a') IS NULL"],
+          words=["calls the function regexp_match"]),
+        C("similar --where a cast", "issue 25", "sec25",
+          ["similar", "s00001", "--db", db, "--where", "CAST(loss AS VARCHAR) = '1'"], words=["calls the function CAST"]),
+        C("select add ' lead'", "issue 25", "sec25", ["select", "add", " lead", "--db", db, "--query", "a circle"],
+          words=["is not valid"]),
+        C("select add 'lead\\n'", "issue 25", "sec25", ["select", "add", "lead\n", "--db", db, "--query", "a circle"],
+          words=["is not valid"]),
+        C("explain --vocab 200,000 lines", "issue 25", "sec25", ["explain", "--db", db, "--vocab", "{d}/big_vocab.txt"],
+          setup=lambda w, d: (d / "big_vocab.txt").write_text("\n".join(f"a thing number {i}" for i in range(200_000))),
+          words=["more than the 20,000"]),
+        *[C(f"export folder{' --copy' if copy else ''}: {kind}", "issue 25", "sec25",
+            ["export", "--db", db, "--ids", "{d}/ids.txt", "--format", "folder", "--out", "{d}/out", *(["--copy"] if copy else [])],
+            setup=_swapped(kind), words=["no longer the file that was indexed"], check=_check_nothing_exported)
+          for kind in ("symlink re-pointed to secret.txt", "text file renamed .png", "same size and time, other bytes")
+          for copy in (False, True)],
     ]
+
+
+#: (what, filter, words of the refusal): payloads of the class of `repeat(id, 100000000)` (issue 25).
+HOSTILE_FILTERS = [
+    ("repeat(id, 100000000)", "repeat(id, 100000000) = 'x'", "calls the function repeat"),
+    ("regexp_like, catastrophic pattern", "regexp_like(id, '(a|a)*b')", "calls the function regexp_like"),
+    ("lpad to 1e9", "lpad(id, 1000000000, 'x') = 'x'", "calls the function lpad"),
+    ("a subquery", "id IN (SELECT id FROM samples)", "expected a value"),
+    ("a second statement", "split = 'test'; DELETE FROM samples", "a `;`"),
+    ("a comment", "loss > 1 -- and the rest", "is refused"),
+    ("nesting 500 deep", "(" * 500 + "loss > 1" + ")" * 500, "nests more than"),
+    ("NOT 500 times", "NOT " * 500 + "loss > 1", "nests more than"),
+    ("an IN list of 1,500", "loss IN (" + ",".join(str(i) for i in range(1500)) + ")", "more than 1000 values"),
+    ("a LIKE of 300 wildcards", "id LIKE '" + "%_" * 150 + "'", "LIKE pattern"),
+    ("a 100 kB string", "id = '" + "x" * 100_000 + "'", "characters long"),
+    ("a number of 400 digits", "loss > 1" + "0" * 400, "digits long"),
+    ("CASE", "CASE WHEN loss > 1 THEN true ELSE false END", "CASE is SQL outside"),
+    ("the vector column", "embedding IS NOT NULL", "holds vectors"),
+]
+
+
+def _swapped(kind: str):
+    """setup: the case's database gets a row whose image (a file of the case's own, indexed as
+    `index` records it) is swapped afterwards: a symlink re-pointed at secret.txt, a text file
+    renamed over it, or other bytes of the same size and time."""
+    def setup(w, d):
+        from indexer import schema as S
+        from indexer.identity import identity_columns
+        from indexer.store import Database
+
+        db = Database(d / "db")
+        src = Path(db.read([S.IMAGE], where="id = 's00005'").column(0)[0].as_py())
+        img = d / "mine.png"
+        if kind.startswith("symlink"):
+            os.symlink(src, img)
+        else:
+            shutil.copy2(src, img)
+        ident = {k: v[0].as_py() for k, v in identity_columns([str(img)]).items()}
+        db.table.update(where="id = 's00005'", values={S.IMAGE: str(img), **ident})
+        if kind.startswith("symlink"):
+            img.unlink()
+            os.symlink(w["world"] / "secret.txt", img)
+        elif kind.startswith("text"):
+            (d / "notes.png").write_text("a text file, not a PNG\n")
+            os.replace(d / "notes.png", img)
+        else:
+            st = img.stat()
+            img.write_bytes(b"x" * st.st_size)
+            os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+        (d / "ids.txt").write_text("s00004\ns00005\n")
+    return setup
+
+
+def _check_nothing_exported(w, d, procs):
+    out = d / "out"
+    if out.exists() and any(p.is_file() for p in out.rglob("*")):
+        return "an export was left behind"
+    return None
 
 
 def _check_folder_export(n: int):
@@ -1008,6 +1095,145 @@ def http_probes(w: dict) -> dict:
             serve.kill()
 
 
+def http_issue25(w: dict) -> dict:
+    """Issue 25 over HTTP: hostile filters, swapped files, cross-site requests, strict types, odd
+    names and ids, against a `serve` of a copy of the world whose rows include swapped files, odd
+    ids and an image whose file name holds a newline; then SIGTERM and its temporary folder."""
+    import httpx
+    import pyarrow as pa
+
+    from indexer import schema as S
+    from indexer.identity import identity_columns
+    from indexer.store import Database
+    from search_ui.selections import Selections
+
+    home = w["base"] / "http25"
+    home.mkdir()
+    shutil.copytree(w["db"], home / "db")
+    db = Database(home / "db")
+    odd = db.read(where="id IN ('s00008', 's00009', 's00010')")
+    newline = home / "new\nline.png"
+    shutil.copy2(odd.column(S.IMAGE)[2].as_py(), newline)
+    images = odd.column(S.IMAGE).to_pylist()[:2] + [str(newline)]
+    odd = odd.set_column(odd.column_names.index(S.ID), S.ID, pa.array(["x/image", "line\nbreak", "newline-file"]))
+    odd = odd.set_column(odd.column_names.index(S.IMAGE), S.IMAGE, pa.array(images))
+    for name, values in identity_columns(images).items():
+        odd = odd.set_column(odd.column_names.index(name), name, values)
+    db.append(odd)
+    db.update_meta(data_version=db.version)
+    swaps = {}
+    for sid, kind in (("s00005", "symlink"), ("s00006", "text"), ("s00007", "bytes")):
+        src = Path(db.read([S.IMAGE], where=f"id = '{sid}'").column(0)[0].as_py())
+        img = home / f"{sid}.png"
+        os.symlink(src, img) if kind == "symlink" else shutil.copy2(src, img)
+        ident = {k: v[0].as_py() for k, v in identity_columns([str(img)]).items()}
+        db.table.update(where=f"id = '{sid}'", values={S.IMAGE: str(img), **ident})
+        swaps[sid] = (kind, img)
+    Selections(db).add("keep", ["s00001", "s00002"])
+    before = sorted(db.read([S.ID]).column(0).to_pylist())
+    tmp = home / "tmp"
+    tmp.mkdir()
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
+    serve = subprocess.Popen([sys.executable, "-m", "search_ui.cli", "serve", "--db", str(db.path), "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api/v1"
+    wrong, served_bad, crashed = [], [], []
+
+    def expect(what: str, got: int, want) -> None:
+        if got not in (want if isinstance(want, tuple) else (want,)):
+            wrong.append(f"{what}: HTTP {got}, expected {want}")
+        if serve.poll() is not None:
+            crashed.append(what)
+
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if serve.poll() is not None:
+                return {"error": "serve exited: " + serve.stdout.read()[-500:]}
+            time.sleep(0.5)
+        for kind, img in swaps.values():  # the swaps, after indexing and while serving
+            if kind == "symlink":
+                img.unlink()
+                os.symlink(w["world"] / "secret.txt", img)
+            elif kind == "text":
+                (home / "notes.png").write_text("a text file, not a PNG\n")
+                os.replace(home / "notes.png", img)
+            else:
+                st = img.stat()
+                img.write_bytes(b"x" * st.st_size)
+                os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+        c = httpx.Client(timeout=120)
+        for what, where, _ in HOSTILE_FILTERS:
+            for route, body in (("search", {"text": "a circle"}), ("similar", {"id": "s00001"}),
+                                ("export", {"query": "a circle"})):
+                r = c.post(f"{api}/{route}", json={**body, "where": where})
+                expect(f"{route} where {what}", r.status_code, 400)
+        for sid, (kind, img) in swaps.items():
+            r = c.get(f"{api}/samples/{sid}/image")
+            expect(f"image route, {kind}", r.status_code, 403)
+            if r.status_code == 200:
+                served_bad.append(f"/api/v1/samples/{sid}/image ({kind})")
+            r = c.get(f"{url}/gradio_api/file={img}")
+            expect(f"file route, {kind}", r.status_code, 403)
+            if r.status_code == 200:
+                served_bad.append(f"/gradio_api/file={img} ({kind})")
+            r = c.post(f"{api}/export", json={"ids": ["s00004", sid], "format": "folder"})
+            expect(f"export zip, {kind}", r.status_code, 400)
+            if r.status_code == 200:
+                served_bad.append(f"export zip with {sid} ({kind})")
+        evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+        r = c.options(f"{api}/selections/keep", headers={**evil, "Access-Control-Request-Method": "DELETE"})
+        expect("preflight from another origin", 403 if "access-control-allow-origin" not in r.headers else 200, 403)
+        expect("cross-site DELETE", c.delete(f"{api}/selections/keep", headers=evil).status_code, 403)
+        expect("cross-site POST add", c.post(f"{api}/selections/keep/add", json={"ids": ["s00003"]},
+                                             headers=evil).status_code, 403)
+        expect("cross-site Gradio event", c.post(f"{url}/gradio_api/call/add_to_selection",
+                                                 json={"data": ["keep", ["s00003"]]}, headers=evil).status_code, 403)
+        expect("another Host (DNS rebinding)", c.get(f"{api}/health", headers={"Host": "rebound.example"}).status_code, 403)
+        if Selections(db).all().get("keep") != ["s00001", "s00002"]:
+            wrong.append("a cross-site request changed the selection")
+        for body in ({"text": "x", "k": "10"}, {"text": "x", "k": True}, {"text": "x", "weight": "0.5"}):
+            expect(f"search {body}", c.post(f"{api}/search", json=body).status_code, 422)
+        for name in ("%20lead", "lead%20", "lead%0A"):
+            expect(f"selection name {name}", c.post(f"{api}/selections/{name}/add", json={"ids": ["s00001"]}).status_code,
+                   (400, 404))
+        for sid in ("x/image", "line\nbreak", "newline-file"):
+            from urllib.parse import quote
+
+            r = c.get(f"{api}/samples/{quote(sid, safe='')}")
+            expect(f"id {sid!r}", r.status_code if r.status_code != 200 or r.json().get("id") == sid else 500, 200)
+            expect(f"image of id {sid!r}", c.get(f"{api}/samples/{quote(sid, safe='')}/image").status_code, 200)
+        try:
+            import gradio_client
+
+            gal, _ = gradio_client.Client(url, verbose=False).predict(None, "s00001", 80, 0.0, api_name="/similar_image")
+            if newline.read_bytes() not in [Path(g["image"]).read_bytes() for g in gal]:
+                wrong.append("the image whose file name holds a newline is not in the page's gallery")
+        except ImportError:
+            pass
+        except Exception as e:  # the page's answer
+            wrong.append(f"the page's gallery failed ({type(e).__name__}: {str(e)[:120]})")
+        alive = serve.poll() is None
+    finally:
+        serve.terminate()  # SIGTERM
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    log = serve.stdout.read()
+    after = sorted(Database(home / "db").read([S.ID]).column(0).to_pylist())
+    left = [p.name for p in tmp.glob("llm2loss-ui-*")]
+    return {"process_crashes": 0 if alive and not crashed else 1, "crashed_at": crashed[:3],
+            "tracebacks": log.count("Traceback"), "silent_wrong_results": len(wrong), "wrong": wrong,
+            "files_served_not_indexed_images": len(served_bad), "served": served_bad,
+            "rows_lost": len(set(before) - set(after)), "temp_folders_left_after_sigterm": left}
+
+
 def _upload_probe(url: str, path: Path) -> dict:
     try:
         import gradio_client
@@ -1046,6 +1272,8 @@ def main(argv=None) -> int:
             results = list(pool.map(lambda ic: run_case(ic[0], ic[1], w, work), enumerate(todo)))
         http = http_probes(w) if args.http else None
         http_int = integrity_http_probes(w, base) if args.http else None
+        if http is not None:
+            http["issue25"] = http_issue25(w)
     finally:
         umount_all()
         if args.keep:
@@ -1083,6 +1311,11 @@ def main(argv=None) -> int:
     summary["integrity"] = integrity_summary(results)
     if http_int is not None:
         summary["integrity"]["http"] = http_int
+    if http is not None:
+        i25 = http.get("issue25") or {}
+        summary["http_issue25"] = {k: i25.get(k) for k in ("process_crashes", "tracebacks", "silent_wrong_results",
+                                                           "files_served_not_indexed_images", "rows_lost",
+                                                           "temp_folders_left_after_sigterm")}
     print(json.dumps(summary, indent=2))
     if http is not None:
         print(json.dumps(http, indent=2))

@@ -206,7 +206,7 @@ def step_ingest(db_path: Path, n: int, work: Path) -> dict:
                     pa.array(np.where(test[e], "test", "train")),
                     pa.array(loss[e]),
                     pa.FixedSizeListArray.from_arrays(pa.array(x[e].reshape(-1)), DIM),
-                    pa.nulls(m, pa.float32()), pa.nulls(m, pa.float32()),
+                    pa.nulls(m, pa.float32()), pa.nulls(m, pa.float32()), *S.no_identity(m).values(),
                     pa.array([world.phrases[j] for j in c[e]]),
                 ], schema=schema)
                 gen_s += time.perf_counter() - t

@@ -10,6 +10,7 @@ schema at ``/api/v1/openapi.json``, browsable at ``/api/v1/docs``):
 ``POST /api/v1/search``               rows about a sentence (the fields of ``llm2loss search``)
 ``POST /api/v1/similar``              similar hard examples of a stored id
 ``GET /api/v1/samples/{id}``          one sample's stored fields; ``.../image`` its image file
+                                      (the id percent-encoded: ``/`` as ``%2F``)
 ``GET /api/v1/explain?top=N``         failure modes in words (cached until the table changes)
 ``GET /api/v1/selections``            every selection and its size
 ``GET /api/v1/selections/{name}``     a selection's ids
@@ -35,6 +36,8 @@ import base64
 import binascii
 import inspect
 import logging
+import mimetypes
+import os
 import re
 import secrets
 import shutil
@@ -44,6 +47,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
@@ -51,11 +55,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from indexer import schema as S
 from indexer.errors import Unavailable, UserError
 from indexer.integrity import storage_error, write_error
+from search_ui.filters import FILTER_HELP
 from search_ui.ui.context import AppContext, public_mode
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,6 @@ MAX_K = 1000
 MAX_CANDIDATES = 20_000
 MAX_TEXT_CHARS = 1000
 MAX_PHRASES = 32
-MAX_WHERE_CHARS = 4000
 MAX_IDS = 100_000
 MAX_TOP = 100
 MAX_BUDGET = 100_000
@@ -77,16 +82,21 @@ class NotFound(UserError):
     """An unknown sample id or selection name (HTTP 404)."""
 
 
+class Forbidden(UserError):
+    """A file that may not be handed out: an indexed image changed since it was indexed (HTTP 403)."""
+
+
 # ---- request bodies (pydantic: types only; bounds are checked below with the CLI's sentences) --
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "k": "10" or "k": true is a wrong type (422), not quietly 10 or 1; an integer is still a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SearchRequest(_Body):
     text: str = Field(description="what to look for, e.g. 'a blue circle' (taken literally)")
     k: int = Field(10, description=f"results, 1..{MAX_K}")
     weight: float | None = Field(None, description="0 = by similarity only, 1 = by predicted failure only (default 0.5)")
-    where: str | None = Field(None, description="LanceDB SQL filter, e.g. \"split = 'test' AND loss > 1\"")
+    where: str | None = Field(None, description=FILTER_HELP)
     negatives: list[str] = Field([], description="phrases to move away from; 'TEXT:W' sets a weight (default 0.5)")
     also: list[str] = Field([], description="more phrases to look for; 'TEXT:W' sets a weight (default 1)")
     image: str | None = Field(None, description="a stored sample id to combine with the text")
@@ -99,7 +109,7 @@ class SimilarRequest(_Body):
     id: str = Field(description="a stored sample id (as returned by a search)")
     k: int = Field(10, description=f"results, 1..{MAX_K}")
     weight: float | None = Field(None, description="0 = by similarity only, 1 = by predicted failure only (default 0.5)")
-    where: str | None = Field(None, description="LanceDB SQL filter")
+    where: str | None = Field(None, description=FILTER_HELP)
     candidates: int | None = Field(None, description="least pool the ranking picks from; its neighbourhood is 10x (default max(100, 10 k))")
     pool: bool = Field(False, description="only unlabeled rows (split = 'pool')")
 
@@ -115,7 +125,7 @@ class ExportRequest(_Body):
     mode: str | None = Field(None, description="a failure mode from explain: its number or description")
     format: Literal["csv", "parquet", "folder"] = Field("csv", description="folder: a zip of OUT/<label>/<image> + manifest.csv")
     k: int = Field(100, description="results for `query` / `mode`")
-    where: str | None = Field(None, description="a filter for `query`")
+    where: str | None = Field(None, description="a filter for `query`: " + FILTER_HELP)
     pool: bool = Field(False, description="with `query`: only unlabeled rows (split = 'pool')")
 
 
@@ -175,8 +185,7 @@ def _check_text(text: str | None, name: str) -> None:
 def _check_query(k: int, candidates: int | None, where: str | None) -> None:
     _bound(k, "k", MAX_K)
     _bound(candidates, "candidates", MAX_CANDIDATES)
-    if where is not None and len(where) > MAX_WHERE_CHARS:
-        raise UserError(f"the filter `where` is {len(where)} characters long; send at most {MAX_WHERE_CHARS}.")
+    # `where` is bounded and checked by the filter language (search_ui.filters) inside the engine.
 
 
 # ---- the middleware: body size and login ------------------------------------------------------
@@ -243,6 +252,29 @@ class ApiGuard:
 
 
 # ---- the routes -------------------------------------------------------------------------------
+class _AnyPath(PathConvertor):
+    """``{x:anypath}``: like ``path``, newlines included (a stored id may hold one)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anypath", _AnyPath())
+
+
+def _sample_path(request: Request) -> tuple[str, bool]:
+    """(the sample id, whether its image is asked for) from ``.../samples/ID[/image]``, read from the
+    undecoded path: an id's own ``/`` arrives as ``%2F``, so only a literal ``/image`` names the image."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    raw = raw.split(b"?", 1)[0]
+    rest = raw[raw.index(b"/samples/") + len(b"/samples/"):]
+    image = rest.endswith(b"/image")
+    try:
+        return unquote((rest[:-len(b"/image")] if image else rest).decode("latin-1"), errors="strict"), image
+    except UnicodeDecodeError:
+        raise UserError("the sample id in the path is not percent-encoded UTF-8; encode it with "
+                        "urllib.parse.quote(id, safe='').") from None
+
+
 def _router(ctx: AppContext) -> APIRouter:
     from search_ui.app import CONCURRENCY
 
@@ -294,20 +326,35 @@ def _router(ctx: AppContext) -> APIRouter:
             raise NotFound(f"no sample has the id '{sample_id}' in {ctx.db.path}; pass an id as returned by a search.")
         return rows[0]
 
-    @r.get("/samples/{sample_id:path}/image", summary="A sample's image file", response_class=FileResponse)
-    def sample_image(sample_id: str):
-        """The indexed image of a stored sample (only files the table indexes, under its image folders)."""
-        rec = _sample(sample_id)
-        path = ctx.guard.check(rec.get(S.IMAGE))
-        if path is None:
-            raise NotFound(f"the image of sample '{sample_id}' cannot be served (missing, or outside the "
-                           "dataset's folders); restore the file or re-index it.")
-        return FileResponse(path)
+    def _sample_image(sample_id: str):
+        image = _sample(sample_id).get(S.IMAGE)
+        got = ctx.files.read(image) if ctx.guard.check(image) is not None else None
+        if got is None and (not image or not os.path.lexists(image)):
+            raise NotFound(f"the image file of sample '{sample_id}' is missing; restore the file or re-index it.")
+        if got is None:
+            raise Forbidden(f"the image file of sample '{sample_id}' is no longer the file that was indexed "
+                            "(replaced, modified or re-linked since), so it is not served; restore it or re-index.")
+        real, data = got
+        media = mimetypes.guess_type(real)[0] or "application/octet-stream"
+        return Response(data, media_type=media)
 
-    @r.get("/samples/{sample_id:path}", summary="One sample's stored fields")
-    def sample(sample_id: str) -> Response:
-        """id, image, label, split, loss, predicted_loss, predicted_loss_std and the metadata columns."""
-        return _json(_sample(sample_id))
+    # Both routes read the id from the undecoded path (_sample_path), so whichever matches, "x%2Fimage"
+    # is the sample "x/image" and "x/image" the image of "x".
+    @r.get("/samples/{sample_id:anypath}/image", summary="A sample's image file", response_class=FileResponse)
+    def sample_image(sample_id: str, request: Request):
+        """The indexed image of a stored sample: only a file the table indexes, under its image folders,
+        and still the file indexed (size, time and SHA-256 recorded by `index`; else 403). The id is
+        percent-encoded (`quote(id, safe='')`: `/` as `%2F`, a newline as `%0A`)."""
+        sample_id, image = _sample_path(request)
+        return _sample_image(sample_id) if image else _json(_sample(sample_id))
+
+    @r.get("/samples/{sample_id:anypath}", summary="One sample's stored fields")
+    def sample(sample_id: str, request: Request) -> Response:
+        """id, image, label, split, loss, predicted_loss, predicted_loss_std and the metadata columns. The
+        id is percent-encoded (`quote(id, safe='')`): an id holding `/` sends it as `%2F`, a newline as
+        `%0A`; every stored id is reachable."""
+        sample_id, image = _sample_path(request)
+        return _sample_image(sample_id) if image else _json(_sample(sample_id))
 
     @r.get("/explain", summary="Failure modes named in words, worst first")
     def explain(top: int = 10) -> Response:
@@ -469,6 +516,10 @@ def build_api(ctx: AppContext, auth: tuple[str, str] | None = None) -> FastAPI:
     async def not_found(request: Request, e: NotFound):
         return _error(str(e), 404)
 
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, e: Forbidden):
+        return _error(str(e), 403)
+
     @app.exception_handler(UserError)
     async def refused(request: Request, e: UserError):
         return _error(str(e), 400)
@@ -523,6 +574,9 @@ class Server:
         self._server.should_exit = True
         self._thread.join(timeout=15)
         self._sock.close()
+        ctx = getattr(self.blocks, "llm2loss_context", None)
+        if ctx is not None:
+            ctx.close()  # its scratch folder in the system temp directory
 
     def block(self) -> None:
         try:
@@ -561,12 +615,18 @@ def start_server(blocks, launch: dict, startup_timeout: float = 60.0) -> Server:
     import uvicorn
 
     from search_ui.app import parse_auth
+    from search_ui.serving import is_loopback
 
     host = launch.get("server_name") or "127.0.0.1"
     sock = _bind(host, launch.get("server_port"))
     auth = launch.get("auth")
     auth = parse_auth(auth) if isinstance(auth, str) else auth
     api = build_api(blocks.llm2loss_context, auth=auth)
+    # Outermost: cross-site requests are refused before any route (the API's or Gradio's) runs, and
+    # Gradio's CORS answers (which approve any origin off localhost) never leave the server.
+    from search_ui.serving import CrossSiteGuard
+
+    api.add_middleware(CrossSiteGuard, **getattr(blocks, "llm2loss_cross_site", {"loopback": is_loopback(host)}))
     takes = set(inspect.signature(gr.mount_gradio_app).parameters) - {"app", "blocks", "path"}
     mount = {k: v for k, v in launch.items() if k in takes}
     mount.update(server_name=host, server_port=sock.getsockname()[1], auth=auth)

@@ -7,10 +7,12 @@ operations are named API endpoints (``/search``, ``/similar``, ``/explain``, ``/
 ``gradio_client``; see docs/UI.md.
 
 Safe by default: it listens on 127.0.0.1, can require a login, hands out exactly the indexed image
-files through Gradio's file route (:class:`ServedFiles`, an allow-list of their resolved paths, checked
-by :class:`FileRouteGuard` in front of Gradio's route; every path a handler returns is checked as well,
-see :mod:`search_ui.ui.context`), never the database folder, and queues events so a slow query does
-not block other users or the page.
+files through Gradio's file route (:class:`ServedFiles`, an allow-list of the real paths recorded at
+index time, each file checked to still be the one indexed, enforced by :class:`FileRouteGuard` in
+front of Gradio's route; every path a handler returns is checked as well, see
+:mod:`search_ui.ui.context`), never the database folder, refuses cross-site requests that would
+change state (:mod:`search_ui.serving`), and queues events so a slow query does not block other
+users or the page.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import threading
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
-from search_ui.ui.context import AppContext, public_mode, serving_dirs
+from search_ui.serving import CrossSiteGuard, is_loopback, parse_cors_origins
+from search_ui.ui.context import AppContext, ServedFiles, public_mode, serving_dirs
 from search_ui.ui.handlers import Handlers, friendly
 from search_ui.ui.modes import MODE_COLUMNS
 
@@ -84,8 +86,9 @@ def _search_tab(ui: Handlers, sel_dropdown_holder: list):
             weight = gr.Slider(0, 1, value=0.5, step=0.05,
                                label="Weight: 0 = most similar, 1 = most likely to fail")
         cols = [S.LABEL, S.SPLIT, S.LOSS, S.PREDICTED_LOSS] + ui.ctx.metadata_columns
-        where = gr.Textbox(label="Filter (SQL over metadata)", placeholder="split = 'test' AND loss > 1",
-                           info="columns: " + ", ".join(cols))
+        where = gr.Textbox(label="Filter", placeholder="split = 'test' AND loss > 1",
+                           info="= != < <= > >=, AND, OR, NOT, IN (...), LIKE, BETWEEN, IS NULL; strings in 'quotes'; "
+                                "no functions. Columns: " + ", ".join(cols))
         negatives = gr.Textbox(label="Negative phrases (one per line): move away from these", lines=2)
         pool_only = gr.Checkbox(False, label="Unlabeled pool only (split = 'pool': images worth labelling next)",
                                 elem_id="search-pool-only")
@@ -257,82 +260,6 @@ def _api(ui: Handlers) -> None:
         gr.api(fn, api_name=fn.__name__, concurrency_id="query" if fn in (search, similar) else None)
 
 
-class ServedFiles:
-    """The files ``serve`` hands out: exactly the indexed images, by their resolved (real) paths.
-
-    Gradio's ``allowed_paths`` admits whole folders, so a manifest, a key or a symlink to
-    ``/etc/passwd`` beside the images would be served; this allow-list admits a requested path only
-    when its real path (``..`` and symlinks resolved as the file route would open it) is the real
-    path of an image in the table, or lies in Gradio's own cache of copies it made for handlers'
-    outputs and uploads. It is rebuilt when the table's rows change (``data_version``).
-
-    Memory: one int64 hash per indexed image (8 MB per million rows); Python's string hash is
-    keyed per process, so a collision cannot be aimed at.
-    """
-
-    def __init__(self, db: Database):
-        self.db = db
-        self._lock = threading.Lock()
-        self._hashes: np.ndarray | None = None
-        self._version: int | None = None
-
-    @staticmethod
-    def _real_paths(paths: list[str]) -> list[str]:
-        """Real paths of ``paths``: one ``realpath`` per folder plus one per symlinked file (a
-        directory listing says which files are links without a stat per file)."""
-        out, dirs, links = [], {}, {}
-        for p in paths:
-            if not p:
-                continue
-            folder, name = os.path.split(p)
-            if folder not in dirs:
-                dirs[folder] = os.path.realpath(folder)
-                try:
-                    with os.scandir(folder) as it:
-                        links[folder] = {e.name for e in it if e.is_symlink()}
-                except OSError:
-                    links[folder] = None  # a missing folder: its files cannot be served anyway
-            if links[folder] is None:
-                continue
-            out.append(os.path.realpath(p) if name in links[folder] else os.path.join(dirs[folder], name))
-        return out
-
-    def _current(self) -> np.ndarray:
-        version = self.db.data_version
-        with self._lock:
-            if self._hashes is None or version != self._version:
-                hashes = []
-                for batch in self.db.iter_batches([S.IMAGE]):
-                    hashes.extend(hash(p) for p in self._real_paths(batch.column(S.IMAGE).to_pylist()))
-                self._hashes, self._version = np.unique(np.asarray(hashes, dtype=np.int64)), version
-            return self._hashes
-
-    def indexed(self, real: str) -> bool:
-        hashes = self._current()
-        i = int(np.searchsorted(hashes, hash(real)))
-        return i < len(hashes) and int(hashes[i]) == hash(real)
-
-    def check(self, requested: str) -> str | None:
-        """The real path ``requested`` opens when it may be served, else None. ``requested`` is a path
-        as Gradio's file route receives it (absolute, or relative to the working directory)."""
-        from gradio import utils as gr_utils
-
-        if not requested or "://" in requested or "\x00" in requested:
-            return None
-        # Gradio opens os.path.abspath(requested): ".." is removed by text first, then the OS
-        # resolves symlinks; realpath of that string is the file that would be sent.
-        real = os.path.realpath(os.path.abspath(requested))
-        if not os.path.isfile(real):
-            return None
-        if self.indexed(real):
-            return real
-        for created in (gr_utils.get_upload_folder(), gr_utils.get_cache_folder()):
-            folder = os.path.realpath(os.path.abspath(created))
-            if real.startswith(folder.rstrip(os.sep) + os.sep):
-                return real
-        return None
-
-
 def served_file(app: gr.Blocks, requested: str) -> str | None:
     """The real path of ``requested`` if the app ``app`` (from :func:`build_app`) may hand it out
     (an indexed image, or Gradio's own copy of a handler's output), else None; for any route."""
@@ -375,7 +302,7 @@ def build_app(db: str | os.PathLike | Database) -> gr.Blocks:
     # analytics off: the app must not phone home (and machines without network must not wait on it).
     with gr.Blocks(title="llm2loss", delete_cache=(3600, 86400), analytics_enabled=False) as app:
         app.llm2loss_context = ctx  # serve() reads the image folders from it
-        app.llm2loss_files = ServedFiles(ctx.db)  # what the file route may hand out
+        app.llm2loss_files = ctx.files  # what the file route may hand out
         app.llm2loss_handlers = ui
         # API endpoints first, so they own the plain names (/search, ...) and the page's private events
         # of the same function names get suffixed ones.
@@ -416,8 +343,9 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
 
 
 def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860,
-                  auth: str | None = None) -> dict:
-    """Arguments for ``app.launch``: the listening address, the login, and the file policy."""
+                  auth: str | None = None, cors_origins=()) -> dict:
+    """Arguments for ``app.launch``: the listening address, the login, the file policy and the
+    cross-site rules (:mod:`search_ui.serving`; ``cors_origins``: ``--cors-origin`` values)."""
     ctx: AppContext = app.llm2loss_context
     allowed = serving_dirs(ctx.db, ctx.guard)
     # The database folder holds losses and model files; it may sit inside an image root (the
@@ -428,21 +356,28 @@ def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 78
     # indexed images themselves.
     from starlette.middleware import Middleware
 
-    middleware = [Middleware(FileRouteGuard, files=app.llm2loss_files)]
+    cross_site = dict(origins=parse_cors_origins(cors_origins), loopback=is_loopback(host))
+    app.llm2loss_cross_site = cross_site  # start_server puts the guard outermost, in front of Gradio's CORS
+    middleware = [Middleware(FileRouteGuard, files=app.llm2loss_files), Middleware(CrossSiteGuard, **cross_site)]
     return dict(server_name=host, server_port=port, auth=parse_auth(auth), allowed_paths=allowed,
                 blocked_paths=blocked, show_error=True, max_threads=40, css=CSS, ssr_mode=False,
                 footer_links=["api"], quiet=True, app_kwargs={"middleware": middleware})
 
 
 def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int | None = 7860,
-          auth: str | None = None, block: bool = True):
+          auth: str | None = None, block: bool = True, cors_origins=()):
     """Build and launch the app with its JSON API (``/api/v1``, :mod:`search_ui.api`) on the same
-    port; with ``block`` (the CLI) it runs until interrupted. Returns the running
-    :class:`search_ui.api.Server` (``local_url``, ``close()``, and the Blocks' attributes)."""
+    port; with ``block`` (the CLI) it runs until interrupted. ``cors_origins``: web origins allowed
+    to call it from their pages (``--cors-origin``; none by default, :mod:`search_ui.serving`).
+    Returns the running :class:`search_ui.api.Server` (``local_url``, ``close()``, and the Blocks'
+    attributes)."""
     parse_auth(auth)  # refuse a malformed --auth before the slow part
+    parse_cors_origins(cors_origins)
+    if block:
+        _stop_on_sigterm()  # before anything is made that must be removed on the way out
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup probes, not news
     app = build_app(db)
-    kwargs = launch_kwargs(app, host, port, auth)
+    kwargs = launch_kwargs(app, host, port, auth, cors_origins)
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log.warning("listening on %s without --auth: anyone who can reach this port can use the app", host)
     from search_ui.api import start_server
@@ -453,3 +388,15 @@ def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int |
     if block:
         server.block()
     return server
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, systemd, docker stop) stops the server as Ctrl-C does, so that its temporary
+    folders are removed on the way out (Python's default for SIGTERM is to die on the spot)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)

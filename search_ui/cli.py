@@ -20,6 +20,10 @@ log = logging.getLogger("llm2loss")
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+#: --where's help: the filter language of search_ui.filters (not imported here: --help stays fast).
+WHERE_HELP = ("filter over the table's columns: = != < <= > >=, AND, OR, NOT, IN (...), LIKE, BETWEEN .. AND .., "
+              "IS [NOT] NULL, + - * /; strings in 'single quotes', odd column names in `backquotes`; no "
+              "function calls (README, Filters), e.g. \"split = 'test' AND loss > 1\"")
 
 
 def _print_json(obj) -> None:
@@ -246,7 +250,7 @@ def cmd_check(args) -> int:
 def cmd_serve(args) -> int:
     from search_ui.app import serve
 
-    serve(args.db, host=args.host, port=args.port, auth=args.auth)
+    serve(args.db, host=args.host, port=args.port, auth=args.auth, cors_origins=args.cors_origin)
     return 0
 
 
@@ -329,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def query_opts(sp):
         sp.add_argument("-k", type=int, default=10, help="results (default 10)")
-        sp.add_argument("--where", default=None, help="LanceDB SQL filter, e.g. \"split = 'test' AND loss > 1\"")
+        sp.add_argument("--where", default=None, help=WHERE_HELP)
         sp.add_argument("--weight", type=float, default=None,
                         help="0 = rank by similarity only, 1 = by predicted failure only (default 0.5)")
         sp.add_argument("--json", action="store_true", help="print one JSON list on stdout")
@@ -368,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: from --out's extension (.csv/.parquet; none: folder)")
     s.add_argument("--copy", action="store_true", help="copy images into a folder export (default: symlink)")
     s.add_argument("--force", action="store_true", help="replace an existing --out file")
-    s.add_argument("--where", default=None, help="LanceDB SQL filter for --query")
+    s.add_argument("--where", default=None, help="for --query: " + WHERE_HELP)
     s.add_argument("--pool", action="store_true", help="with --query: only unlabeled rows (split = 'pool')")
     s.set_defaults(func=cmd_export)
 
@@ -401,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", default=None, help="file of ids, one per line")
     s.add_argument("--query", default=None, help="add this search's results (with `add`)")
     s.add_argument("-k", type=int, default=100, help="results for --query (default 100)")
-    s.add_argument("--where", default=None, help="LanceDB SQL filter for --query")
+    s.add_argument("--where", default=None, help="for --query: " + WHERE_HELP)
     s.add_argument("--json", action="store_true", help="print `list` / `show` as JSON")
     s.set_defaults(func=cmd_select)
 
@@ -425,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require this login (the page's login form; HTTP Basic for /api/v1)")
+    s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of this origin (scheme://host[:port]) call the API from a browser (repeatable); "
+                        "by default no other origin is approved, and cross-site requests change nothing")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="build the offline world, index, diagnose and serve it")

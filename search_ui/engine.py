@@ -24,7 +24,10 @@ component alone ``u = c`` and ``sim`` is the plain cosine similarity.
 
 Filters
 -------
-``where`` is LanceDB SQL over any column. The neighbourhood is then made of *matching* rows, so k
+``where`` is a filter in the language of :mod:`search_ui.filters` (comparisons, AND / OR / NOT, IN,
+LIKE, BETWEEN, IS NULL over the table's columns; no functions), parsed and checked against the
+table's columns first; only the canonical SQL re-emitted from the parsed tree reaches LanceDB, and
+its evaluation is bounded in time. The neighbourhood is then made of *matching* rows, so k
 results come back whenever k rows match: LanceDB evaluates the filter to a set of rows (once per
 filter and table version) and FAISS searches among them with an id selector, probing as many IVF
 cells as an unfiltered search 2 N / (share of matching rows) deep (below), and every cell when that
@@ -73,6 +76,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -87,6 +91,7 @@ import pyarrow.compute as pc
 from indexer import schema as S
 from indexer.errors import UserError
 from indexer.store import Database
+from search_ui.filters import Filter, matching_row_ids, parse_filter
 from search_ui.ranking import (
     DEFAULT_WEIGHT,
     SearchResult,
@@ -191,23 +196,6 @@ def with_pool_only(where: str | None, pool_only: bool) -> str | None:
     return f"({where}) AND {pool}" if where else pool
 
 
-def check_where(where: str | None) -> str | None:
-    """``where`` as given (None when blank), refused when it holds a ``;`` outside quotes: a filter
-    is one SQL expression, and LanceDB would silently ignore whatever follows the first statement."""
-    if where is None or not str(where).strip():
-        return None
-    quote = None
-    for ch in str(where):
-        if quote:
-            quote = None if ch == quote else quote  # '' inside a string closes and reopens it: same result
-        elif ch in "'\"":
-            quote = ch
-        elif ch == ";":
-            raise UserError(f"--where {where!r} holds a `;`, but a filter is one expression, not statements; "
-                            "drop the `;` and what follows it (a `;` inside quotes, like label = 'a;b', is fine).")
-    return where
-
-
 def neighbourhood_nprobe(ann, least: int, rows: int, share: float = 1.0) -> int:
     """IVF cells to probe for a neighbourhood of ``rows`` rows whose least pool is ``least`` deep,
     among a ``share`` (0..1] of the index's rows (module doc, "Probing the neighbourhood"): as many
@@ -218,6 +206,11 @@ def neighbourhood_nprobe(ann, least: int, rows: int, share: float = 1.0) -> int:
     nlist, share = int(ann.info["nlist"]), max(float(share), 1e-12)
     hold = math.ceil(PROBE_FILL * rows * nlist / max(share * ann.ntotal, 1.0))
     return min(nlist, max(ann.nprobe_for(int(math.ceil(POOL_PROBE_DEPTH * least / share))), hold))
+
+
+def _row_columns(schema: pa.Schema) -> list[str]:
+    """The columns a query reads: all but the vector and the file identities (not results)."""
+    return [f.name for f in schema if f.name != S.EMBEDDING and f.name not in S.IDENTITY_COLUMNS]
 
 
 def _sql_in(ids: list[str]) -> str:
@@ -258,7 +251,7 @@ class QueryEngine:
         self._gpu_lock = threading.Lock()  # a GPU index's search parameters are set on the index
         self._local = threading.local()
         self._clip_key: str | None = None
-        self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+        self._columns = _row_columns(self.db.table.schema)
         # the files whose modification times make the change signature, as strings: stat()ed on every query
         self._signature_files = (str(self.db.path / f"{S.TABLE_NAME}.lance" / "_versions"), str(self.db.meta_path))
 
@@ -318,7 +311,7 @@ class QueryEngine:
             info = self._ann.info if self._ann is not None else {}
             if info.get("data_version") != self.db.data_version or info.get("num_rows") != self.db.count_rows():
                 self._ann = ann.load_index(self.db, rebuild_if_stale=self.rebuild_if_stale)
-            self._columns = [f.name for f in self.db.table.schema if f.name != S.EMBEDDING]
+            self._columns = _row_columns(self.db.table.schema)
             self._rows = RowCache.load(self.db, self._ann.ids, self._columns) if self.cache_rows else None
             pred = self._rows.pred if self._rows is not None else \
                 self.db.read([S.PREDICTED_LOSS]).column(0).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -426,25 +419,25 @@ class QueryEngine:
         return (u / total).astype(np.float32)
 
     # ---- candidates and ranking --------------------------------------------------------------
-    def _count(self, where: str) -> int:
+    def _count(self, where: Filter) -> int:
         try:
-            return self.db.count_rows(where)
-        except UserError:  # a damaged table, said as such
+            return len(matching_row_ids(self.db.table.to_lance(), where))
+        except UserError:
             raise
-        except Exception as e:  # lance raises various errors for bad SQL
+        except Exception as e:  # lance raises various errors at evaluation (an integer divided by 0)
             raise self._bad_where(where, e) from e
 
     @staticmethod
-    def _bad_where(where: str, e: Exception) -> UserError:
-        msg = str(e).splitlines()[0][:160]
-        return UserError(f"--where {where!r} is not a valid filter ({msg}); write LanceDB SQL over the "
-                         "table's columns, e.g. \"split = 'test' AND loss > 1\".")
+    def _bad_where(where: Filter, e: Exception) -> UserError:
+        msg = re.sub(r",? ?/\S+\.rs:\d+:\d+", "", str(e).splitlines()[0])[:160]  # no Rust source paths
+        return UserError(f"--where {where.text!r} could not be evaluated ({msg}); change the filter, like "
+                         "\"split = 'test' AND loss > 1\".")
 
-    def _fetch(self, ids: list[str], where: str | None = None) -> pa.Table:
+    def _fetch(self, ids: list[str], where: Filter | None = None) -> pa.Table:
         clause = _sql_in(ids) if ids else "false"
-        return self.db.read(self._columns, where=f"({clause}) AND ({where})" if where else clause)
+        return self.db.read(self._columns, where=f"({clause}) AND ({where.sql})" if where else clause)
 
-    def _pool(self, u: np.ndarray, n: int, least: int, where: str | None, exclude: set[str]) -> _Pool:
+    def _pool(self, u: np.ndarray, n: int, least: int, where: Filter | None, exclude: set[str]) -> _Pool:
         """The n rows most similar to u, most similar first (among those matching ``where``, without
         ``exclude``); ``least``: the least pool, which an approximate search must fill."""
         t_check = time.perf_counter()
@@ -537,7 +530,7 @@ class QueryEngine:
             t1 = time.perf_counter()
             q = self.db.table.search(u, vector_column_name=S.EMBEDDING).distance_type("dot")
             if where:
-                q = q.where(where, prefilter=True)
+                q = q.where(where.sql, prefilter=True)
             got = q.limit(n + len(exclude)).select(self._columns).to_arrow()
             got = got.filter(pc.invert(pc.is_in(got.column(S.ID), pa.array(list(exclude), pa.string()))))
             sims = 1.0 - got.column("_distance").to_numpy().astype(np.float64)  # lance: dot distance = 1 - u.x
@@ -582,7 +575,8 @@ class QueryEngine:
 
     def _run(self, t0, positives, negatives, k, where, weight, candidates, exclude=(), pool_only=False
              ) -> list[SearchResult]:
-        where = with_pool_only(check_where(where), pool_only)
+        # checked before LanceDB sees anything; the pool's clause is ours, added after the check
+        where = with_pool_only(parse_filter(where, self.db.table.schema), pool_only)
         if candidates is not None and int(candidates) < 1:
             raise UserError(f"--candidates {candidates} leaves no rows to rank; pass at least -k ({k}), or leave it "
                             "out for the default max(100, 10 k).")

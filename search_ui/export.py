@@ -38,12 +38,16 @@ import pyarrow as pa
 
 from indexer import schema as S
 from indexer.errors import UserError
+from indexer.identity import FileChanged, FileIdentity, verify
 from indexer.store import META_FILE, Database
 from search_ui.selections import Selections, read_ids_file
 
 log = logging.getLogger(__name__)
 
 DROPPED = (S.EMBEDDING, S.PREDICTED_LOSS, S.PREDICTED_LOSS_STD)
+#: Read to check the files a folder export links or copies; never written to a manifest (they
+#: describe this machine's files, and `index` reads them from the files themselves).
+IDENTITY = S.IDENTITY_COLUMNS
 FORMATS = ("csv", "parquet", "folder")
 
 
@@ -127,7 +131,8 @@ def selection_ids(db: Database, query=None, ids=None, mode=None, selection=None,
 
 
 def _rows(db: Database, ids: list[str]) -> pa.Table:
-    """The rows of ``ids`` in that order, without the dropped columns; refuses unknown ids."""
+    """The rows of ``ids`` in that order, without the dropped columns (identities kept, when the
+    table has them, for :func:`_write_folder`); refuses unknown ids."""
     if not ids:
         raise UserError("the selection is empty; nothing to export.")
     ids = list(dict.fromkeys(ids))  # first occurrence wins
@@ -192,14 +197,34 @@ def _class_folders(labels: list) -> dict:
     return folders
 
 
-def _write_folder(t: pa.Table, root: Path, link: bool) -> None:
-    ids, images, labels = (t.column(c).to_pylist() for c in (S.ID, S.IMAGE, S.LABEL))
-    rel_paths, used = [], {}
-    folders = _class_folders(labels)
-    for sid, img, label in zip(ids, images, labels, strict=True):
-        src = Path(img)
+def _without_identity(t: pa.Table) -> pa.Table:
+    return t.drop_columns([c for c in IDENTITY if c in t.column_names])
+
+
+def _checked_source(sid: str, src: Path, recorded: FileIdentity | None, read: bool) -> tuple[Path, bytes | None]:
+    """(the real path to link, the bytes to copy) of a sample's image, when it is still the file
+    indexed (:mod:`indexer.identity`; a table without identities: when it exists)."""
+    if recorded is None:
         if not src.is_file():
             raise UserError(f"image {src} of sample {sid!r} no longer exists; restore it or leave the sample out.")
+        return src.resolve(), (src.read_bytes() if read else None)
+    try:
+        got = verify(src, recorded, read=read)
+    except FileChanged as e:
+        raise UserError(f"the image of sample {sid!r} is no longer the file that was indexed ({e}), so it is not "
+                        "exported; restore the file, re-index it, or leave the sample out.") from None
+    return (Path(recorded.real), got) if read else (Path(got), None)
+
+
+def _write_folder(t: pa.Table, root: Path, link: bool) -> None:
+    ids, images, labels = (t.column(c).to_pylist() for c in (S.ID, S.IMAGE, S.LABEL))
+    identities = t.select(list(IDENTITY)).to_pylist() if all(c in t.column_names for c in IDENTITY) else None
+    rel_paths, used = [], {}
+    folders = _class_folders(labels)
+    for n, (sid, img, label) in enumerate(zip(ids, images, labels, strict=True)):
+        src = Path(img)
+        recorded = FileIdentity.from_row(identities[n]) if identities is not None else None
+        real, data = _checked_source(sid, src, recorded, read=not link)
         cls = folders[label]
         taken = used.setdefault(cls, set())
         name = _short(Path(src.name).stem, src.suffix)
@@ -209,10 +234,13 @@ def _write_folder(t: pa.Table, root: Path, link: bool) -> None:
         dst = root / cls / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if link:
-            os.symlink(src.resolve(), dst)
-        else:
-            shutil.copy2(src, dst)
+            os.symlink(real, dst)
+        else:  # the bytes that were checked, not whatever the path holds a moment later
+            dst.write_bytes(data)
+            st = real.stat()
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
         rel_paths.append(f"{cls}/{name}")
+    t = _without_identity(t)
     manifest = t.set_column(t.column_names.index(S.IMAGE), S.IMAGE, pa.array(rel_paths, pa.string()))
     _write_table(manifest, root / "manifest.csv", "csv")
 
@@ -248,7 +276,7 @@ def export(db, out, fmt: str | None = None, query=None, ids=None, mode=None, sel
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     else:
-        _replace_file(t, out, fmt)
+        _replace_file(_without_identity(t), out, fmt)
     log.info("exported %d samples to %s (%s)", t.num_rows, out, fmt)
     return out
 

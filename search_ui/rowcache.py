@@ -8,8 +8,9 @@ kept as one Arrow table, with maps between FAISS positions, table rows, ids and 
   rows a query returns are read as Python values straight from the columns' buffers
   (:meth:`RowCache.records`: ~0.05 ms for 10 rows of 8 columns, where ``take(...).to_pylist()``
   costs ~0.13 ms on a query's cold caches, mostly Arrow's kernel dispatch, once per column);
-* a ``where`` filter becomes a boolean mask over FAISS positions (LanceDB evaluates the SQL once per
-  filter and table version, returning only row ids), which FAISS then searches exactly.
+* a ``where`` filter (checked by :mod:`search_ui.filters`) becomes a boolean mask over FAISS
+  positions (LanceDB evaluates its canonical SQL once per filter and table version, returning only
+  row ids), which FAISS then searches exactly.
 
 A cache describes one Lance version; the engine builds a new one whenever the version changes.
 """
@@ -23,6 +24,7 @@ import pyarrow as pa
 
 from indexer import schema as S
 from indexer.store import Database
+from search_ui.filters import Filter, matching_row_ids
 
 MAX_MASKS = 16
 
@@ -86,20 +88,21 @@ class RowCache:
         ok[ok] = self.ids_sorted[at[ok]] == want[ok]
         return self.ids_order[at[ok]]
 
-    def where_mask(self, where: str) -> np.ndarray:
-        """(ntotal,) bool over FAISS positions: the rows matching the LanceDB SQL ``where``.
+    def where_mask(self, where: Filter) -> np.ndarray:
+        """(ntotal,) bool over FAISS positions: the rows matching the checked filter ``where``.
 
-        Raises what LanceDB raises for bad SQL. The last ``MAX_MASKS`` filters are remembered.
+        Raises what LanceDB raises at evaluation, or a UserError when it runs out of time
+        (:func:`search_ui.filters.matching_row_ids`). The last ``MAX_MASKS`` filters are remembered.
         """
-        mask = self.masks.get(where)
+        mask = self.masks.get(where.sql)
         if mask is None:
-            hit = self.dataset.to_table(columns=[], filter=where, with_row_id=True)
-            at = np.searchsorted(self.rowids_sorted, hit.column("_rowid").to_numpy())
+            hit = matching_row_ids(self.dataset, where)
+            at = np.searchsorted(self.rowids_sorted, hit.to_numpy())
             mask = np.zeros(len(self.perm), dtype=bool)
             mask[self.faiss_pos_of_row[self.rowids_order[at]]] = True
             if len(self.masks) >= MAX_MASKS:
                 self.masks.pop(next(iter(self.masks)))
-            self.masks[where] = mask
+            self.masks[where.sql] = mask
         return mask
 
 

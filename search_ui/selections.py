@@ -19,15 +19,19 @@ from indexer.errors import UserError
 from indexer.integrity import write_error
 from indexer.store import Database, write_json_atomic
 
-_NAME = re.compile(r"^[\w][\w .\-]{0,99}$")
+#: A selection name: 1-100 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit,
+#: not ending in a space. One rule for the CLI, the API and the page: a name is stored exactly as
+#: given or refused, never quietly changed (" lead" and "lead\n" are refused, not stored as "lead").
+_NAME = re.compile(r"\w(?:[\w .\-]{0,98}[\w.\-])?")
 
 
 def _check_name(name: str | None) -> str:
-    if not name or not _NAME.match(name.strip()):
-        raise UserError(
-            f"selection name {name!r} is not valid; use 1-100 letters, digits, spaces, '.', '_' or '-'."
-        )
-    return name.strip()
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        edge = " (it starts or ends with a space or holds a control character)" if isinstance(name, str) and name and (
+            name != name.strip() or any(not c.isprintable() for c in name)) else ""
+        raise UserError(f"selection name {name!r} is not valid{edge}; use 1-100 letters, digits, spaces, '.', '_' "
+                        "or '-', starting with a letter, digit or '_' and not ending in a space.")
+    return name
 
 
 def read_ids_file(path: str | Path) -> list[str]:

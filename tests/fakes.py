@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from indexer import schema as S
 from indexer.clip import ClipSpec, load_clip
 from indexer.configs import TINY_CLIP
+from indexer.identity import identity_columns
 from indexer.store import Database
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
@@ -93,6 +94,7 @@ def make_db(folder: Path, n: int = 120, seed: int = 0, predicted: bool = True,
             S.PREDICTED_LOSS: pa.array(pred.astype(np.float32)) if predicted else pa.nulls(n, pa.float32()),
             S.PREDICTED_LOSS_STD: pa.array(np.full(n, 0.1, np.float32)) if predicted else pa.nulls(n, pa.float32()),
             "color": df["color"].tolist(),
+            **identity_columns([str((folder / p).resolve()) for p in df["image"]]),
         },
         schema=table_schema,
     )

@@ -28,6 +28,7 @@ def synthetic_db(path, n=3000, d=32, clusters=40, seed=0) -> tuple[Database, np.
         S.LOSS: pa.array(rng.random(n).astype(np.float32)),
         S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), d),
         S.PREDICTED_LOSS: pa.nulls(n, pa.float32()), S.PREDICTED_LOSS_STD: pa.nulls(n, pa.float32()),
+        **S.no_identity(n),
     }, schema=schema))
     db.update_meta(clip={"model": "synthetic"}, data_version=db.version, embed_dim=d)
     return db, x, ids

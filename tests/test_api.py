@@ -316,6 +316,16 @@ def test_malformed_requests(served, http):
     assert "'k'" in _one_sentence(http.post(f"{url}/search", json={"text": "x", "k": "many"}), 422)
     assert "'text'" in _one_sentence(http.post(f"{url}/search", json={"k": 3}), 422)
     _one_sentence(http.post(f"{url}/search", json={"text": "x", "colour": "red"}), 422)  # unknown field
+    # Strict types on every body (issue 25): a number in quotes or a boolean is not quietly converted.
+    for route, body in (("search", {"text": "x", "k": "10"}), ("search", {"text": "x", "k": True}),
+                        ("search", {"text": "x", "weight": "0.5"}), ("search", {"text": "x", "weight": True}),
+                        ("search", {"text": 5}), ("search", {"text": "x", "negatives": [1]}),
+                        ("similar", {"id": "s00001", "k": "10"}), ("similar", {"id": 1}),
+                        ("similar", {"id": "s00001", "candidates": False}),
+                        ("selections/x/add", {"ids": [1, 2]}), ("selections/x/remove", {"ids": [True]}),
+                        ("export", {"ids": ["s00001"], "k": "5"}), ("export", {"selection": 3})):
+        assert "is not valid" in _one_sentence(http.post(f"{url}/{route}", json=body), 422), (route, body)
+    assert http.post(f"{url}/search", json={"text": "x", "k": 3, "weight": 1}).status_code == 200  # an int is a number
     # What a cross-site form can send (text/plain) is not taken as JSON.
     _one_sentence(http.post(f"{url}/search", data=b'{"text": "x"}', headers={"content-type": "text/plain"}), 422)
     assert "no route" in _one_sentence(http.get(f"{url}/nothing-here"), 404)
@@ -404,3 +414,28 @@ def test_text_cache_is_bounded_and_keyed_by_model():
     assert len(c) == 2 and c.get(("m1", "b")) is None and c.get(("m1", "a")) is not None
     with pytest.raises(ValueError):
         c.get(("m1", "a"))[0] = 5.0  # entries are read-only
+
+
+def test_hostile_filters_are_400_and_the_server_lives(served, http):
+    """Issue 25: `repeat(id, 100000000)` in a filter aborted the whole server (LanceDB asked for
+    100 GB); every payload of that class is now refused by the filter language, one sentence."""
+    _, url, _, _ = served
+    payloads = {
+        "repeat(id, 100000000) = 'x'": "calls the function repeat",
+        "regexp_like(id, '(a|a)*b')": "calls the function regexp_like",
+        "CAST(loss AS VARCHAR) = '1'": "calls the function CAST",
+        "id IN (SELECT id FROM samples)": "expected a value",
+        "split = 'test'; SELECT 1": "a `;`",
+        "(" * 200 + "loss > 1" + ")" * 200: "nests more than",
+        "loss IN (" + ",".join(str(i) for i in range(1500)) + ")": "more than 1000 values",
+        "id LIKE '" + "%_" * 200 + "'": "LIKE pattern",
+        "x" * 30_000: "characters long",
+    }
+    for where, words in payloads.items():
+        for route, body in (("search", {"text": "a circle", "where": where}), ("similar", {"id": "s00001", "where": where}),
+                            ("export", {"query": "a circle", "where": where})):
+            msg = _one_sentence(http.post(f"{url}/{route}", json=body), 400)
+            assert words in msg, (route, msg)
+    assert http.get(f"{url}/health").status_code == 200
+    ok = http.post(f"{url}/search", json={"text": "a circle", "k": 3, "where": "split = 'test' AND loss >= 0"})
+    assert ok.status_code == 200 and all(r["split"] == "test" for r in ok.json()["results"])

@@ -100,13 +100,13 @@ def test_query_shows_ranked_images_and_a_click_shows_details(page):
 
 def test_bad_filter_shows_a_readable_message(page):
     page.get_by_text("Options").click()
-    page.get_by_label("Filter (SQL over metadata)").fill("no_such_column > 1")
+    page.get_by_label("Filter").first.fill("no_such_column > 1")
     page.fill("#search-text textarea", "a dog")
     page.keyboard.press("Enter")
     toast = page.locator(".toast-body").first
     toast.wait_for()
     text = toast.inner_text()
-    assert "not a valid filter" in text and "Traceback" not in text
+    assert "has no column 'no_such_column'" in text and "Traceback" not in text
 
 
 def test_model_health_draws_and_the_map_answers_a_click(page, served):

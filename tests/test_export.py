@@ -172,6 +172,7 @@ def _ids_file(folder, ids):
 def test_folder_export_with_hostile_labels_and_ids_is_made_unique(tmp_path):
     import pyarrow as pa
 
+    from indexer.identity import identity_columns
     from indexer.store import Database
 
     base = make_db(tmp_path / "src", n=6)
@@ -185,6 +186,8 @@ def test_folder_export_with_hostile_labels_and_ids_is_made_unique(tmp_path):
     t = t.set_column(t.column_names.index(S.LABEL), S.LABEL, pa.array(labels))
     t = t.set_column(t.column_names.index(S.ID), S.ID, pa.array(ids))
     t = t.set_column(t.column_names.index(S.IMAGE), S.IMAGE, pa.array(images))
+    for name, values in identity_columns(images).items():  # what `index` records for those files
+        t = t.set_column(t.column_names.index(name), name, values)
     db = Database(tmp_path / "src" / "db")
     db.table.delete("true")
     db.append(t)

@@ -339,11 +339,19 @@ def test_bad_options_are_one_sentence(world, tmp_path, capsys):
 def test_a_where_with_a_second_statement_is_refused(world, capsys):
     folder, db = world
     for where in ("split = 'train'; DROP TABLE samples", "split = 'train';"):
-        assert "holds a `;`" in refused(capsys, "search", "a circle", "--db", db.path, "--where", where)
-    from search_ui.engine import QueryEngine, check_where
+        assert "a `;` (a filter is one expression" in refused(capsys, "search", "a circle", "--db", db.path,
+                                                              "--where", where)
+    # Issue 25: a function call in a filter (LanceDB allocated 100 GB and aborted the process) is refused.
+    assert "calls the function repeat" in refused(capsys, "search", "a circle", "--db", db.path, "--where",
+                                                  "repeat(id, 100000000) = 'x'")
+    assert "calls the function regexp_match" in refused(capsys, "select", "add", "x", "--db", db.path, "--query",
+                                                        "a circle", "--where", "regexp_match(id, 'a') IS NULL")
+    from search_ui.engine import QueryEngine
+    from search_ui.filters import parse_filter
 
-    assert check_where("label = 'a;b' AND \"color\" != ';'") == "label = 'a;b' AND \"color\" != ';'"
-    assert check_where("label = 'it''s; fine'") is not None
+    schema = Database(db.path).table.schema
+    assert parse_filter("label = 'a;b' AND \"split\" != ';'", schema).sql == "((`label` = 'a;b') AND (`split` != ';'))"
+    assert parse_filter("label = 'it''s; fine'", schema).sql == "(`label` = 'it''s; fine')"
     assert QueryEngine(db).search("a circle", k=3, where="label = 'x;y'") == []
 
 

@@ -1,9 +1,13 @@
-"""What one running app holds: the database, a lazily built query engine, and the image guard.
+"""What one running app holds: the database, a lazily built query engine, and the file policy.
 
-The guard is the app's file-serving policy. Gradio serves a file to the browser only after a handler
-returned it; every path a handler returns passes :meth:`ImageGuard.check` first, which admits a file
-only when its real path (symlinks resolved) lies under one of the dataset's image roots
-(``meta.json`` ``image_roots``) and has an image suffix. ``serving_dirs`` narrows Gradio's own
+The serving concerns shared by the page (:mod:`search_ui.app`) and the JSON API
+(:mod:`search_ui.api`) live here. Gradio serves a file to the browser only after a handler
+returned it; every path a handler returns passes :meth:`AppContext.servable` first: the
+:class:`ImageGuard` admits a file only when its real path (symlinks resolved) lies under one of the
+dataset's image roots (``meta.json`` ``image_roots``) and has an image suffix, and
+:class:`ServedFiles` only when it is an indexed image that is still the file indexed (its recorded
+identity, :mod:`indexer.identity`). The API's image route and Gradio's file route ask
+:class:`ServedFiles` too. ``serving_dirs`` narrows Gradio's own
 ``allowed_paths`` to the folders that actually hold indexed images, so a manifest or the database
 folder sitting beside them is never reachable through Gradio's file route.
 """
@@ -18,8 +22,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from indexer import schema as S
 from indexer.errors import UserError
+from indexer.identity import FileChanged, FileIdentity, verify
 from indexer.store import Database
 
 log = logging.getLogger(__name__)
@@ -86,6 +93,153 @@ def serving_dirs(db: Database, guard: ImageGuard) -> list[str]:
     return sorted(d for d in dirs if guard.is_under_roots(d))
 
 
+class ServedFiles:
+    """The files ``serve`` hands out: exactly the indexed images, checked to be the files indexed.
+
+    Gradio's ``allowed_paths`` admits whole folders, so a manifest, a key or a symlink to
+    ``/etc/passwd`` beside the images would be served; this allow-list admits a requested path only
+    when its real path (``..`` and symlinks resolved as the file route would open it) is the real
+    path *recorded at index time* of an image in the table, and the file there is still the one
+    indexed (:func:`indexer.identity.verify`: size, modification time and SHA-256 of its bytes), or
+    when it lies in Gradio's own cache of copies it made for handlers' outputs and uploads. A
+    symlink re-pointed after ``index`` (at ``secret.txt``) or a file replaced under an image's name
+    is refused. It is rebuilt when the table's rows change (``data_version``).
+
+    A table indexed before identities were recorded (no :data:`~indexer.schema.IDENTITY_COLUMNS`)
+    is checked by path only: the real path of an indexed image *now*, as before; said once in the log.
+
+    Memory: per indexed image an int64 hash of its real path, its size and time (int64 each) and its
+    32-byte digest: 56 MB per million rows; Python's string hash is keyed per process, so a collision
+    cannot be aimed at.
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._lock = threading.Lock()
+        self._state: tuple | None = None
+        self._version: int | None = None
+        self.checks_identity: bool | None = None
+
+    @staticmethod
+    def _real_paths(paths: list[str]) -> list[str | None]:
+        """Real paths of ``paths`` now (None: its folder is missing): one ``realpath`` per folder plus
+        one per symlinked file (a directory listing says which files are links)."""
+        out, dirs, links = [], {}, {}
+        for p in paths:
+            if not p:
+                out.append(None)
+                continue
+            folder, name = os.path.split(p)
+            if folder not in dirs:
+                dirs[folder] = os.path.realpath(folder)
+                try:
+                    with os.scandir(folder) as it:
+                        links[folder] = {e.name for e in it if e.is_symlink()}
+                except OSError:
+                    links[folder] = None  # a missing folder: its files cannot be served anyway
+            if links[folder] is None:
+                out.append(None)
+                continue
+            out.append(os.path.realpath(p) if name in links[folder] else os.path.join(dirs[folder], name))
+        return out
+
+    def _build(self) -> tuple:
+        names = set(self.db.table.schema.names)
+        with_identity = all(c in names for c in S.IDENTITY_COLUMNS)
+        if not with_identity:
+            log.warning("the database %s was indexed before llm2loss recorded which file each image is: served "
+                        "files are checked by path only; re-index into a new --db to check them by content",
+                        self.db.path)
+        hashes, sizes, mtimes, digests = [], [], [], []
+        cols = [S.IMAGE, *S.IDENTITY_COLUMNS] if with_identity else [S.IMAGE]
+        for batch in self.db.iter_batches(cols):
+            if with_identity:
+                recorded = batch.column(S.IMAGE_REAL).to_pylist()
+                for real, size, mtime, sha in zip(recorded, *(batch.column(c).to_pylist() for c in S.IDENTITY_COLUMNS[1:]),
+                                                  strict=True):
+                    if real is None or sha is None:
+                        continue  # could not be read at index time: never served
+                    hashes.append(hash(real))
+                    sizes.append(size), mtimes.append(mtime), digests.append(bytes.fromhex(sha))
+            else:
+                hashes.extend(hash(p) for p in self._real_paths(batch.column(S.IMAGE).to_pylist()) if p)
+        order = np.argsort(np.asarray(hashes, dtype=np.int64), kind="stable")
+        h = np.asarray(hashes, dtype=np.int64)[order]
+        if not with_identity:
+            return h, None
+        ident = (np.asarray(sizes, np.int64)[order], np.asarray(mtimes, np.int64)[order],
+                 np.frombuffer(b"".join(digests), dtype="S32")[order] if digests else np.zeros(0, "S32"))
+        return h, ident
+
+    def _current(self) -> tuple:
+        version = self.db.data_version
+        with self._lock:
+            if self._state is None or version != self._version:
+                self._state, self._version = self._build(), version
+                self.checks_identity = self._state[1] is not None
+            return self._state
+
+    def recorded(self, real: str) -> FileIdentity | None | bool:
+        """The identity recorded for an image whose real path at index time was ``real``; True for
+        an indexed image of a table without identities; None when ``real`` is no indexed image."""
+        hashes, ident = self._current()
+        i = int(np.searchsorted(hashes, hash(real)))
+        if i >= len(hashes) or int(hashes[i]) != hash(real):
+            return None
+        if ident is None:
+            return True
+        sizes, mtimes, digests = ident
+        return FileIdentity(real, int(sizes[i]), int(mtimes[i]), bytes(digests[i]).hex())
+
+    def indexed(self, real: str) -> bool:
+        return self.recorded(real) is not None
+
+    def _verified(self, requested: str, read: bool):
+        """(real path, bytes or None) of an indexed image still as indexed; else None (logged)."""
+        if not requested or "://" in requested or "\x00" in requested:
+            return None
+        # Gradio opens os.path.abspath(requested): ".." is removed by text first, then the OS
+        # resolves symlinks; realpath of that string is the file that would be sent.
+        real = os.path.realpath(os.path.abspath(requested))
+        rec = self.recorded(real)
+        if rec is None:
+            return None
+        if rec is True:  # no identity recorded: by path only
+            if not os.path.isfile(real):
+                return None
+            return real, (Path(real).read_bytes() if read else None)
+        try:
+            got = verify(real, rec, read=read)
+        except FileChanged as e:
+            log.warning("refused to serve %s: %s", requested, e)
+            return None
+        return real, (got if read else None)
+
+    def check(self, requested: str) -> str | None:
+        """The real path ``requested`` opens when it may be served, else None. ``requested`` is a path
+        as Gradio's file route receives it (absolute, or relative to the working directory)."""
+        from gradio import utils as gr_utils
+
+        found = self._verified(requested, read=False)
+        if found is not None:
+            return found[0]
+        if not requested or "://" in requested or "\x00" in requested:
+            return None
+        real = os.path.realpath(os.path.abspath(requested))
+        if not os.path.isfile(real) or self.recorded(real) is not None:
+            return None  # an indexed image that changed is not let through as a "cache copy"
+        for created in (gr_utils.get_upload_folder(), gr_utils.get_cache_folder()):
+            folder = os.path.realpath(os.path.abspath(created))
+            if real.startswith(folder.rstrip(os.sep) + os.sep):
+                return real
+        return None
+
+    def read(self, requested: str) -> tuple[str, bytes] | None:
+        """(real path, bytes) of an indexed image still as indexed, the bytes read once (what was
+        checked is what is sent); None when it may not be served."""
+        return self._verified(requested, read=True)
+
+
 def _num(x: Any) -> float | None:
     if x is None:
         return None
@@ -135,6 +289,7 @@ class AppContext:
         self.db = db if isinstance(db, Database) else Database(db)
         self.db.table  # noqa: B018 -- refuse a database without a table before the page starts
         self.guard = ImageGuard(image_roots(self.db))
+        self.files = ServedFiles(self.db)  # the indexed images, checked to be the files indexed
         self._engine = None
         self._engine_lock = threading.Lock()
         self._scratch = tempfile.TemporaryDirectory(prefix="llm2loss-ui-")
@@ -142,6 +297,10 @@ class AppContext:
         self._modes: dict[tuple, list[dict]] = {}
         self._modes_lock = threading.Lock()
         self._plans: dict[tuple, dict] = {}
+
+    def close(self) -> None:
+        """Remove the scratch folder (``serve`` calls this on exit, SIGTERM included)."""
+        self._scratch.cleanup()
 
     @property
     def engine(self):
@@ -164,12 +323,38 @@ class AppContext:
         by_id = {r[S.ID]: jsonable(r) for r in table.to_pylist()}
         return [by_id[i] for i in map(str, ids) if i in by_id]
 
+    def servable(self, path: str | None) -> str | None:
+        """The real path of an indexed image that may be shown: under the dataset's folders, an
+        image, and still the file indexed (:class:`ServedFiles`); else None (logged)."""
+        real = self.guard.check(path)
+        return real if real is not None and self.files.check(real) == real else None
+
+    def _printable_copy(self, real: str) -> str | None:
+        """A copy of an indexed image whose file name holds a newline or another control character
+        (Gradio's file route cannot serve such a name), under a printable name in the scratch folder;
+        the bytes are those checked against the recorded identity."""
+        got = self.files.read(real)
+        if got is None:
+            return None
+        import hashlib
+
+        name = "".join(c if c.isprintable() else "_" for c in os.path.basename(real))
+        out = Path(self.scratch) / "names" / hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16] / name
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_bytes(got[1])
+            os.replace(tmp, out)
+        return str(out)
+
     def gallery(self, records: list[dict]) -> tuple[list[tuple[str, str]], list[dict]]:
         """(gallery items ``(path, caption)``, the records shown) — unservable images are left out,
         so a gallery index always points at the record it shows."""
         items, shown = [], []
         for rec in records:
-            path = self.guard.check(rec.get(S.IMAGE))
+            path = self.servable(rec.get(S.IMAGE))
+            if path is not None and not os.path.basename(path).isprintable():
+                path = self._printable_copy(path)
             if path is not None:
                 items.append((path, caption(rec)))
                 shown.append(rec)

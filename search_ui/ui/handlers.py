@@ -185,7 +185,7 @@ class Handlers:
         rec = shown[evt.index]
         sims = [r for r in self.similar_records(rec[S.ID], DETAIL_SIMILAR_K + 1) if r[S.ID] != rec[S.ID]]
         items, sims_shown = self.ctx.gallery(sims[:DETAIL_SIMILAR_K])
-        image = display_image(self.ctx.guard.check(rec.get(S.IMAGE)))
+        image = display_image(self.ctx.servable(rec.get(S.IMAGE)))
         return image, details_markdown(rec), items, rec, sims_shown, gr.Column(visible=True)
 
     # ---- failure modes -------------------------------------------------------------------------
@@ -241,8 +241,7 @@ class Handlers:
 
     def add_ids(self, name: str, ids: list[str]) -> int:
         """Add ``ids`` to the selection ``name``; its new size."""
-        name = (name or "").strip()
-        if not name:
+        if not (name or "").strip():
             raise UserError("the selection has no name; type one in 'Selection name'.")
         if not ids:
             raise UserError("nothing to add; run a search or pick a failure mode first.")
@@ -250,8 +249,8 @@ class Handlers:
 
     def _added(self, name: str, ids: list[str]):
         size = self.add_ids(name, ids)
-        gr.Info(f"Selection '{name.strip()}' now holds {size} samples.")
-        return gr.Dropdown(choices=sorted(self._selections().all()), value=name.strip())
+        gr.Info(f"Selection '{name}' now holds {size} samples.")
+        return gr.Dropdown(choices=sorted(self._selections().all()), value=name)
 
     @friendly
     def add_results(self, name, shown):
