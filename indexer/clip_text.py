@@ -91,13 +91,16 @@ def text_tower(model: nn.Module) -> TextTower | str:
     two residual block types (their only position dependence is the attention mask), the mask must
     be causal and the pool one of :data:`TRUNCATABLE_POOLS`.
     """
-    from open_clip.model import CLIP, CustomTextCLIP
-    from open_clip.transformer import (
-        CustomResidualAttentionBlock,
-        ResidualAttentionBlock,
-        TextTransformer,
-        Transformer,
-    )
+    try:
+        from open_clip.model import CLIP, CustomTextCLIP
+        from open_clip.transformer import (
+            CustomResidualAttentionBlock,
+            ResidualAttentionBlock,
+            TextTransformer,
+            Transformer,
+        )
+    except ImportError as e:  # another open_clip layout: nothing here is known to be equivalent
+        return f"this open_clip does not have the classes the truncated encoding copies ({e})"
 
     name = type(model).__name__
     if isinstance(model, CLIP) and type(model).encode_text is CLIP.encode_text:
