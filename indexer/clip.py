@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from indexer.clip_text import encode_tokens, truncated_tower
 from indexer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class ClipModel:
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.name)
+        self.text_tower = truncated_tower(model, spec.name)
 
     @staticmethod
     def _check_pretrained_available(spec: ClipSpec) -> None:
@@ -179,15 +181,17 @@ class ClipModel:
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        """Strings -> (n, d) float32, L2-normalised."""
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
-            with self._autocast():
-                out.append(_normalise(self.model.encode_text(tokens)))
-        if not out:
+        """Strings -> (n, d) float32, L2-normalised.
+
+        Runs only the token positions each phrase needs where the text tower allows it
+        (:mod:`indexer.clip_text`; equal to open_clip's ``encode_text`` up to float rounding).
+        """
+        if not len(texts):
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        return np.concatenate(out)
+        tokens = self.tokenizer(list(texts))
+        with self._autocast():
+            z = encode_tokens(self.model, self.text_tower, tokens, batch_size, self.device)
+        return _normalise(z)
 
 
 def _pretrained_cached(cfg: dict) -> bool:
