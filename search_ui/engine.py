@@ -187,13 +187,17 @@ def parse_weighted(item, default: float = 1.0) -> tuple[object, float]:
     return item, default
 
 
-def with_pool_only(where: str | None, pool_only: bool) -> str | None:
-    """``where`` (already checked) restricted to the unlabeled pool (``split = 'pool'``) when
-    ``pool_only``."""
+def with_pool_only(where: Filter | None, pool_only: bool) -> Filter | None:
+    """``where`` (already checked: :func:`search_ui.filters.parse_filter`) restricted to the
+    unlabeled pool (``split = 'pool'``) when ``pool_only``; the clause is ours, made of the checked
+    filter's SQL and a fixed comparison."""
     if not pool_only:
         return where
     pool = f"{S.SPLIT} = '{S.POOL_SPLIT}'"
-    return f"({where}) AND {pool}" if where else pool
+    if where is None:
+        return Filter(text=pool, sql=pool, columns=(S.SPLIT,))
+    return Filter(text=f"{where.text} (in the unlabeled pool)", sql=f"({where.sql}) AND {pool}",
+                  columns=tuple(dict.fromkeys([*where.columns, S.SPLIT])))
 
 
 def neighbourhood_nprobe(ann, least: int, rows: int, share: float = 1.0) -> int:
