@@ -1107,7 +1107,7 @@ def http_issue25(w: dict) -> dict:
     from indexer.store import Database
     from search_ui.selections import Selections
 
-    home = w["base"] / "http25"
+    home = w["world"] / "images" / "http25"  # under the dataset's image folder, as indexed images are
     home.mkdir()
     shutil.copytree(w["db"], home / "db")
     db = Database(home / "db")

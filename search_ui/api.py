@@ -328,9 +328,13 @@ def _router(ctx: AppContext) -> APIRouter:
 
     def _sample_image(sample_id: str):
         image = _sample(sample_id).get(S.IMAGE)
-        got = ctx.files.read(image) if ctx.guard.check(image) is not None else None
+        under = ctx.guard.check(image) is not None
+        got = ctx.files.read(image) if under else None
         if got is None and (not image or not os.path.lexists(image)):
             raise NotFound(f"the image file of sample '{sample_id}' is missing; restore the file or re-index it.")
+        if got is None and not ctx.guard.is_under_roots(image):
+            raise Forbidden(f"the image file of sample '{sample_id}' lies outside the dataset's image folders, so it "
+                            "is not served; keep images under the folders they were indexed from.")
         if got is None:
             raise Forbidden(f"the image file of sample '{sample_id}' is no longer the file that was indexed "
                             "(replaced, modified or re-linked since), so it is not served; restore it or re-index.")
