@@ -249,7 +249,7 @@ def _decide(number: int, m: FailureMode, t, words, train: np.ndarray, info: dict
                    train_loss_ratio=round(loss_ratio, 3))
     else:
         share, suspect = 0.0, np.zeros(0, dtype=bool)
-    pool_pred = t.pool.pred[[_pool_row(t, i) for i in m.pool_ids]] if t.pool is not None and m.pool_ids else np.zeros(0)
+    pool_pred = t.pool.pred[[t.pool.row[i] for i in m.pool_ids]] if t.pool is not None and m.pool_ids else np.zeros(0)
     mean_pred = _mean_pred(t)
     if len(pool_pred):
         fig["pool_predicted_ratio"] = round(float(pool_pred.mean() / mean_pred), 3) if mean_pred > 0 else None
@@ -299,12 +299,6 @@ def _representation(t, m: FailureMode, words, train: np.ndarray, n_train: int) -
 def _mean_pred(t) -> float:
     """Mean predicted loss over every row, labelled and unlabeled."""
     return float(np.concatenate([t.pred, t.pool.pred]).mean()) if t.pool is not None else float(t.pred.mean())
-
-
-def _pool_row(t, sid: str) -> int:
-    if not hasattr(t.pool, "_row"):
-        t.pool._row = {str(x): j for j, x in enumerate(t.pool.ids)}
-    return t.pool._row[sid]
 
 
 # ---- splitting the budget --------------------------------------------------------------------------
@@ -406,7 +400,7 @@ def _pick(p: ModePlan, c: list[dict], k: int, t, info: dict, used: set[str], cho
                              f"look-alikes in the mode are not; they say {x['suggested_label']!r}; training loss "
                              f"{loss:.2f}"))
         return out
-    rows = np.array([_pool_row(t, x["pool"]) for x in c if x["pool"] not in used], dtype=np.int64)
+    rows = np.array([t.pool.row[x["pool"]] for x in c if x["pool"] not in used], dtype=np.int64)
     for rank, r in enumerate(_spread(rows, t.pool.X, t.pool.pred, k, chosen_X, line), p.chosen + 1):
         sid = str(t.pool.ids[r])
         used.add(sid)

@@ -172,6 +172,11 @@ class _Pool:
     X: np.ndarray
     pred: np.ndarray
 
+    @cached_property
+    def row(self) -> dict[str, int]:
+        """id -> its row in these arrays."""
+        return {str(x): j for j, x in enumerate(self.ids)}
+
 
 def _read_table(db) -> _Table:
     """Ids, embeddings, losses and stored predictions, all from one snapshot of the table (so in

@@ -480,6 +480,22 @@ HOSTILE_FILTERS = [
 ]
 
 
+def swap_file(img: Path, kind: str, secret: Path, scratch: Path) -> None:
+    """Replace an indexed image after indexing, as an attacker or a failing disk would: re-point its
+    symlink at ``secret`` (``symlink...``), put a text file in its place (``text...``), or keep its
+    size and modification time with other bytes (anything else)."""
+    if kind.startswith("symlink"):
+        img.unlink()
+        os.symlink(secret, img)
+    elif kind.startswith("text"):
+        (scratch / "notes.png").write_text("a text file, not a PNG\n")
+        os.replace(scratch / "notes.png", img)
+    else:
+        st = img.stat()
+        img.write_bytes(b"x" * st.st_size)
+        os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _swapped(kind: str):
     """setup: the case's database gets a row whose image (a file of the case's own, indexed as
     `index` records it) is swapped afterwards: a symlink re-pointed at secret.txt, a text file
@@ -498,16 +514,7 @@ def _swapped(kind: str):
             shutil.copy2(src, img)
         ident = {k: v[0].as_py() for k, v in identity_columns([str(img)]).items()}
         db.table.update(where="id = 's00005'", values={S.IMAGE: str(img), **ident})
-        if kind.startswith("symlink"):
-            img.unlink()
-            os.symlink(w["world"] / "secret.txt", img)
-        elif kind.startswith("text"):
-            (d / "notes.png").write_text("a text file, not a PNG\n")
-            os.replace(d / "notes.png", img)
-        else:
-            st = img.stat()
-            img.write_bytes(b"x" * st.st_size)
-            os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+        swap_file(img, kind, w["world"] / "secret.txt", d)
         (d / "ids.txt").write_text("s00004\ns00005\n")
     return setup
 
@@ -1157,16 +1164,7 @@ def http_issue25(w: dict) -> dict:
                 return {"error": "serve exited: " + serve.stdout.read()[-500:]}
             time.sleep(0.5)
         for kind, img in swaps.values():  # the swaps, after indexing and while serving
-            if kind == "symlink":
-                img.unlink()
-                os.symlink(w["world"] / "secret.txt", img)
-            elif kind == "text":
-                (home / "notes.png").write_text("a text file, not a PNG\n")
-                os.replace(home / "notes.png", img)
-            else:
-                st = img.stat()
-                img.write_bytes(b"x" * st.st_size)
-                os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+            swap_file(img, kind, w["world"] / "secret.txt", home)
         c = httpx.Client(timeout=120)
         for what, where, _ in HOSTILE_FILTERS:
             for route, body in (("search", {"text": "a circle"}), ("similar", {"id": "s00001"}),
