@@ -38,6 +38,7 @@ summary (the numbers BENCHMARKS.md records).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -623,13 +624,15 @@ def umount_all() -> None:
 
 def _fill_disk(disk: Path, leave: int = 0) -> Path:
     filler = disk / "filler.bin"
-    with open(filler, "wb") as f:
-        try:
+    try:
+        with open(filler, "wb") as f:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        except OSError:
-            pass
+    except OSError as e:  # full: what we wanted (the open itself fails when the copy already filled it)
+        if e.errno != errno.ENOSPC:
+            raise
+        filler.touch(exist_ok=True)
     if leave:
         os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler
@@ -973,7 +976,12 @@ def run_case(i: int, case: Case, w: dict, work: Path) -> dict:
     d.mkdir()
     shutil.copytree(w["db"], d / "db")
     if case.setup:
-        case.setup(w, d)
+        try:
+            case.setup(w, d)
+        except (OSError, subprocess.CalledProcessError) as e:  # the harness's own failure, not the product's
+            return {"name": case.name, "part": case.part, "owner": case.owner, "outcome": "setup failed",
+                    "rc": [], "data_lost": False, "stderr_lines": 0, "missing_words": None,
+                    "message": "", "problem": f"{type(e).__name__}: {str(e)[:200]}", "seconds": 0.0}
     before = db_state(d / "db")
     args = [_fill(a, w, d) for a in case.args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **case.env}
@@ -1299,6 +1307,7 @@ def main(argv=None) -> int:
         "code_ran": counts["code ran"],
         "unsafe": counts["unsafe"],
         "data_lost": sum(1 for r in results if r["data_lost"]),
+        "harness_setup_failed": counts["setup failed"],
         "by_owner_not_ok": dict(Counter(r["owner"] for r in results
                                         if r["outcome"] not in ("refused", "said", "safe") or r["data_lost"])),
         "seconds": round(time.perf_counter() - t0, 1),
