@@ -53,3 +53,40 @@ def auroc_top(loss: np.ndarray, score: np.ndarray, top: float = 0.10) -> float:
     if hard.all() or not hard.any():
         return float("nan")
     return float(roc_auc_score(hard, score))
+
+
+#: Skill: a figure at least this many of its standard errors under "no association" above chance...
+SKILL_Z = 3.0
+#: ...and above chance by at least this much (Spearman rho; AUROC - 0.5): at a million rows 3
+#: standard errors are 0.003, an association too weak to name anything by.
+MIN_SKILL = 0.05
+
+
+def chance_lines(n: int, top: float = 0.10) -> tuple[float, float]:
+    """(Spearman, AUROC(top ``top``)) above which ``n`` out-of-fold predictions are beyond noise of
+    chance: ``SKILL_Z`` standard errors under no association (Spearman: 1/sqrt(n-1); AUROC: the
+    Mann-Whitney null, sqrt((n1+n0+1) / (12 n1 n0))), and at least ``MIN_SKILL`` above chance."""
+    n1 = max(1, round(top * n))
+    n0 = max(1, n - n1)
+    rho = SKILL_Z / np.sqrt(max(1, n - 1))
+    auc = SKILL_Z * np.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+    return float(max(rho, MIN_SKILL)), float(0.5 + max(auc, MIN_SKILL))
+
+
+def no_skill(q: dict, why_undefined: str | None = None) -> str | None:
+    """One sentence when the ensemble has no skill -- neither its out-of-fold Spearman nor its
+    AUROC(top 10% losses) (``q``: :func:`quality`) is beyond noise of chance (:func:`chance_lines`)
+    -- else None. ``why_undefined``: :func:`undefined_why`, used when the figures are undefined."""
+    n = int(q.get("n") or 0)
+    rho, auc = q.get("spearman", float("nan")), q.get("auroc_top10", float("nan"))
+    if n < 3 or not (np.isfinite(rho) or np.isfinite(auc)):
+        why = why_undefined or f"only {n} rows have both a loss and a prediction"
+        return f"the embeddings do not explain these losses: {why}."
+    rho_line, auc_line = chance_lines(n)
+    if (np.isfinite(rho) and rho >= rho_line) or (np.isfinite(auc) and auc >= auc_line):
+        return None
+    fig = lambda x: f"{x:.3f}" if np.isfinite(x) else "undefined"  # noqa: E731
+    return (f"the embeddings do not explain these losses: out-of-fold Spearman {fig(rho)} and AUROC(top 10% "
+            f"losses) {fig(auc)} on {n:,} rows are within noise of chance (skill starts at {rho_line:.3f} and "
+            f"{auc_line:.3f}), so no group of images can be named as where the model fails; check that each "
+            "loss belongs to its image (ids, row order) and that the failures show in the images.")

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from diagnosis.ensemble import DiagnosisEnsemble, UnsafeEnsembleFile, load_ensemble_file, save_ensemble
-from diagnosis.metrics import quality, undefined_why
+from diagnosis.metrics import no_skill, quality, undefined_why
 from indexer import schema as S
 from indexer.errors import Unavailable, UserError
 from indexer.integrity import checksum_problem, file_checksum, id_set_digest, write_error
@@ -80,6 +80,9 @@ class DiagnoseReport:
     quality_note: str | None = None
     #: unlabeled rows (``split = "pool"``): scored by the full ensemble, never fitted
     pool_rows: int = 0
+    #: one sentence when the out-of-fold figures are within noise of chance
+    #: (:func:`diagnosis.metrics.no_skill`): explain then names no mode; None when the ensemble has skill
+    no_skill: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +97,8 @@ class DiagnoseReport:
         ]
         if self.quality_note:
             lines.append(f"  (undefined figures: {self.quality_note})")
+        if self.no_skill:
+            lines.append(self.no_skill[0].upper() + self.no_skill[1:])
         if self.pool_rows:
             lines.append(f"unlabeled pool: {self.pool_rows} rows scored (never fitted); `llm2loss curate` plans which to label")
         if self.test:
@@ -339,6 +344,7 @@ def _diagnose(db: Database, members, folds, max_rows, progress, random_state, fi
             quality_note=undefined_why(loss[has_loss], pred[has_loss]),
             pool_rows=int((split == S.POOL_SPLIT).sum()),
         )
+        report.no_skill = no_skill(q, report.quality_note)
         _save(db, staged, report, clip, ids)
     except (OSError, RuntimeError, ValueError) as e:
         err = write_error(e, f"the diagnosis of {db.path}", f"diagnose --db {db.path}")
@@ -405,7 +411,7 @@ def _save(db: Database, staged: dict[str, str], report: DiagnoseReport, clip: di
         "fitted_rows": report.fitted_rows,
         "fit_split": report.fit_split,
         "quality": {"spearman": report.spearman, "r2": report.r2, "auroc_top10": report.auroc_top10,
-                    "test": report.test},
+                    "test": report.test, "no_skill": report.no_skill},
         "files": {"ensemble": ENSEMBLE_FILE, "image_mean": IMAGE_MEAN_FILE},
         "checksums": checksums,
     })
