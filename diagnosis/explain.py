@@ -19,8 +19,9 @@ Only labelled rows are named and judged: the unlabeled pool (``split = "pool"``)
 judge a name by, so it stays out of the naming; each mode then says how many pool images its name
 retrieves (:func:`name_matches`: ``pool_rows``), the images ``llm2loss curate`` can send for labelling.
 
-Modes are listed by :func:`impact` (members x how far above the failure line they are predicted),
-so the failures that cost the most come first. Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
+Modes are listed by :func:`cost`, the share of the held-out loss their group carries above the
+mean loss (a 95% interval beside it), so the failures that cost the most come first: a small group
+failing badly before a large one failing mildly. Each mode reports its evidence (retrieved images, their true and predicted loss with bootstrap 95%
 intervals, coverage and precision of the name against the group), its members (``ids``), their
 mean true and predicted loss, and their share of the table's total loss.
 """
@@ -86,6 +87,11 @@ class FailureMode:
     ids: list[str] = field(default_factory=list, repr=False)
     evidence: dict = field(default_factory=dict)
     shown: bool = True
+    #: what the group costs (:func:`cost`): its share of the judged rows' loss above their mean, with
+    #: a 95% interval, and ``cost_basis`` saying which rows measured it
+    cost: float | None = None
+    cost_ci: list[float] | None = None
+    cost_basis: str | None = None
     #: unlabeled pool images the name retrieves (:func:`pool_matches`); None without a pool
     pool_rows: int | None = None
     pool_ids: list[str] = field(default_factory=list, repr=False)
@@ -102,6 +108,9 @@ class FailureMode:
         share = "n/a" if self.share_of_loss is None else f"{100 * self.share_of_loss:.1f}%"
         head = f"{self.description!r}: {self.size} samples, mean loss {loss} (predicted {self.mean_predicted_loss:.3f}), " \
                f"{share} of all loss"
+        if self.cost is not None:
+            lo, hi = self.cost_ci or (self.cost, self.cost)
+            head += f"; costs {100 * self.cost:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] of the loss above the mean"
         if not self.shown:
             head = f"[hidden: {self.evidence.get('reason')}] " + head
         ev = self.evidence
@@ -128,6 +137,30 @@ class FailureMode:
         return out
 
 
+class Modes(list):
+    """:func:`explain`'s answer: the modes, and ``note``, one sentence saying why it shows none
+    (None when it shows some)."""
+
+    note: str | None = None
+
+
+def why_none(modes: list[FailureMode], no_skill: str | None) -> str | None:
+    """Why ``explain`` shows no mode, in one sentence (None when it shows one): the ensemble has no
+    skill (``no_skill``, from the diagnosis), or every name found failed its check against the
+    data, or no group the vocabulary can name gathers the predicted failures."""
+    if any(m.shown for m in modes):
+        return None
+    if no_skill:
+        return no_skill[0].upper() + no_skill[1:]
+    hidden = [m for m in modes if not m.shown]
+    if hidden:
+        return (f"No failure mode is shown: the {len(hidden)} group(s) found failed their check against the data "
+                f"(the first, {hidden[0].description!r}: {hidden[0].evidence.get('reason')}); --all lists them.")
+    return (f"No failure mode is shown: no group of images the vocabulary can name gathers the predicted failures "
+            f"(at least {FAIL_RATIO:g}x the mean loss over {MIN_SAMPLES} images); a vocabulary of what the images "
+            "show (--vocab FILE) may name them.")
+
+
 def evidence_rows(ev: dict) -> str:
     """Which images a mode's evidence counts, for a sentence ("the 686 held-out images that show
     the name have ...")."""
@@ -148,6 +181,11 @@ class _Table:
     @cached_property
     def total_loss(self) -> float:
         return float(np.nansum(self.loss[self.judged]))
+
+    @cached_property
+    def row(self) -> dict[str, int]:
+        """id -> its row in these arrays."""
+        return {str(x): i for i, x in enumerate(self.ids)}
 
     @cached_property
     def judged(self) -> np.ndarray:
@@ -409,12 +447,44 @@ def _untrue(ev: dict) -> bool:
     return ev.get("true_of") is not None and ev["true_of"] < MIN_TRUE_SHARE
 
 
-def impact(m: FailureMode, t: _Table) -> float:
-    """How much a mode matters: the predicted loss its members carry above the failure line
-    (``EXCESS_RATIO`` x the mean), summed -- as many samples as it holds, as badly as they fail."""
-    if m.mean_predicted_loss != m.mean_predicted_loss:  # no members
-        return 0.0
-    return m.size * (m.mean_predicted_loss - EXCESS_RATIO * float(t.pred.mean()))
+def cost(m: FailureMode, t: _Table, words: Faithfulness, described: np.ndarray) -> None:
+    """Set what mode ``m`` costs (``cost``, ``cost_ci``, ``cost_basis``): the share of the judged
+    rows' total true loss that its group carries *above their mean loss* -- what the model would
+    save if it did as well on the group as on an average image -- with a 95% bootstrap interval.
+
+    The group is measured, in order of preference, by the judged rows that show the name
+    (``described``: :func:`_described_sample`; :meth:`Faithfulness.shows`), when its parts can all
+    be tested and at least ``MIN_EVIDENCE_ROWS`` of them show it; else by the mode's judged members;
+    else by its members' *predicted* loss above the table's mean predicted loss (as a share of
+    the total predicted loss). A small group failing badly can so cost more than a large group
+    failing mildly: a group of 1.75% of the images at 3.4x the mean loss costs 4.2% of the loss,
+    one of 2.2% at 2.15x costs 2.6%."""
+    basis, values, mean, total = None, None, 0.0, 0.0
+    if len(described) and words.tested(m.description):
+        rows = described[words.shows(m.description, t.X[described])]
+        if len(rows) >= MIN_EVIDENCE_ROWS:
+            basis, values = "judged rows that show the name", t.loss[rows]
+            mean, total = float(t.loss[described].mean()), float(t.loss[described].sum())
+    if basis is None and m.ids:
+        rows = np.asarray([t.row[i] for i in m.ids], dtype=np.int64)
+        judged = rows[t.judged[rows]]
+        if len(judged) >= MIN_EVIDENCE_ROWS:
+            basis, values = "judged members", t.loss[judged]
+            mean, total = float(t.loss[t.judged].mean()), t.total_loss
+        else:
+            basis, values = "members' predicted loss", t.pred[rows]
+            mean, total = float(t.pred.mean()), float(t.pred.sum())
+    if basis is None or total <= 0:
+        return
+    lo, hi = bootstrap_ci(values)
+    m.cost = float(len(values) * (values.mean() - mean) / total)
+    m.cost_ci = [float(len(values) * (lo - mean) / total), float(len(values) * (hi - mean) / total)]
+    m.cost_basis = basis
+
+
+def _cost_key(m: FailureMode) -> tuple:
+    """Shown modes first, each part costliest first (a mode without a cost last)."""
+    return (not m.shown, -(m.cost if m.cost is not None else -np.inf))
 
 
 def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray, fail: np.ndarray,
@@ -567,10 +637,11 @@ def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_
 
 
 def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True,
-            seed: int = 0) -> list[FailureMode]:
-    """The ``top`` worst failure modes of ``db`` whose evidence holds, worst (:func:`impact`: most
-    predicted loss above the failure line, summed over its members) first; with ``show_all``, then every mode whose evidence
-    does not hold (``shown`` False).
+            seed: int = 0) -> Modes:
+    """The ``top`` worst failure modes of ``db`` whose evidence holds, costliest (:func:`cost`: the
+    share of the held-out loss the group carries above the mean) first; with ``show_all``, then every mode whose evidence
+    does not hold (``shown`` False). Its ``note`` says why it shows none (:func:`why_none`); when
+    the diagnosis found the ensemble without skill (``diagnose``'s ``no_skill``) nothing is named.
 
     ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else
     :func:`diagnosis.vocab.real_vocabulary`). ``compose``: also name groups by compositions of their
@@ -593,11 +664,17 @@ def explain_table(db, vocab=None, top: int = 10, show_all: bool = False, compose
     if not len(t.ids):
         raise UserError(f"{db.path} holds only unlabeled rows; index rows with a loss (or a label and "
                         "--predictions/--model) to name where the model fails.")
-    T = scorer.encode_text(phrases)
-    encode = scorer.encode_text if compose else None
-    words = Faithfulness(Grammar(phrases), encode, phrases, T)
-    modes = name_modes(t, phrases, T, encode, top, show_all, seed, words=words)
-    attach_pool(modes, t, words)
+    skill = (scorer.loaded.info.get("quality") or {}).get("no_skill")
+    words = Faithfulness(Grammar(phrases), scorer.encode_text if compose else None, phrases, None)
+    if skill:  # predicted losses that are noise name nothing: say so instead of naming noise
+        log.info("explain: %s", skill)
+        modes = Modes()
+    else:
+        T = scorer.encode_text(phrases)
+        words.remember(phrases, T)
+        modes = Modes(name_modes(t, phrases, T, words.encode, top, show_all, seed, words=words))
+        attach_pool(modes, t, words)
+    modes.note = why_none(modes, skill)
     return modes, t, words
 
 
@@ -705,6 +782,8 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             predicted_loss_std=float(t.std[got].mean()), phrases=[phrases[c["phrase"]], *others], source="both",
             evidence=ev, shown=ev["holds"], **_members(members, got, t)))
     out = generalise(out, t, phrases, T, fail, words)
-    out.sort(key=lambda m: (not m.shown, -impact(m, t)))
+    for m in out:
+        cost(m, t, words, described)
+    out.sort(key=_cost_key)
     shown = [m for m in out if m.shown][:top]
     return shown + ([m for m in out if not m.shown] if show_all else [])

@@ -36,6 +36,7 @@ against the data before showing it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Callable
@@ -69,6 +70,17 @@ FAITHFUL_SHARE = 0.5
 FAITH_CANDIDATES = 24  # phrases (by gain) tried for a faithful name before the best is kept anyway
 MAX_RIVALS = 16  # rivals per part: the values nearest the part's own when it has more
 MIN_FAITH_ROWS = 10
+#: Names read off a failure's own rows (:func:`describing_names`): the single values ("a small
+#: object", "a triangle", "an object on a striped background") at least ``PART_SHARE`` of its failing
+#: rows show, ``PART_LIFT`` times as often as the table does, composed into names of up to
+#: ``MAX_NAME_PARTS`` of them. This reaches conjunctions no phrase of the vocabulary gathers on its
+#: own: "a small object" retrieves every small image and pays for all that do not fail, so it is never
+#: among the best phrases composed, yet small striped triangles are a failure only it completes.
+PART_SHARE = 0.7
+PART_LIFT = 1.5
+MAX_NAME_PARTS = 3
+PART_CANDIDATES = 32  # values per kind tried on a failure's rows: those nearest the rows' mean
+BASE_ROWS = 4000  # rows of the table sample the values' base rates are read from
 _BLOCK_CELLS = 1 << 24
 
 _FUNCTION_WORDS = frozenset({"a", "an", "the", "of", "on", "in", "at", "with", "and", "or", "to", "by",
@@ -168,6 +180,9 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
                 faithful_at[c] = (n_fail < MIN_FAITH_ROWS) | (n_show >= FAITHFUL_SHARE * n_fail)
         return faithful_at[c]
 
+    refined: set[int] = set()  # phrases whose failing rows were already read for names (describing_names)
+    base_share: dict[str, float] = {}
+    base = Xs[np.sort(rng.choice(len(Xs), BASE_ROWS, replace=False))] if len(Xs) > BASE_ROWS else Xs
     modes = []
     while len(modes) < max_modes:
         J = gains(order, grid, left)
@@ -195,6 +210,20 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
         near = [x for x in tried if x[1] >= (1 - SPECIFIC_TOL) * top]
         j, _, gj = max(near, key=lambda x: (spec[x[0]], x[1]))
         got = order[j, : grid[gj]]
+        if words is not None and j not in refined:
+            # what the failing rows around the best name say themselves: names it could not reach
+            refined.add(j)
+            around = order[j, : min(2 * int(grid[gj]), order.shape[1])]
+            new = [p for p in describing_names(Xs[around[fail[around] & (left[around] > 0)]], base, words, base_share)
+                   if p.lower() not in {q.lower() for q in phrases}]
+            if new:
+                T2 = encode(new)
+                refined.update(range(len(phrases), len(phrases) + len(new)))
+                phrases, T, order = phrases + new, np.vstack([T, T2]), np.vstack([order, rank_rows(Xs, T2, r_max)])
+                spec = np.concatenate([spec, [len(content_words(p)) for p in new]])
+                words.remember(new, T2)
+                log.info("explain: %d names read off a failure's rows (%s, ...)", len(new), new[0])
+                continue  # choose again, the new names competing
         # other names for the same failing rows: the excess they gather from these rows alone
         mine = np.where(left > 0, 0.0, left)
         mine[got] = left[got]
@@ -222,6 +251,50 @@ def find_modes(X: np.ndarray, pred: np.ndarray, threshold: float, phrases: list[
     return modes, phrases, T, sample
 
 
+def describing_names(Xf: np.ndarray, base: np.ndarray, words: Faithfulness,
+                     base_share: dict[str, float] | None = None) -> list[str]:
+    """Names of up to ``MAX_NAME_PARTS`` values that are true of failing rows ``Xf`` ((f, d)) and set
+    them apart from ``base`` ((b, d), a sample of the table): each value (``grammar.single_parts``,
+    the ``PART_CANDIDATES`` of each kind nearest the rows' mean) that at least ``PART_SHARE`` of the
+    rows show (:meth:`Faithfulness.shows`), at least ``PART_LIFT`` times the share of ``base`` that
+    does; then every composition of one to ``MAX_NAME_PARTS`` of the four most set apart, most set
+    apart first. Empty when fewer than ``MIN_FAITH_ROWS`` rows or no value qualifies. ``base_share``:
+    a cache of each value's share of ``base``, kept by the caller across failures."""
+    base_share = {} if base_share is None else base_share
+    if len(Xf) < MIN_FAITH_ROWS or words.encode is None:
+        return []
+    grammar = words.grammar
+    centre = Xf.mean(axis=0)
+    centre /= max(float(np.linalg.norm(centre)), 1e-12)
+    found = []  # (lift, kind, phrase)
+    by_kind: dict[str, list[str]] = {}
+    for kind, phrase in grammar.single_parts():
+        by_kind.setdefault(kind, []).append(phrase)
+    for kind, singles in by_kind.items():
+        if len(singles) > PART_CANDIDATES:
+            near = np.argsort(-(words.vectors(singles) @ centre), kind="stable")[:PART_CANDIDATES]
+            singles = [singles[i] for i in sorted(near)]
+        for p in singles:
+            share = float(words.shows(p, Xf).mean())
+            if share < PART_SHARE:
+                continue
+            if p not in base_share:
+                base_share[p] = float(words.shows(p, base).mean())
+            lift = share / max(base_share[p], 1.0 / len(base))
+            if lift >= PART_LIFT:
+                found.append((lift, kind, p))
+    found = [p for _, _, p in sorted(found, key=lambda x: -x[0])[:4]]
+    out = []
+    for k in range(1, MAX_NAME_PARTS + 1):
+        for combo in itertools.combinations(found, k):
+            name = combo[0]
+            for p in combo[1:]:
+                name = grammar.compose(name, p) if name is not None else None
+            if name is not None and grammar.n_parts(name) == k and name not in out:
+                out.append(name)
+    return out
+
+
 class Faithfulness:
     """Which rows show a name, and whether a name is true of the rows it gathers (see
     :data:`FAITHFUL_SHARE`).
@@ -229,10 +302,12 @@ class Faithfulness:
     ``grammar`` (:class:`diagnosis.vocab.Grammar`) gives each part's rivals, ``encode`` their text
     embeddings (cached, seeded with the vocabulary's own ``T``)."""
 
-    def __init__(self, grammar, encode: Callable[[list[str]], np.ndarray], phrases: list[str], T: np.ndarray):
+    def __init__(self, grammar, encode: Callable[[list[str]], np.ndarray] | None, phrases: list[str],
+                 T: np.ndarray | None):
         self.grammar, self.encode = grammar, encode
         self.cache: dict[str, np.ndarray] = {}
-        self.remember(phrases, T)
+        if T is not None:
+            self.remember(phrases, T)
 
     def remember(self, phrases: list[str], T: np.ndarray) -> None:
         """Phrases whose embeddings (rows of ``T``) are known, so they are never encoded again."""

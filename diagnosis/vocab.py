@@ -310,6 +310,22 @@ class Grammar:
                 out.append((p.suffix, alone(suffix=p.suffix), rivals))
         return out
 
+    def single_parts(self) -> list[tuple[str, str]]:
+        """Every value the vocabulary says, on its own, as (kind, phrase): ("adjective", "a small
+        object"), ("head", "a triangle"), ("suffix", "an object on a striped background")."""
+        alone = lambda adj=(), head="object", suffix="": self.render(Parsed("a", adj, head, suffix))  # noqa: E731
+        return ([("adjective", alone(adj=(a,))) for a in sorted(self.adjectives)]
+                + [("head", alone(head=h)) for h in sorted(self.heads)]
+                + [("suffix", alone(suffix=x)) for x in sorted(self.suffixes)])
+
+    def n_parts(self, phrase: str) -> int:
+        """How many values ``phrase`` says: its adjectives, its head noun unless a placeholder, and
+        its trailing modifiers ("a small triangle on a striped background": 3)."""
+        p = self.parse(phrase)
+        suffix = p.suffix.lower().split()
+        return len(p.adjectives) + bool(p.head and not p.placeholder) + \
+            sum(1 for i, w in enumerate(suffix) if w in _SUFFIX_START and (i == 0 or suffix[i - 1] not in _SUFFIX_START))
+
     def extra_parts(self, phrase: str, shared: str) -> list[tuple[str, str]] | None:
         """What ``phrase`` says beyond ``shared``, as (kind, part) pairs -- ``("adjective", "blue")``,
         ``("head", "circle")``, ``("suffix", "on a dark background")`` -- or None when ``phrase``

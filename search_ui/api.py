@@ -360,15 +360,21 @@ def _router(ctx: AppContext) -> APIRouter:
         sample_id, image = _sample_path(request)
         return _sample_image(sample_id) if image else _json(_sample(sample_id))
 
-    @r.get("/explain", summary="Failure modes named in words, worst first")
+    @r.get("/explain", summary="Failure modes named in words, costliest first")
     def explain(top: int = 10) -> Response:
-        """As `llm2loss explain --json`: description, predicted_loss, examples (ids), size, mean_loss, ...
-        Computed once per table version and `top`."""
+        """As `llm2loss explain --json`: description, predicted_loss, examples (ids), size, mean_loss, cost, ...
+        costliest first. Computed once per table version and `top`. When the list is empty, the
+        `X-Explain-Note` header says why in one sentence (the embeddings do not explain the losses, or
+        every group found failed its check)."""
         if top < 1:
             raise UserError(f"top {top} asks for no failure modes; pass top=1 or more.")
         _bound(top, "top", MAX_TOP)
-        return _json([public_mode(m) for m in ctx.modes(int(top))
-                      if m.get("shown", True)])  # as the CLI and /explain: names whose evidence holds
+        out = _json([public_mode(m) for m in ctx.modes(int(top))
+                     if m.get("shown", True)])  # as the CLI and /explain: names whose evidence holds
+        note = ctx.modes_note(int(top))
+        if note:  # a header holds latin-1 only: anything else escaped
+            out.headers["X-Explain-Note"] = note.encode("ascii", "backslashreplace").decode("ascii")
+        return out
 
     def _selections():
         from search_ui.selections import Selections
@@ -506,7 +512,8 @@ def health_report(ctx: AppContext) -> dict:
     reason = "no diagnosis ensemble was fitted (run `llm2loss diagnose`)" if info is None else \
         staleness(db, info) or damage(db, info)
     ensemble = {"exists": info is not None, "fresh": reason is None, "reason": reason,
-                "num_rows": (info or {}).get("num_rows"), "data_version": (info or {}).get("data_version")}
+                "num_rows": (info or {}).get("num_rows"), "data_version": (info or {}).get("data_version"),
+                "no_skill": ((info or {}).get("quality") or {}).get("no_skill")}
     return {"rows": db.count_rows(), "table_version": db.version, "data_version": db.data_version,
             "clip": db.clip_identity, "index": index, "ensemble": ensemble}
 

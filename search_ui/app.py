@@ -227,7 +227,7 @@ def _api(ui: Handlers) -> None:
 
     @friendly
     def explain(top: int = 10) -> list[dict]:
-        """Failure modes named in words, worst first (as `llm2loss explain --json`)."""
+        """Failure modes named in words, costliest first (as `llm2loss explain --json`)."""
         return [public_mode(m) for m in ui.ctx.modes(int(top)) if m.get("shown", True)]
 
     @friendly

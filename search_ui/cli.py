@@ -104,9 +104,11 @@ def cmd_explain(args) -> int:
     modes = explain(args.db, vocab=args.vocab, top=args.top, show_all=args.all)
     if args.json:
         _print_json([m.to_dict() for m in modes])
+        if modes.note:  # the answer stays a list; why it holds no shown mode goes beside it
+            print(modes.note, file=sys.stderr)
     else:
-        if not modes:
-            print("No failure mode whose evidence holds" + ("." if args.all else "; --all lists the rejected ones."))
+        if modes.note:
+            print(modes.note)
         for i, m in enumerate(modes, 1):
             print(f"{i:2d}. {m.summary()}")
     return 0
@@ -313,14 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the quality report as JSON")
     s.set_defaults(func=cmd_diagnose)
 
-    s = sub.add_parser("explain", help="name the model's failure modes in words, worst first", description=(
-        "Name the model's failure modes in words, worst first. A mode is named by the phrase (or a "
+    s = sub.add_parser("explain", help="name the model's failure modes in words, costliest first", description=(
+        "Name the model's failure modes in words, costliest first. A mode is named by the phrase (or a "
         "composition of phrases) whose images gather the most predicted loss, among the names true of "
         "the failing images they gather; fragments differing in one kind of word ('a blue triangle', "
         "'a blue circle') fold into what they share ('a blue object') when its images fail. Every name "
         "is checked against the data before it is shown: its images fail (predicted, and true loss on "
         "held-out rows, at least 2x the mean) and it has at least 20 samples; each comes with that "
-        "evidence."))
+        "evidence. Modes are ordered by what they cost: the share of the held-out loss their group "
+        "carries above the mean loss (with a 95% interval), so a small group failing badly comes "
+        "before a large one failing mildly. When diagnose found the embeddings do not explain the "
+        "losses (out-of-fold Spearman and AUROC within noise of chance), explain says so and names "
+        "nothing; when it shows no mode it says why."))
     db_arg(s)
     s.add_argument("--vocab", default=None, help="file of phrases, one per line (default: the dataset's vocab.txt, else its label names, caption "
                    "column, open_clip's ImageNet class names and generic concepts, composed)")
@@ -328,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true",
                    help="also list the modes whose evidence does not hold (fewer than 20 samples, the images "
                         "their name retrieves do not fail, or the name is untrue of most of them), marked hidden")
-    s.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON list on stdout (why it is empty, when it is, on stderr)")
     s.set_defaults(func=cmd_explain)
 
     def query_opts(sp):

@@ -167,14 +167,15 @@ def test_explain_reports_members_and_evidence_on_a_real_table(explained_db, tmp_
     assert bc.description == "a blue circle" and (table.loc[bc.ids, "color"] == "blue").all()
     assert bc.shown == (bc.size >= 20)
     assert modes and [m.shown for m in modes] == sorted((m.shown for m in modes), reverse=True)
-    from diagnosis.explain import impact
-
-    shown = [impact(m, _read_table(db)) for m in modes if m.shown]
+    shown = [m.cost for m in modes if m.shown]
     assert shown == sorted(shown, reverse=True)  # the costliest failures first
+    for m in modes:
+        if m.cost is not None:
+            assert m.cost_ci[0] <= m.cost <= m.cost_ci[1] and m.cost_basis
     for m in modes:
         d = m.to_dict()
         assert {"description", "predicted_loss", "examples", "size", "mean_loss", "mean_predicted_loss",
-                "share_of_loss", "phrases", "source", "evidence", "shown"} <= set(d) and "ids" not in d
+                "share_of_loss", "cost", "cost_ci", "cost_basis", "phrases", "source", "evidence", "shown"} <= set(d) and "ids" not in d
         assert set(m.examples) <= set(table.index) and len(m.examples) <= 10
         assert m.size == len(m.ids) and set(m.examples) <= set(m.ids)
         assert m.description == m.phrases[0] and m.shown == m.evidence["holds"]
@@ -221,3 +222,64 @@ def test_content_words_drop_articles_prepositions_and_placeholder_nouns():
     assert content_words("an object on a dark background") <= content_words("a square on a dark background")
     assert content_words("a photo in low light") == {"low", "light"}
     assert content_words("a photo of an object") == frozenset()
+
+
+def test_chance_lines_are_three_standard_errors_of_the_null_and_a_floor():
+    from diagnosis.metrics import MIN_SKILL, chance_lines, no_skill
+
+    rho, auc = chance_lines(1000)
+    assert rho == pytest.approx(3 / np.sqrt(999))  # 0.0949
+    assert auc == pytest.approx(0.5 + 3 * np.sqrt(1001 / (12 * 100 * 900)))  # 0.591
+    assert chance_lines(10_000_000) == (MIN_SKILL, 0.5 + MIN_SKILL)  # huge tables: the floor decides
+    # issue 26's case: 1,000 real photos with random losses
+    said = no_skill({"n": 1000, "spearman": -0.02, "auroc_top10": 0.456})
+    assert said.startswith("the embeddings do not explain these losses") and "within noise of chance" in said
+    assert "0.095" in said and "0.591" in said and "\n" not in said
+    assert no_skill({"n": 1000, "spearman": 0.12, "auroc_top10": 0.5}) is None  # either figure beyond noise
+    assert no_skill({"n": 1000, "spearman": 0.0, "auroc_top10": 0.62}) is None
+    assert "every loss is 0" in no_skill({"n": 50, "spearman": float("nan"), "auroc_top10": float("nan")},
+                                         "every loss is 0, so there is nothing to rank")
+
+
+def test_losses_the_embeddings_do_not_explain_are_said_by_diagnose_explain_and_the_api(tmp_path, capsys):
+    """Losses shuffled across images (no structure to find): diagnose says so, explain names nothing
+    and says why, instead of an empty answer with no word (issue 26)."""
+    import pyarrow as pa
+    import requests
+
+    from search_ui.app import serve
+    from search_ui.cli import main
+
+    db = make_db(tmp_path, n=150, predicted=False)
+    t = db.read([S.ID, S.LOSS])
+    loss = np.random.default_rng(3).permutation(t.column(S.LOSS).to_numpy())
+    db.update_columns(pa.table({S.ID: t.column(S.ID), S.LOSS: pa.array(loss.astype(np.float32))}))
+    report = diagnose(db, members=4, folds=3, progress=False, fit_split="all")
+    assert report.no_skill and "within noise of chance" in report.no_skill
+    assert "The embeddings do not explain these losses" in report.summary()
+    modes = explain(db, show_all=True)
+    assert modes == [] and modes.note.startswith("The embeddings do not explain these losses")
+    assert main(["explain", "--db", str(db.path)]) == 0
+    assert "do not explain these losses" in capsys.readouterr().out
+    assert main(["explain", "--db", str(db.path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == [] and "do not explain these losses" in out.err
+    server = serve(db, port=None, block=False)
+    try:
+        api = server.local_url.rstrip("/") + "/api/v1"
+        r = requests.get(f"{api}/explain", timeout=60)
+        assert r.status_code == 200 and r.json() == []
+        assert "do not explain these losses" in r.headers["X-Explain-Note"]
+        health = requests.get(f"{api}/health", timeout=60).json()
+        assert "within noise of chance" in health["ensemble"]["no_skill"]
+    finally:
+        server.close()
+
+
+def test_a_table_the_ensemble_explains_has_skill_and_its_modes(explained_db):
+    _, db = explained_db
+    from diagnosis.run import load_ensemble
+
+    assert load_ensemble(db).info["quality"]["no_skill"] is None
+    modes = explain(db, vocab=["a blue circle", "a red square", "a green triangle"], show_all=True)
+    assert modes.note is None or not any(m.shown for m in modes)

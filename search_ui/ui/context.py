@@ -295,6 +295,7 @@ class AppContext:
         self._scratch = tempfile.TemporaryDirectory(prefix="llm2loss-ui-")
         self.scratch = self._scratch.name  # downloads are written here before Gradio caches them
         self._modes: dict[tuple, list[dict]] = {}
+        self._notes: dict[tuple, str | None] = {}  # why explain shows no mode, per cached answer
         self._modes_lock = threading.Lock()
         self._plans: dict[tuple, dict] = {}
 
@@ -375,8 +376,14 @@ class AppContext:
                 modes = explain(self.db, vocab=vocab, top=top, show_all=True)
                 for old in [k for k in self._modes if k[0] != key[0]]:  # an older table's: never asked again
                     del self._modes[old]
+                    self._notes.pop(old, None)
                 self._modes[key] = [jsonable(m.to_dict(with_ids=True)) for m in modes]
+                self._notes[key] = modes.note
             return self._modes[key]
+
+    def modes_note(self, top: int, vocab: str | None = None) -> str | None:
+        """Why :meth:`modes` (asked first, same arguments) shows no mode; None when it shows one."""
+        return self._notes.get((self.db.version, int(top), vocab))
 
     def plan(self, budget: int, modes: tuple[str, ...] = ()) -> dict:
         """``diagnosis.curate.plan_curation`` as a dict (modes, items), cached per table version,

@@ -195,11 +195,12 @@ class Handlers:
         rows = [mode_row(i, m) for i, m in enumerate(modes, 1)]
         choices = [f"{i}. {m['description']}" for i, m in enumerate(modes, 1)]
         shown = sum(bool(m.get("shown", True)) for m in modes)
-        msg = (f"{shown} failure modes whose evidence holds, worst first: each name's own images fail (true loss "
+        msg = (f"{shown} failure modes whose evidence holds, costliest first (the share of the held-out loss their "
+               f"group carries above the mean): each name's own images fail (true loss "
                f"on held-out rows, predicted loss with 95% intervals)."
                + (f" {len(modes) - shown} more whose evidence does not hold (under 20 samples, or the name's images "
                   f"do not fail) follow, marked hidden." if len(modes) > shown else "")
-               if modes else "No failure modes found.")
+               if shown else self.ctx.modes_note(int(top)) or "No failure modes found.")
         return rows, gr.Dropdown(choices=choices, value=choices[0] if choices else None), msg, modes
 
     @staticmethod

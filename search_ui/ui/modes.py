@@ -6,7 +6,8 @@ from diagnosis.explain import evidence_rows
 from search_ui.ui.context import fmt
 
 MODE_COLUMNS = ["#", "failure mode", "its images' true loss (x mean)", "their predicted loss [95% CI]",
-                "coverage", "precision", "samples", "share of loss", "unlabeled pool images it retrieves"]
+                "coverage", "precision", "samples", "share of loss", "costs: loss above the mean [95% CI]",
+                "unlabeled pool images it retrieves"]
 
 
 def _ci(lo_hi) -> str:
@@ -17,6 +18,14 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _cost(m: dict) -> str:
+    """What a mode costs (explain's ``cost``, the share of the held-out loss above the mean) and its interval."""
+    if m.get("cost") is None:
+        return "n/a"
+    lo, hi = m.get("cost_ci") or (m["cost"], m["cost"])
+    return f"{100 * m['cost']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def mode_row(i: int, m: dict) -> list:
     """One row of the modes table: the name and the evidence that it names a real failure."""
     ev = m.get("evidence") or {}
@@ -24,13 +33,14 @@ def mode_row(i: int, m: dict) -> list:
     pred = f"{fmt(ev.get('predicted_loss', m.get('predicted_loss')))} {_ci(ev.get('predicted_loss_ci'))}".strip()
     return [i, m["description"] + ("" if m.get("shown", True) else f" (hidden: {(m.get('evidence') or {}).get('reason')})"), true, pred,
             _pct(ev.get("coverage")), _pct(ev.get("precision")), m.get("size"), _pct(m.get("share_of_loss")),
-            "no pool" if m.get("pool_rows") is None else m["pool_rows"]]
+            _cost(m), "no pool" if m.get("pool_rows") is None else m["pool_rows"]]
 
 
 def evidence_markdown(m: dict) -> str:
     """The mode's evidence in a sentence or three, for the panel under the table."""
     ev = m.get("evidence") or {}
-    out = f"**{m['description']}** — {m.get('size')} samples predicted to fail, {_pct(m.get('share_of_loss'))} of all loss."
+    out = (f"**{m['description']}** — {m.get('size')} samples predicted to fail, {_pct(m.get('share_of_loss'))} of all "
+           f"loss; it costs {_cost(m)} of the loss above the mean ({m.get('cost_basis') or 'n/a'}).")
     if not m.get("shown", True):
         out += f"\n\n*Hidden: {ev.get('reason')}.*"
     if ev:
