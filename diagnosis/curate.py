@@ -155,8 +155,9 @@ def plan_curation(db, budget: int, modes: list[str] | None = None, vocab=None, t
     numbers = [int(x) for x in modes or [] if str(x).strip().isdigit()]
     found, t, words = explained or explain_table(db, vocab=vocab, top=max([top, *numbers]))
     if not found:
-        raise UserError(f"`llm2loss explain` shows no failure mode for {db.path}, so there is nothing to plan for; "
-                        "curate by hand with `llm2loss select` and `export`.")
+        why = f" ({found.note.rstrip('.')})" if getattr(found, "note", None) else ""
+        raise UserError(f"`llm2loss explain` shows no failure mode for {db.path}{why}, so there is nothing to plan "
+                        "for; curate by hand with `llm2loss select` and `export`.")
     cols = db.read([S.ID, S.IMAGE, S.LABEL])
     ids = cols.column(S.ID).to_pylist()
     info = {"image": dict(zip(ids, cols.column(S.IMAGE).to_pylist(), strict=True)),

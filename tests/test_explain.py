@@ -264,6 +264,10 @@ def test_losses_the_embeddings_do_not_explain_are_said_by_diagnose_explain_and_t
     assert main(["explain", "--db", str(db.path), "--json"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out) == [] and "do not explain these losses" in out.err
+    from diagnosis.curate import plan_curation
+
+    with pytest.raises(UserError, match="shows no failure mode .*do not explain these losses"):
+        plan_curation(db, 10)
     server = serve(db, port=None, block=False)
     try:
         api = server.local_url.rstrip("/") + "/api/v1"
