@@ -116,14 +116,28 @@ def test_the_budget_is_respected_and_split_by_the_documented_rule(world):
         assert all(m.chosen <= m.budget <= m.available for m in plan.modes)
         if budget <= min(m.available for m in plan.modes):
             assert sum(m.budget for m in plan.modes) == budget  # nothing left over while every mode has items
-    # half equal, half by share of loss: a mode costing nothing still gets its equal half
-    plans = [type("P", (), {"available": 1000, "budget": 0})() for _ in range(2)]
+    # half equal, half by cost (the share of loss when a mode has no cost): a mode costing nothing
+    # still gets its equal half
+    plans = [type("P", (), {"available": 1000, "budget": 0, "action": "collect"})() for _ in range(2)]
     fm = [FailureMode("a", 1, 0, [], 10, 1.0, 1.0, 1.0, [], "both"), FailureMode("b", 1, 0, [], 10, 1.0, 1.0, 0.0, [], "both")]
     _allot(plans, fm, 100)
     assert [p.budget for p in plans] == [75, 25]
+    fm[0].cost, fm[1].cost = 0.0, 0.3  # explain's cost decides where it is known
+    _allot(plans, fm, 100)
+    assert [p.budget for p in plans] == [25, 75]
+    fm[0].cost = fm[1].cost = None
     plans[1].available = 5  # capped: what it cannot use goes to the other
     _allot(plans, fm, 100)
     assert [p.budget for p in plans] == [95, 5]
+    # a relabel mode gets all its suspect labels first, the collect modes what is left
+    plans = [type("P", (), {"available": a, "budget": 0, "action": act})()
+             for a, act in ((1000, "collect"), (30, "relabel"), (1000, "collect"))]
+    fm.append(FailureMode("c", 1, 0, [], 10, 1.0, 1.0, 1.0, [], "both"))
+    _allot(plans, fm, 100)
+    assert [p.budget for p in plans] == [35, 30, 35]
+    plans[1].available = 500  # more suspects than the budget: they take it all
+    _allot(plans, fm, 100)
+    assert [p.budget for p in plans] == [0, 100, 0]
 
 
 def test_near_duplicates_do_not_use_the_budget_twice():
@@ -171,9 +185,14 @@ def test_a_mode_whose_pool_images_another_took_leaves_its_budget_to_the_others(w
 
     s, table, info, truth, modes, words = world
     star = next(m for m in modes if m.description == "a small star")
-    plan = make_plan([*modes, copy.copy(star)], table, words, info, budget=300)
+    alone = make_plan(modes, table, words, info, budget=1).modes
+    suspects = sum(m.available for m in alone if m.action == RELABEL)
+    images = sum(m.available for m in alone if m.action == COLLECT)  # distinct pool images the names retrieve
+    budget = suspects + 300  # the relabel modes take their suspects first; the rest for the collect modes
+    plan = make_plan([*modes, copy.copy(star)], table, words, info, budget=budget)
     first, twin = [m for m in plan.modes if m.mode == "a small star"]
-    assert first.action == twin.action == COLLECT
+    assert first.action == twin.action == COLLECT and images < 300
     assert twin.chosen < twin.budget  # it ran short: the first took its images
-    assert len(plan.items) == sum(m.chosen for m in plan.modes) == 300  # and nothing was left unspent
-    assert len({it["id"] for it in plan.items}) == 300
+    # nothing that could be spent was left unspent: every suspect, every pool image the names retrieve
+    assert len(plan.items) == sum(m.chosen for m in plan.modes) == suspects + images
+    assert len({it["id"] for it in plan.items}) == len(plan.items)
