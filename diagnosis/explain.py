@@ -155,7 +155,7 @@ def why_none(modes: list[FailureMode], no_skill: str | None) -> str | None:
     hidden = [m for m in modes if not m.shown]
     if hidden:
         return (f"No failure mode is shown: the {len(hidden)} group(s) found failed their check against the data "
-                f"(the first, {hidden[0].description!r}: {hidden[0].evidence.get('reason')}); --all lists them.")
+                f"(the first, {hidden[0].description!r}: {hidden[0].evidence.get('reason')}).")
     return (f"No failure mode is shown: no group of images the vocabulary can name gathers the predicted failures "
             f"(at least {FAIL_RATIO:g}x the mean loss over {MIN_SAMPLES} images); a vocabulary of what the images "
             "show (--vocab FILE) may name them.")

@@ -141,7 +141,9 @@ def test_failure_mode_becomes_a_selection_and_downloads_as_an_indexable_manifest
 
     _tab(page, "Failure modes")
     page.click("#explain-button")
-    page.wait_for_function("() => document.querySelector('#modes-status')?.innerText.includes('costliest first')")
+    # this small table's groups are under 20 samples: the status says why none is shown
+    page.wait_for_function("() => /costliest first|No failure mode is shown/.test("
+                           "document.querySelector('#modes-status')?.innerText)")
     first = served[0].llm2loss_context.modes(10)[0]
     assert first["description"] in page.inner_text("#modes-table")
     page.wait_for_selector("#mode-gallery .thumbnail-item img")

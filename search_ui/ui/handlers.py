@@ -200,7 +200,8 @@ class Handlers:
                f"on held-out rows, predicted loss with 95% intervals)."
                + (f" {len(modes) - shown} more whose evidence does not hold (under 20 samples, or the name's images "
                   f"do not fail) follow, marked hidden." if len(modes) > shown else "")
-               if shown else self.ctx.modes_note(int(top)) or "No failure modes found.")
+               if shown else (self.ctx.modes_note(int(top)) or "No failure modes found.")
+               + (" They are listed below, marked hidden." if modes else ""))
         return rows, gr.Dropdown(choices=choices, value=choices[0] if choices else None), msg, modes
 
     @staticmethod
