@@ -31,8 +31,10 @@ wrong label removed is worth more than an image added), then over the ``collect`
 ``explain`` (or those named): half equally, so every failure gets a share, half by what each mode
 costs (explain's ``cost``, the held-out loss its group carries above the mean), so costlier
 failures get more; a mode's part is capped by the items it has (suspect labels, or pool images)
-and what it cannot use goes to the others by the same rule. Every mode comes with one sentence saying why,
-with its figures.
+and what it cannot use goes to the others by the same rule. What no mode can use (every mode short
+of items) buys the unlabeled images of highest predicted loss that no mode took, spread out the same
+way (:data:`LEFTOVER`, number 0): a budget is spent where the model most likely fails. Every mode
+comes with one sentence saying why, with its figures.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ BASE_SAMPLE = 2000  # training rows the split-wide share of suspect labels is me
 #: computed among them, (r x r) similarities, so this bounds the cost of a vast mode.
 MODE_SAMPLE = 20_000
 COLLECT, RELABEL = "collect", "relabel"
+#: The part of a plan that spends what no mode could use (``mode`` of its items, number 0).
+LEFTOVER = "(no mode: the likeliest failures left)"
 #: Columns of the plan's manifest, in order. ``plan_predicted_loss`` is the ensemble's predicted
 #: loss when the plan was made (``predicted_loss`` is written by ``index``/``diagnose`` only, so a
 #: manifest may not bring it): the file is indexable as it is.
@@ -137,7 +141,8 @@ def items_table(items: list[dict]) -> pa.Table:
     return pa.table({c: pa.array([it.get(c) for it in items], types.get(c, pa.string())) for c in COLUMNS})
 
 
-RULE = "half the budget split equally over the modes, half by their share of the held-out loss, each capped by its items"
+RULE = ("relabel modes first, each up to all its suspect labels; the rest over the collect modes, half equally, "
+        "half by what each costs, each capped by its items; what no mode can use goes to the pool's likeliest failures")
 
 
 def plan_curation(db, budget: int, modes: list[str] | None = None, vocab=None, top: int = 10,
@@ -390,14 +395,29 @@ def _select(plans: list[ModePlan], cands: list[list[dict]], modes: list[FailureM
         left = budget - len(items)
         open_ = [i for i in range(len(plans)) if not closed[i]]
         if left <= 0 or not open_:
-            return items
+            break
         extra = _shares([modes[i] for i in open_], [plans[i].available - plans[i].chosen for i in open_], left)
         if not any(extra):
-            return items
+            break
         want = [0] * len(plans)
         for i, n in zip(open_, extra, strict=True):
             want[i] = n
             plans[i].budget += n
+    left = budget - len(items)
+    if left > 0 and t.pool is not None and len(t.pool.ids) > len(used):
+        # what no mode could use buys the likeliest failures of the pool, spread like the modes' own
+        rest = [{"pool": str(t.pool.ids[r])} for r in np.argsort(-t.pool.pred, kind="stable")
+                if str(t.pool.ids[r]) not in used]
+        p = ModePlan(number=0, mode=LEFTOVER, action=COLLECT, available=len(rest), budget=min(left, len(rest)), reason=(
+            f"the modes could use {len(items)} of the {budget} items ({100 * len(items) / budget:.0f}%); the other "
+            f"{left} go to the unlabeled images of highest predicted loss that no mode took, spread out like the "
+            "modes' own"))
+        got = _pick(p, rest, left, t, info, used, chosen_X, line, mean_pred)
+        if got:
+            p.chosen = len(got)
+            plans.append(p)
+            items += got
+    return items
 
 
 def _pick(p: ModePlan, c: list[dict], k: int, t, info: dict, used: set[str], chosen_X: list[np.ndarray],

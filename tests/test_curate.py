@@ -10,6 +10,7 @@ import pytest
 
 from diagnosis.curate import (
     COLLECT,
+    LEFTOVER,
     DUPLICATE,
     NEAR_DUPLICATE,
     RELABEL,
@@ -193,6 +194,16 @@ def test_a_mode_whose_pool_images_another_took_leaves_its_budget_to_the_others(w
     first, twin = [m for m in plan.modes if m.mode == "a small star"]
     assert first.action == twin.action == COLLECT and images < 300
     assert twin.chosen < twin.budget  # it ran short: the first took its images
-    # nothing that could be spent was left unspent: every suspect, every pool image the names retrieve
-    assert len(plan.items) == sum(m.chosen for m in plan.modes) == suspects + images
+    # nothing that could be spent was left unspent: every suspect, every pool image the names
+    # retrieve, and the rest on the pool's likeliest failures that no mode took
+    leftover = plan.modes[-1]
+    assert leftover.mode == LEFTOVER and leftover.number == 0 and leftover.chosen == budget - suspects - images
+    assert len(plan.items) == sum(m.chosen for m in plan.modes) == budget
     assert len({it["id"] for it in plan.items}) == len(plan.items)
+    rest = [it for it in plan.items if it["mode"] == LEFTOVER]
+    assert all(it["split"] == "pool" for it in rest)
+    pred = dict(zip(table.pool.ids, table.pool.pred, strict=True))
+    taken = {it["id"] for it in plan.items if it["mode"] != LEFTOVER}
+    others = sorted((p for i, p in pred.items() if i not in taken), reverse=True)
+    # the likeliest failures: spread out, but from the top of what was left
+    assert np.median([pred[it["id"]] for it in rest]) >= others[len(others) // 4]
