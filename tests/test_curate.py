@@ -10,8 +10,8 @@ import pytest
 
 from diagnosis.curate import (
     COLLECT,
-    LEFTOVER,
     DUPLICATE,
+    LEFTOVER,
     NEAR_DUPLICATE,
     RELABEL,
     _allot,
