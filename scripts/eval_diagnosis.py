@@ -20,8 +20,8 @@ top N the same way, printed beside. ``--worlds-built FILE`` takes already-built 
 ``--random N --seed S`` evaluates N worlds nobody designed instead, drawn by
 :func:`indexer.world.spec.random_spec` (``random-S-0`` ... ``random-S-<N-1>``: task among the four
 attributes, 2-5 slices of random kinds on two or three attributes, strengths from the ranges that
-made the benchmark slices fail, no two slices claiming the same rows; 12,000 training, 4,000
-held-out and 1,000 pool rows; the shared CLIP); ``--list`` prints the drawn specs and stops.
+made the benchmark slices fail, no two slices claiming the same rows; 8,000 training, 4,000
+held-out and 500 pool rows; the shared CLIP); ``--list`` prints the drawn specs and stops.
 ``--shared-clip`` builds any spec with the shared tiny CLIP (``"clip": {"shared": true}``: trained
 once on uniform images for all worlds, not once per world), said in the output. Each result records
 its world's spec, build seconds and the code's commit; a planted failure that is not named gets a
