@@ -326,7 +326,30 @@ def markdown(results: list[dict]) -> str:
         out += ["", f"criterion met: **{'yes' if r['resolved'] else 'no'}** "
                 f"(1 {r['new']['c1_every_slice_named']}, 2 {r['new']['c2_every_name_a_true_failure']}, "
                 f"3 {r['new']['c3_no_shared_majority']}, 4 AUROC {r['c4_auroc']} p@10 {r['c4_p10']})", ""]
-    return "\n".join(out)
+    return "\n".join(out + summary_table(results))
+
+
+def summary_table(results: list[dict]) -> list[str]:
+    """One line per world: its planted failures (>= 2x held out), which the top N named, the misses
+    and why, how many top-N names are true failures, and whether the criterion is met."""
+    out = ["| world | task | planted failures (>= 2x held out) | named in the top N | missed (why) | "
+           "top-N names true | AUROC | criterion |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        j = r["new"]
+        fails = [s for s in r["slices"] if s["eligible"]]
+        named = [f"{k} -> '{v}'" for k, v in j["named"].items() if v is not None]
+        missed = [f"{k} ({j.get('why', {}).get(k, '')})" for k, v in j["named"].items() if v is None]
+        out.append(f"| {r['world']} | {r.get('task', '')} | {len(fails)} of {len(r['slices'])}: "
+                   + (", ".join(f"{s['slice']} {s['loss_ratio']}x" for s in fails) or "none")
+                   + f" | {'; '.join(named) or '-'} | {'; '.join(missed) or '-'} | "
+                   f"{sum(t['true_failure'] for t in j['top'])}/{len(j['top'])} | {r['auroc_top10']:.3f} | "
+                   f"{'met' if r['resolved'] else 'not met'} |")
+    n = len(results)
+    every = sum(r["new"]["c1_every_slice_named"] for r in results)
+    true = sum(all(t["true_failure"] for t in r["new"]["top"]) for r in results)
+    out += ["", f"Every planted failure named in the top N on {every} of {n} worlds; every top-N name a true "
+            f"failure on {true} of {n}; the criterion met on {sum(r['resolved'] for r in results)} of {n}."]
+    return out
 
 
 def main(argv=None) -> int:
