@@ -119,7 +119,8 @@ def judge(modes: list[dict], rows, loss, is_test, slices, n_top: int) -> dict:
                 for i, a in enumerate(top) for b in top[i + 1 :]]
     return {"top": table, "named": named,
             "c1_every_slice_named": all(v is not None for v in named.values()),
-            "c2_every_name_a_true_failure": all(t["true_failure"] for t in table) and len(table) > 0,
+            # no name at all is right only where no planted slice failed (a random world may have none)
+            "c2_every_name_a_true_failure": all(t["true_failure"] for t in table) and (len(table) > 0 or not slices),
             "c3_max_member_overlap": max((o for *_, o in overlaps), default=0.0),
             "c3_no_shared_majority": all(o <= 0.5 for *_, o in overlaps)}
 
@@ -128,6 +129,8 @@ def why_missed(s: dict, modes: list, n_top: int, rows, loss, is_test, world) -> 
     """Why planted failure ``s`` got no top-N name, from a longer ``explain`` list (``show_all``):
     a nested true name shown below the top N, a nested name hidden (its reason), and the mode that
     holds the most of the slice's rows (its name, the held-out loss ratio of its words)."""
+    if not modes:
+        return "explain shows no mode at all, even with show_all"
     col = next(w["column"] for w in world.slices if w["name"] == s["slice"])
     member = set(rows.index[rows[col].to_numpy(bool)])
     mean = float(loss[is_test].mean())
@@ -363,7 +366,12 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the worlds' specs (JSON, one a line) and stop")
     ap.add_argument("--shared-clip", action="store_true",
                     help="build every world with the shared tiny CLIP (trained once, not once per world)")
+    ap.add_argument("--report", default=None, metavar="FILE.json",
+                    help="print the tables of a saved --out file (re-judged by this code) and stop")
     args = ap.parse_args(argv)
+    if args.report:
+        print(markdown([rejudge(r) for r in json.loads(Path(args.report).read_text())]))
+        return 0
     specs = dict(SPECS)
     if args.random:
         drawn = {f"random-{args.seed}-{i}": random_spec(args.seed, i) for i in range(args.random)}
@@ -389,6 +397,19 @@ def main(argv=None) -> int:
                         built)
 
     return run(args, specs, one, markdown)
+
+
+def rejudge(r: dict) -> dict:
+    """A saved result with points 2 and the verdict recomputed from its top names (the rule as now)."""
+    for key in ("new", "old"):
+        if key in r:
+            j = r[key]
+            j["c2_every_name_a_true_failure"] = all(t["true_failure"] for t in j["top"]) and (
+                len(j["top"]) > 0 or not j["named"])
+    n = r["new"]
+    r["resolved"] = bool(n["c1_every_slice_named"] and n["c2_every_name_a_true_failure"]
+                         and n["c3_no_shared_majority"] and r["c4_auroc"] and r["c4_p10"])
+    return r
 
 
 def with_shared_clip(spec, shared: bool):

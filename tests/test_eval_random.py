@@ -50,6 +50,19 @@ def test_why_a_slice_was_missed():
     assert "20% of its members are the slice's" in why
     assert eval_diagnosis.why_missed(s, [_mode("a circle", ids[20:])], 3, rows, loss, is_test, world) == \
         "no mode holds its rows"
+    assert eval_diagnosis.why_missed(s, [], 3, rows, loss, is_test, world).startswith("explain shows no mode")
+
+
+def test_no_name_is_right_only_where_nothing_failed():
+    s, rows, loss, is_test, world = _table()
+    nothing = eval_diagnosis.judge([], rows, loss, is_test, [], 3)
+    assert nothing["c2_every_name_a_true_failure"] and nothing["c1_every_slice_named"]
+    missed = eval_diagnosis.judge([], rows, loss, is_test, [s], 3)
+    assert not missed["c2_every_name_a_true_failure"] and not missed["c1_every_slice_named"]
+    named = eval_diagnosis.judge([{"description": "a small star", "ids": list(rows.index[:10]) * 2}],
+                                 rows, loss, is_test, [s], 3)
+    assert named["named"] == {"small stars": "a small star"} and named["top"][0]["ratio"] == pytest.approx(
+        5.0 / 2.0)  # the slice's rows' loss 5 over the mean (10 x 5 + 30 x 1) / 40
 
 
 def test_list_prints_random_specs_and_the_shared_clip(capsys):
