@@ -38,6 +38,7 @@ in ``scripts/worlds/``: ``--specs scripts/worlds/unseen-a.json,scripts/worlds/un
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -164,8 +165,10 @@ def why_missed(s: dict, modes: list, n_top: int, rows, loss, is_test, world) -> 
     return "; ".join(parts)
 
 
+@functools.cache
 def code_version() -> dict:
-    """The commit of this checkout and whether its ``diagnosis/`` differs from that commit."""
+    """The commit of this checkout and whether its ``diagnosis/`` differs from that commit, read once
+    (at the first world: the code this process runs, though commits may follow while it runs)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*a):
