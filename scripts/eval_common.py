@@ -59,7 +59,7 @@ def mode_slice(ids: list[str], rows, slices: list[dict]) -> dict | None:
 def parser(doc: str, specs: dict) -> argparse.ArgumentParser:
     """The options every evaluation takes: the worlds, where their databases go, the JSON output."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--specs", default=",".join(specs),
+    ap.add_argument("--specs", default=None,
                     help=f"comma list of: {', '.join(specs)}, or JSON spec paths (default: all of them)")
     ap.add_argument("--work", default="/tmp/eval_diagnosis", help="folder for the indexed databases")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -77,7 +77,7 @@ def run(args, specs: dict, evaluate: Callable[[str, object], dict], markdown: Ca
 
     torch.set_num_threads(max(1, args.threads))
     results = []
-    for name in args.specs.split(","):
+    for name in args.specs.split(",") if args.specs else list(specs):
         results.append(evaluate(name, specs.get(name, name)))
         print(json.dumps(results[-1], indent=1, default=str), file=sys.stderr)
         if args.out:

@@ -9,13 +9,15 @@ renamed into place only when complete, so an interrupted build is never reused::
                        evaluation only (never indexed)
     images/<split>/    PNG files
     vocab.txt          phrases from the attribute words (``llm2loss explain``'s default for this data)
-    tiny-clip.json     the CLIP architecture; tiny-clip.pt its trained weights
+    tiny-clip.json     the CLIP architecture; tiny-clip.pt its trained weights (with ``"clip":
+                       {"shared": true}``, copies of a CLIP trained once in ``<cache>/clips/<hash>/``)
     blackbox.pt        the black-box CNN's weights
     world.json         the spec, the planted slices and the measured quality numbers
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ from indexer.errors import UserError
 from indexer.schema import POOL_SPLIT
 from indexer.world import blackbox, tiny_clip
 from indexer.world.generate import finish_rows, plant_train, render_all, sample_rows
-from indexer.world.spec import ATTRIBUTES, load_spec, slug, spec_hash
+from indexer.world.spec import ATTRIBUTES, GENERATOR_VERSION, load_spec, slug, spec_hash
 from indexer.world.vocab import describe, vocabulary_items, write_vocab
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,11 @@ POOL_TRUTH = "pool_truth.parquet"
 #: Thresholds the issue asks of a world; a world below them is still built, with a warning.
 MIN_ZERO_SHOT = 0.9
 MIN_LOSS_RATIO = 2.0
+#: The seed of every shared CLIP: its pools, initialisation and batches (part of its hash).
+SHARED_CLIP_SEED = 0
+#: Uniform images on which a shared CLIP's phrases are checked while it trains.
+SHARED_PHRASE_IMAGES = 4000
+CLIP_FILE = "clip.json"
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -128,10 +135,16 @@ class World:
             tr = c["training"]
             goal = f"zero-shot {tr['target']:.2f}"
             if tr.get("phrase_target") is not None:
-                goal += f" and phrase precision@100 {tr['phrase_target']:.2f} on the world's images"
+                where = "uniform images" if "shared" in tr else "the world's images"
+                goal += f" and phrase precision@100 {tr['phrase_target']:.2f} on {where}"
             why = (f"reached the targets: {goal}" if tr["stopped"] == "target"
                    else f"stopped at the cap, targets ({goal}) not reached")
             lines.append(f"tiny CLIP training: {tr['steps']} of at most {tr['cap']} steps ({why})")
+            if "shared" in tr:
+                sh = tr["shared"]
+                lines.append(f"tiny CLIP shared with other worlds: {sh['folder']} (trained once on uniform images"
+                             f"{', by this build' if sh['trained_by_this_build'] else ''}, {sh['train_seconds']:.0f} s;"
+                             f" lowest phrase precision on uniform images {sh['uniform_phrase_precision_min']:.2f})")
         if "phrase_precision" in c:
             pp = c["phrase_precision"]
             worst = ", ".join(f"{p!r} {v:.2f}" for p, v in pp["worst"][:3])
@@ -167,7 +180,8 @@ def build_world(spec: dict | str | os.PathLike | None = None, cache_dir: str | o
     spec = load_spec(spec)
     config_bytes = TINY_CLIP.read_bytes()
     h = spec_hash(spec, config_bytes)
-    worlds = cache_root(cache_dir) / "worlds"
+    cache = cache_root(cache_dir)
+    worlds = cache / "worlds"
     root = worlds / h
     if (root / WORLD_FILE).is_file():
         log.info("reusing world %s", root)
@@ -176,21 +190,92 @@ def build_world(spec: dict | str | os.PathLike | None = None, cache_dir: str | o
         worlds.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the world cache {worlds} ({e.strerror}); set LLM2LOSS_CACHE to a writable folder.") from e
-    _remove_abandoned(worlds)
-    tmp = worlds / f".tmp-{h}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    _atomic(worlds, h, WORLD_FILE, lambda tmp: _build(tmp, spec, h, config_bytes, progress, cache))
+    return World.load(root)
+
+
+def _atomic(parent: Path, h: str, done_file: str, build) -> Path:
+    """``build(tmp)`` into a temp folder of ``parent`` renamed to ``parent/h`` once complete (whose
+    ``done_file`` says so); a concurrent builder that finished first wins, and nothing half-built stays."""
+    _remove_abandoned(parent)
+    tmp = parent / f".tmp-{h}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        _build(tmp, spec, h, config_bytes, progress)
+        build(tmp)
         try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished the same world first; theirs is as good
-            if not (root / WORLD_FILE).is_file():
+            os.rename(tmp, parent / h)
+        except OSError:  # another process finished the same build first; theirs is as good
+            if not (parent / h / done_file).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return World.load(root)
+    return parent / h
+
+
+def shared_clip_key(spec: dict, config_bytes: bytes) -> tuple[str, dict]:
+    """(hash, what it hashes) of the CLIP a ``"clip": {"shared": true}`` spec uses: its CLIP settings,
+    image size, the generator version, :data:`SHARED_CLIP_SEED` and the architecture (``config_bytes``).
+    Nothing of the world's own (seed, task, slices, sizes) is in it."""
+    key = {"clip": {k: v for k, v in spec["clip"].items() if k != "shared"}, "image_size": spec["image_size"],
+           "v": GENERATOR_VERSION, "seed": SHARED_CLIP_SEED, "phrase_images": SHARED_PHRASE_IMAGES}
+    payload = json.dumps(key, sort_keys=True).encode() + config_bytes
+    return hashlib.sha256(payload).hexdigest()[:16], key
+
+
+def shared_clip(spec: dict, config_bytes: bytes, cache: Path, progress: bool = False) -> tuple[Path, bool]:
+    """The folder of the shared CLIP ``spec`` uses, ``<cache>/clips/<hash>/`` (tiny-clip.json,
+    tiny-clip.pt, clip.json), trained now if absent. Returns (folder, whether this call trained it).
+
+    Trained like a world's CLIP (:func:`~indexer.world.tiny_clip.train_clip`) from a uniform pool of
+    ``clip.n_images`` captioned images, but its stopping rule's phrase check runs on
+    :data:`SHARED_PHRASE_IMAGES` other uniform images, for every phrase of one to three attributes
+    (any slice a world can plant is described by one of them). Built in a temp folder renamed into
+    place, like a world: concurrent builders each train, the first to finish is kept.
+    """
+    h, key = shared_clip_key(spec, config_bytes)
+    clips = cache / "clips"
+    if (clips / h / CLIP_FILE).is_file():
+        return clips / h, False
+    try:
+        clips.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the CLIP cache {clips} ({e.strerror}); set LLM2LOSS_CACHE to a writable folder.") from e
+
+    def train(out: Path) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        (out / "tiny-clip.json").write_bytes(config_bytes)
+        cfg, size, seed = key["clip"], key["image_size"], SHARED_CLIP_SEED
+        uniform = {"task": "shape", "slices": []}  # captions and attributes only; no label is used
+        pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), uniform, "clip")
+        watch = finish_rows(sample_rows(cfg["n_eval"], seed, "clip_eval"), uniform, "clip_eval")
+        check = finish_rows(sample_rows(SHARED_PHRASE_IMAGES, seed, "clip_phrases"), uniform, "clip_phrases")
+        log.info("shared CLIP %s: training (at most %d steps of %d captions, until zero-shot >= %.2f and every "
+                 "phrase of up to three attributes has precision >= %.2f on %d uniform images)", h, cfg["steps"],
+                 cfg["batch_size"], cfg["target"], cfg["phrase_target"], len(check))
+        _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
+        px = {n: tiny_clip.preprocess_images(render_all(r, size), preprocess)
+              for n, r in (("pool", pool), ("watch", watch), ("check", check))}
+        phrases = vocabulary_items(3)
+        model, training = tiny_clip.train_clip(out / "tiny-clip.json", px["pool"], pool, cfg, seed,
+                                               (px["watch"], watch), progress,
+                                               phrase_check=(px["check"], check, phrases))
+        torch.save(model.state_dict(), out / "tiny-clip.pt")
+        pp = tiny_clip.phrase_precision(tiny_clip.encode(model, pixels=px["check"]), check, phrases,
+                                        tiny_clip.encode(model, texts=[p for p, _ in phrases], tokenizer=tokenizer))
+        info = {"hash": h, "key": key, "training": training, "uniform_phrase_precision": pp,
+                "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
+        (out / CLIP_FILE).write_text(json.dumps(info, indent=2))
+
+    return _atomic(clips, h, CLIP_FILE, train), True
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links
+        shutil.copy2(src, dst)
 
 
 def _remove_abandoned(worlds: Path) -> None:
@@ -205,7 +290,7 @@ def _remove_abandoned(worlds: Path) -> None:
             pass  # alive, someone else's
 
 
-def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -> None:
+def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool, cache: Path) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     timings, cpu = {}, {}
     seed, task = spec["seed"], spec["task"]
@@ -227,27 +312,43 @@ def _build(out: Path, spec: dict, h: str, config_bytes: bytes, progress: bool) -
     _write_images(out, unl["image"].tolist(), unl_images, progress)
     timings["generate"], cpu["generate"] = time.perf_counter() - t0, time.process_time() - c0
 
-    # The tiny CLIP learns from its own uniform pool (like a web-trained CLIP, it has not seen the
-    # biased training split); its stopping rule watches another uniform pool; it is measured on the
-    # test split's images (zero-shot, recall@10) and on every image (phrase precision@100).
+    # Shared or its own, the CLIP is measured on the test split's images (zero-shot, recall@10) and on
+    # every image of the world (phrase precision@100).
     t, c = time.perf_counter(), time.process_time()
-    (out / "tiny-clip.json").write_bytes(config_bytes)
     cfg = spec["clip"]
-    log.info("world %s: training the tiny CLIP (at most %d steps of %d captions, until zero-shot >= %.2f "
-             "and phrase precision >= %.2f)", h, cfg["steps"], cfg["batch_size"], cfg["target"], cfg["phrase_target"])
-    pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), spec, "clip")
-    watch = finish_rows(sample_rows(cfg["n_eval"], seed, "clip_eval"), spec, "clip_eval")
-    _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
-    pool_px = tiny_clip.preprocess_images(render_all(pool, size), preprocess)
-    watch_px = tiny_clip.preprocess_images(render_all(watch, size), preprocess)
     phrases = _phrases(spec)
-    world_px = tiny_clip.preprocess_images(images, preprocess)
-    # The phrases are checked on the world's own images: the goal is how they retrieve here, where
-    # planted slices make some pairs rare (a uniform pool said 0.95 where the world had 0.79).
-    model, training = tiny_clip.train_clip(out / "tiny-clip.json", pool_px, pool, cfg, seed, (watch_px, watch),
-                                           progress, phrase_check=(world_px, rows, phrases))
-    del pool_px, watch_px
-    torch.save(model.state_dict(), out / "tiny-clip.pt")
+    if cfg.get("shared"):
+        src, trained = shared_clip(spec, config_bytes, cache, progress)
+        for f in ("tiny-clip.json", "tiny-clip.pt"):
+            _link_or_copy(src / f, out / f)
+        model, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
+        model.load_state_dict(torch.load(out / "tiny-clip.pt", map_location="cpu", weights_only=True))
+        model.eval()
+        info = json.loads((src / CLIP_FILE).read_text())
+        training = {**info["training"], "shared": {"hash": info["hash"], "folder": str(src),
+                                                   "trained_by_this_build": trained,
+                                                   "train_seconds": info["seconds"],
+                                                   "uniform_phrase_precision_min": info["uniform_phrase_precision"]["min"]}}
+        world_px = tiny_clip.preprocess_images(images, preprocess)
+    else:
+        # The tiny CLIP learns from its own uniform pool (like a web-trained CLIP, it has not seen the
+        # biased training split); its stopping rule watches another uniform pool.
+        (out / "tiny-clip.json").write_bytes(config_bytes)
+        log.info("world %s: training the tiny CLIP (at most %d steps of %d captions, until zero-shot >= %.2f "
+                 "and phrase precision >= %.2f)", h, cfg["steps"], cfg["batch_size"], cfg["target"],
+                 cfg["phrase_target"])
+        pool = finish_rows(sample_rows(cfg["n_images"], seed, "clip"), spec, "clip")
+        watch = finish_rows(sample_rows(cfg["n_eval"], seed, "clip_eval"), spec, "clip_eval")
+        _, preprocess, tokenizer = tiny_clip.create(out / "tiny-clip.json")
+        pool_px = tiny_clip.preprocess_images(render_all(pool, size), preprocess)
+        watch_px = tiny_clip.preprocess_images(render_all(watch, size), preprocess)
+        world_px = tiny_clip.preprocess_images(images, preprocess)
+        # The phrases are checked on the world's own images: the goal is how they retrieve here, where
+        # planted slices make some pairs rare (a uniform pool said 0.95 where the world had 0.79).
+        model, training = tiny_clip.train_clip(out / "tiny-clip.json", pool_px, pool, cfg, seed, (watch_px, watch),
+                                               progress, phrase_check=(world_px, rows, phrases))
+        del pool_px, watch_px
+        torch.save(model.state_dict(), out / "tiny-clip.pt")
     img = tiny_clip.encode(model, pixels=world_px)
     del world_px
     test = (rows["split"] == "test").to_numpy()

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from indexer.world.spec import ATTRIBUTES, slug
 
-SPLIT_CODES = {"train": 1, "test": 2, "clip": 3, "clip_eval": 4, "pool": 5}
+SPLIT_CODES = {"train": 1, "test": 2, "clip": 3, "clip_eval": 4, "pool": 5, "clip_phrases": 6}
 
 #: Object colours in RGB; backgrounds are grey so that colour names stay unambiguous.
 RGB = {

@@ -8,6 +8,15 @@ A spec is a JSON object (see ``default_spec.json``)::
      "clip": {"steps": 1000, "batch_size": 256, "n_images": 16000, "target": 0.95},
      "blackbox": {"epochs": 6, "batch_size": 128, "width": 24}}
 
+``"clip": {"shared": true}`` (opt-in; absent or false is the same spec, with the same hash) trains the
+tiny CLIP once per CLIP config, image size and generator version into ``<cache>/clips/<hash>/`` and
+copies it into every world that asks for it (``indexer.world.build.shared_clip``): the CLIP learns
+from a uniform pool either way, so one CLIP can serve many worlds, as one web-trained CLIP serves
+many datasets. Its stopping rule is then checked on uniform images, for every phrase of up to three
+attributes, rather than on one world's images.
+
+:func:`random_spec` draws specs for evaluation on worlds nobody designed.
+
 ``n_pool`` unlabeled images are drawn like the test split (uniformly, nothing planted) and written
 into the manifest with no label and no loss (``split = "pool"``): the images a team could send for
 labelling next. Their true labels, attributes and slice membership are kept aside in
@@ -37,6 +46,8 @@ import hashlib
 import json
 import re
 from pathlib import Path
+
+import numpy as np
 
 from indexer.errors import UserError
 
@@ -203,11 +214,16 @@ def normalise_spec(spec: dict) -> dict:
     _int(spec, "image_size", 32, 256)
     if spec["task"] not in ATTRIBUTES:
         raise UserError(f"world spec task '{spec['task']}' is not an attribute; pick one of {list(ATTRIBUTES)}.")
-    for key, defaults in (("clip", _CLIP_DEFAULTS), ("blackbox", _BLACKBOX_DEFAULTS)):
+    for key, defaults, extra in (("clip", _CLIP_DEFAULTS, {"shared"}), ("blackbox", _BLACKBOX_DEFAULTS, set())):
         given = spec.get(key) or {}
-        if not isinstance(given, dict) or set(given) - set(defaults):
-            raise UserError(f"world spec '{key}' must be an object with keys among {sorted(defaults)}.")
+        if not isinstance(given, dict) or set(given) - set(defaults) - extra:
+            raise UserError(f"world spec '{key}' must be an object with keys among {sorted(set(defaults) | extra)}.")
         spec[key] = {**defaults, **given}
+    if "shared" in spec["clip"]:
+        if not isinstance(spec["clip"]["shared"], bool):
+            raise UserError(f"world spec 'clip.shared' is {spec['clip']['shared']!r}; give true or false.")
+        if not spec["clip"]["shared"]:  # false is the default: the same spec, the same hash as without it
+            del spec["clip"]["shared"]
     for key, lo, hi in (("steps", 1, 1_000_000), ("batch_size", 2, 65536), ("n_images", 2, 10_000_000),
                         ("eval_every", 0, 1_000_000), ("n_eval", 1, 1_000_000)):
         v = spec["clip"][key]
@@ -267,6 +283,66 @@ def _normalise_slice(s: dict, task: str, i: int) -> dict:
     if set(s) - allowed:
         raise UserError(f"world spec {where_txt} has unknown keys {sorted(set(s) - allowed)}.")
     return s
+
+
+#: What :func:`random_spec` draws a slice's strength from: the ranges of the benchmark specs, the ones
+#: that made slices fail (BENCHMARKS.md, "Offline world" and issue 13).
+RANDOM_RANGES = {"rate": (0.001, 0.003), "strength": (0.93, 0.97), "noise": (0.4, 0.6)}
+#: The size of a random world: the benchmark worlds' held-out split (4,000 rows: a three-attribute
+#: group of 1/120 of the rows still has ~33 held-out rows to judge a name by) and image size (so the
+#: benchmark specs with ``--shared-clip`` use the same CLIP); half their training split and an
+#: eighth of their pool, to keep a build to a few minutes on a 2-core CPU.
+RANDOM_SIZES = {"n_train": 8000, "n_test": 4000, "n_pool": 500, "image_size": 64}
+
+
+def random_spec(seed: int, index: int = 0) -> dict:
+    """The ``index``-th random world of ``seed``: a valid spec named ``random-<seed>-<index>``.
+
+    Deterministic per (seed, index). The task is any of the four attributes; 2-5 slices, each of a
+    random kind, defined by the task attribute's value (a correlation needs it; the benchmark
+    worlds' rare and noisy-label slices that failed all had it) and one or two other attributes,
+    values drawn uniformly; rate / strength / noise uniform in :data:`RANDOM_RANGES`; a
+    correlation's decoy and, for a third of the noisy-label slices, a fixed wrong label ``to``
+    drawn among the other task values. Slices never claim the same rows: what a slice touches (its
+    ``where``; for a correlation, every row with its spurious feature, whose labels it rewrites)
+    must contradict every other slice's on some attribute, else the slice is drawn again. Uses the
+    shared CLIP (``"clip": {"shared": true}``) and :data:`RANDOM_SIZES`.
+    """
+    rng = np.random.default_rng([seed, index, 2026])
+    attrs = list(ATTRIBUTES)
+    while True:
+        task = attrs[int(rng.integers(len(attrs)))]
+        labels = ATTRIBUTES[task]
+        slices, claims = [], []
+        for _ in range(int(rng.integers(2, 6))):
+            for _try in range(200):
+                kind = list(KINDS)[int(rng.integers(len(KINDS)))]
+                others = [a for a in attrs if a != task]
+                chosen = [others[j] for j in sorted(rng.choice(len(others), int(rng.integers(1, 3)), replace=False))]
+                where = {a: ATTRIBUTES[a][int(rng.integers(len(ATTRIBUTES[a])))] for a in [task, *chosen]}
+                claim = {a: v for a, v in where.items() if a != task} if kind == "correlation" else where
+                if all(any(a in c and c[a] != v for a, v in claim.items()) for c in claims):
+                    break
+            else:
+                break  # no room left for another slice: keep those drawn
+            lo, hi = RANDOM_RANGES[KINDS[kind]]
+            s = {"kind": kind, "where": where, KINDS[kind]: round(float(rng.uniform(lo, hi)), 4)}
+            wrong = [v for v in labels if v != where[task]]
+            if kind == "correlation":
+                s["decoy"] = wrong[int(rng.integers(len(wrong)))]
+            elif kind == "noisy_label" and rng.random() < 1 / 3:
+                s["to"] = wrong[int(rng.integers(len(wrong)))]
+            slices.append(s)
+            claims.append(claim)
+        spec = {"name": f"random-{seed}-{index}", "seed": int(rng.integers(1000, 2**31 - 1)), **RANDOM_SIZES,
+                "task": task, "slices": slices, "clip": {"shared": True}}
+        if len(slices) < 2:
+            continue
+        try:
+            normalise_spec(spec)
+        except UserError:
+            continue
+        return spec
 
 
 def spec_hash(spec: dict, clip_config: bytes = b"") -> str:

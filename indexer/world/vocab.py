@@ -11,11 +11,12 @@ from indexer.world.spec import ATTRIBUTES
 __all__ = ["describe", "vocabulary", "vocabulary_items", "write_vocab"]
 
 
-def vocabulary_items() -> list[tuple[str, dict]]:
-    """(phrase, the attributes it states) for every single attribute value and every pair."""
+def vocabulary_items(up_to: int = 2) -> list[tuple[str, dict]]:
+    """(phrase, the attributes it states) for every single attribute value and every pair (and
+    every triple with ``up_to=3``: what any slice of up to three attributes can be described by)."""
     items = []
     attrs = list(ATTRIBUTES)
-    for r in (1, 2):
+    for r in range(1, up_to + 1):
         for combo in itertools.combinations(attrs, r):
             for values in itertools.product(*(ATTRIBUTES[a] for a in combo)):
                 where = dict(zip(combo, values, strict=True))
