@@ -15,8 +15,10 @@ prediction, which cost R^2 on small tables).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -388,13 +390,18 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         members = [[None] * int(self.n_members) for _ in range(self.n_folds_)]
         bar = _progress(len(plan), self.verbose, "fitting ensemble")
 
+        # an rff member's ridge solve holds ~24 KB per row (480 MB at 20,000 rows): one at a time, so
+        # that fitting in parallel does not raise the peak memory of a large fit
+        one_rff = threading.Lock()
+
         def fit_one(task):
             k, i, kind, seed, idx = task
             est = clone(_member(kind, len(idx), d, self.gamma_, int(self.n_rff), int(self.pca_dim), seed))
             if shared is not None and isinstance(est, NeighboursRegressor):
                 est._fit_shared(shared, idx, z[idx], d)
             else:
-                est.fit(X[idx], z[idx])
+                with one_rff if kind == "rff" else contextlib.nullcontext():
+                    est.fit(X[idx], z[idx])
             te = self.fold_ == k
             z_oof[i, te] = np.clip(est.predict(X[te]), *self.z_range_)
             members[k][i] = est
