@@ -5,12 +5,12 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from diagnosis.ensemble import DiagnosisEnsemble, NeighboursRegressor
+from diagnosis.ensemble import DiagnosisEnsemble, GramRidgeCV, NeighboursRegressor
 from diagnosis.metrics import auroc_top, quality
 
 
 @parametrize_with_checks([DiagnosisEnsemble(n_members=4, n_folds=2, n_rff=64, pca_dim=8, random_state=0),
-                          NeighboursRegressor(n_neighbors=3)])
+                          NeighboursRegressor(n_neighbors=3), GramRidgeCV()])
 def test_sklearn_contract(estimator, check):
     check(estimator)
 
@@ -219,3 +219,19 @@ def test_ensemble_threads_do_not_change_the_result():
     Xt, _, _ = planted(n=3000, fresh=True)
     # two threads score two halves: BLAS on other block sizes rounds float32 sums differently
     np.testing.assert_allclose(two.predict(Xt), one.predict(Xt), rtol=1e-5, atol=1e-6)
+
+
+def test_gram_ridge_chooses_and_fits_as_ridgecv():
+    """The rff members' ridge: same leave-one-out choice of alpha and the same fit as scikit-learn's
+    RidgeCV (an SVD of the design), through the Gram matrix instead."""
+    from sklearn.kernel_approximation import RBFSampler
+    from sklearn.linear_model import RidgeCV
+
+    X, y, _ = planted(n=1500)
+    Z = RBFSampler(gamma=0.5, n_components=256, random_state=0).fit_transform(X)
+    z = np.log1p(y)
+    ref = RidgeCV(alphas=np.logspace(-3, 3, 7)).fit(Z, z)
+    got = GramRidgeCV(alphas=tuple(np.logspace(-3, 3, 7))).fit(Z, z)
+    assert got.alpha_ == ref.alpha_
+    # float64 solves of the same system by two decompositions: agree to ~1e-10 relative of |y|
+    np.testing.assert_allclose(got.predict(Z), ref.predict(Z), atol=1e-7)
