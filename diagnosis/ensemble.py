@@ -298,12 +298,12 @@ def _knn_predictions(members: list, X: np.ndarray) -> np.ndarray:
     share = min(len(m.y_) for m in members) / max(n_index, 1)
     k = min(n_index, int(np.ceil(2 * max(m.n_neighbors_ for m in members) / max(share, 1e-9))))
     out = np.empty((len(members), len(X)))
-    todo = np.arange(len(X))
-    while len(todo):
+    todo = None  # every row, in slices (views, not copies: this runs on batches of 65,536 rows)
+    while todo is None or len(todo):
         again = []
-        for s in range(0, len(todo), 65536):
-            rows = todo[s : s + 65536]
-            d2, nn = _search(index, X[rows], k, members[0].nprobe)
+        for s in range(0, len(X) if todo is None else len(todo), 65536):
+            rows = np.arange(s, min(len(X), s + 65536)) if todo is None else todo[s : s + 65536]
+            d2, nn = _search(index, X[s : s + 65536] if todo is None else X[rows], k, members[0].nprobe)
             short = np.zeros(len(rows), dtype=bool)
             for j, m in enumerate(members):
                 out[j, rows], short_j = m._from_candidates(d2, nn, pos[j])
@@ -535,7 +535,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
                   if isinstance(est, NeighboursRegressor) and est.rows_ is not None]
         X32 = np.ascontiguousarray(X, dtype=np.float32) if shared else None
 
-        def part(rows):
+        def part(rows: slice):
             if shared:
                 knn = _knn_predictions([self.estimators_[k][i] for k, i in shared], X32[rows])
                 for j, (k, i) in enumerate(shared):
@@ -547,7 +547,8 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
 
         chunks = max(1, min(self._threads(), len(X) // 1024))
         with self._member_threads():
-            self._map(part, [s for s in np.array_split(np.arange(len(X)), chunks)])
+            bounds = np.linspace(0, len(X), chunks + 1).astype(int)
+            self._map(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
         return self._inverse(np.clip(out, *self.z_range_))
 
     def predict(self, X, return_std=False):

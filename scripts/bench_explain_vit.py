@@ -52,7 +52,7 @@ def build(work: Path, rows: int) -> Path:
     return db
 
 
-def child(db: str) -> dict:
+def child(db: str, profile: bool = False) -> dict:
     import diagnosis.text as text
     from diagnosis.explain import explain
 
@@ -70,7 +70,15 @@ def child(db: str) -> dict:
 
     text.Scorer.encode_text = timed
     t0, c0 = time.perf_counter(), time.process_time()
-    modes = explain(db)
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        modes = prof.runcall(explain, db)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+    else:
+        modes = explain(db)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": round(wall, 1), "cpu_s": round(cpu, 1), "encode": {k: round(v, 1) if isinstance(v, float) else v
                                                                         for k, v in calls.items()},
@@ -82,22 +90,26 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--work", default="/tmp/bench_explain_vit")
     ap.add_argument("--against", metavar="SRC")
+    ap.add_argument("--profile", action="store_true", help="only this checkout's explain, under cProfile "
+                    "(the 40 costliest calls by cumulative time on stderr)")
     ap.add_argument("--child", metavar="DB", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.profile)))
         return 0
     t = time.perf_counter()
     db = build(Path(args.work), args.rows)
     print(f"table: {args.rows} rows, ViT-B-32 (random weights), at {db} (built/checked in "
           f"{time.perf_counter() - t:.0f}s); machine: {os.cpu_count()} cores", flush=True)
     here = str(Path(__file__).resolve().parents[1])
-    runs = ([("before", args.against)] if args.against else []) + [("after", here)]
+    runs = ([("before", args.against)] if args.against and not args.profile else []) + [("after", here)]
     res = {}
     for name, root in runs:
-        out = subprocess.run([sys.executable, __file__, "--child", str(db)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": root}, cwd=root)
+        out = subprocess.run([sys.executable, __file__, "--child", str(db)] + (["--profile"] if args.profile else []),
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, cwd=root)
+        if args.profile:
+            print(out.stderr[-12000:])
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             return out.returncode
