@@ -87,9 +87,9 @@ def child(path: str, max_rows: int, members: int, folds: int) -> None:
     from indexer import schema as S
     from indexer.store import Database
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rep = diagnose(path, members=members, folds=folds, max_rows=max_rows, progress=False)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     db = Database(path)
     ids = db.read([S.ID, S.PREDICTED_LOSS]).to_pandas().set_index(S.ID)
@@ -98,7 +98,7 @@ def child(path: str, max_rows: int, members: int, folds: int) -> None:
     loss = db.read([S.ID, S.LOSS]).to_pandas().set_index(S.ID).loc[ids.index, S.LOSS].to_numpy()
     oracle = quality(loss, clean)
     print(json.dumps({"max_rows": max_rows, "fitted_rows": rep.fitted_rows, "seconds": round(wall, 1),
-                      "timings": rep.timings, "peak_rss_mib": round(peak), "spearman": rep.spearman,
+                      "timings": rep.timings, "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak), "spearman": rep.spearman,
                       "r2": rep.r2, "auroc_top10": rep.auroc_top10, "oracle": oracle}))
 
 
@@ -235,8 +235,8 @@ def main(argv=None) -> int:
         tm = r["timings"]
         print(f"{r['max_rows']:>9} {r['fitted_rows']:>8} {r['seconds']:>8.0f} "
               f"{tm['read_s']:>5.0f}/{tm['fit_s']:.0f}/{tm['score_s']:.0f}/{tm['write_s']:.0f}".rjust(24)
-              + f" {r['peak_rss_mib']:>6} MiB {r['spearman']:>8.3f} {r['r2']:>6.3f} {r['auroc_top10']:>7.3f}",
-              flush=True)
+              + f" {r['peak_rss_mib']:>6} MiB {r['spearman']:>8.3f} {r['r2']:>6.3f} {r['auroc_top10']:>7.3f}"
+              f"  (CPU {r['cpu_s']:.0f} s, all threads)", flush=True)
     o = results[0]["oracle"]
     print(f"oracle (the noiseless loss): Spearman {o['spearman']:.3f}, R^2 {o['r2']:.3f}, "
           f"AUROC10 {o['auroc_top10']:.3f}")
