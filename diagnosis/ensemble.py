@@ -15,7 +15,10 @@ prediction, which cost R^2 on small tables).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import warnings
 
 import numpy as np
@@ -61,6 +64,54 @@ class _GlobalScale(TransformerMixin, BaseEstimator):
         return validate_data(self, X, reset=False) * self.scale_
 
 
+class GramRidgeCV(RegressorMixin, BaseEstimator):
+    """Ridge regression (with an unpenalised intercept), its ``alpha`` chosen from ``alphas`` by exact
+    leave-one-out error, as scikit-learn's ``RidgeCV`` does, but solved through the (p, p) Gram
+    matrix's eigendecomposition instead of an SVD of the (n, p) design: for the rff members (20,000
+    rows x 1,024 features) the SVD was most of their fitting time; two matrix products and a
+    1,024 x 1,024 eigendecomposition do the same work several times faster (BENCHMARKS.md, issue 27).
+    Meant for n >> p (it holds two (n, p) float64 arrays).
+    """
+
+    def __init__(self, alphas=tuple(_ALPHAS)):
+        self.alphas = alphas
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, y_numeric=True, dtype=np.float64)
+        n, p = X.shape
+        x_mean, y_mean = X.mean(axis=0), float(y.mean())
+        # in row blocks, so that besides X only one (n, p) array is held (the design in the Gram
+        # matrix's eigenbasis): RidgeCV's SVD held about three
+        blocks = [slice(i, i + 4096) for i in range(0, n, 4096)]
+        C = np.zeros((p, p))
+        for r in blocks:
+            Xc = X[r] - x_mean
+            C += Xc.T @ Xc
+        s, V = np.linalg.eigh(C)
+        s = np.maximum(s, 0.0)
+        U = np.empty((n, p))
+        for r in blocks:
+            U[r] = (X[r] - x_mean) @ V
+        alphas = np.asarray(self.alphas, dtype=np.float64)
+        inv = 1.0 / (s[:, None] + alphas[None, :])  # (p, alphas)
+        yc = y - y_mean
+        b = U.T @ yc
+        hat = np.empty((n, len(alphas)))
+        for r in blocks:
+            hat[r] = (U[r] * U[r]) @ inv + 1.0 / n  # leverage, the intercept's 1/n included
+        loo = (yc[:, None] - U @ (b[:, None] * inv)) / (1.0 - hat)
+        err = np.mean(loo**2, axis=0)
+        self.alpha_ = float(alphas[int(np.argmin(err))])
+        self.coef_ = V @ (b / (s + self.alpha_))
+        self.intercept_ = y_mean - float(x_mean @ self.coef_)
+        return self
+
+    def predict(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return X @ self.coef_ + self.intercept_
+
+
 def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int, pca_dim: int,
             seed: int):
     """An unfitted member of ``kind``, sized for ``n_samples`` x ``n_features`` training data."""
@@ -73,7 +124,7 @@ def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int
         # An RBF kernel on L2-normalised embeddings is a smooth function of cosine similarity;
         # random features make it linear-time in n.
         return make_pipeline(RBFSampler(gamma=gamma, n_components=n_rff, random_state=seed),
-                             RidgeCV(alphas=_ALPHAS))
+                             GramRidgeCV(alphas=tuple(_ALPHAS)))
     if kind == "mlp":
         head = [PCA(n_components=pca, random_state=seed), _GlobalScale()]
         if n_samples < 2000:
@@ -95,6 +146,49 @@ def _member(kind: str, n_samples: int, n_features: int, gamma: float, n_rff: int
     raise ValueError(f"unknown member kind {kind!r}; use one of {ALL_KINDS}")
 
 
+def _neighbour_index(X: np.ndarray, exact_max_rows: int):
+    """A FAISS index over the (n, d) float32 rows ``X``: exact up to ``exact_max_rows`` rows, beyond
+    an IVF index over float16 vectors."""
+    import faiss
+
+    n, d = X.shape
+    if n <= exact_max_rows:
+        index = faiss.IndexFlatL2(d)
+    else:
+        # as many lists as the search index (indexer.ann): scoring the rest of a 1M table is
+        # the cost that matters, and 4x the lists scan 4x fewer rows per query (measured on
+        # 100k x 512, one thread: 0.31 s against 0.89 s per 5,000 queries, recall@10 0.999)
+        nlist = int(np.clip(4 * np.sqrt(n), 16, 65536))
+        index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_L2)
+        sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
+        index.train(X[np.sort(sample)])
+    index.add(X)
+    return index
+
+
+def _search(index, X: np.ndarray, k: int, nprobe: int):
+    """(d2, nn) of the ``k`` nearest indexed rows of each row of float32 ``X``, nearest first (nn -1
+    where an IVF search came back short). On an exact index the candidates' squared distances are
+    recomputed row by row from the vectors: FAISS computes a batch of 250+ queries through BLAS and a
+    smaller one by another loop, whose last bits differ, so without this a row's score would depend
+    on the size of the batch it came in (``diagnose --score-new`` of 3 rows against the whole table).
+    """
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        index.nprobe = int(nprobe)
+        return index.search(X, k)
+    d2, nn = index.search(X, k)
+    xb = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+    for s in range(0, len(X), 512):
+        q, ids = X[s : s + 512], nn[s : s + 512]
+        diff = xb[np.maximum(ids, 0)] - q[:, None, :]
+        d2[s : s + 512] = np.where(ids >= 0, np.einsum("rkd,rkd->rk", diff, diff), np.inf)
+    order = np.argsort(d2, axis=1, kind="stable")
+    return np.take_along_axis(d2, order, axis=1), np.take_along_axis(nn, order, axis=1)
+
+
 class NeighboursRegressor(RegressorMixin, BaseEstimator):
     """k-nearest-neighbour regression (inverse-distance weighted) on a FAISS index.
 
@@ -106,6 +200,12 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
     is 1M queries, and five folds' references in float32 would cost 0.8x the raw table's memory).
     The index holds the only copy of the fitted vectors; it is stored as FAISS's serialised bytes
     (see :func:`save_ensemble`).
+
+    Inside a :class:`DiagnosisEnsemble` the kNN members share one index over all the ensemble's
+    fitted rows (each member keeps only which of them are its own, ``rows_``): a row is searched
+    once for all of them and each takes its own nearest rows among the candidates (see
+    :func:`_knn_predictions`), which is what each would have found in an index of its own rows.
+    One search instead of one per fold was most of the time of scoring a 1M-row table.
 
     Parameters
     ----------
@@ -124,42 +224,38 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
         self.nprobe = nprobe
 
     def fit(self, X, y):
-        import faiss
-
         X, y = validate_data(self, X, y, y_numeric=True, dtype=[np.float32, np.float64])
         X = np.ascontiguousarray(X, dtype=np.float32)
-        n, d = X.shape
         self.y_ = np.asarray(y, dtype=np.float64)
-        self.n_neighbors_ = max(1, min(int(self.n_neighbors), n))
-        if n <= self.exact_max_rows:
-            index = faiss.IndexFlatL2(d)
-        else:
-            # as many lists as the search index (indexer.ann): scoring the rest of a 1M table is
-            # the cost that matters, and 4x the lists scan 4x fewer rows per query (measured on
-            # 100k x 512, one thread: 0.31 s against 0.89 s per 5,000 queries, recall@10 0.999)
-            nlist = int(np.clip(4 * np.sqrt(n), 16, 65536))
-            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                                  faiss.METRIC_L2)
-            sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
-            index.train(X[np.sort(sample)])
-        index.add(X)
-        self._cache = {"index": index}  # a holder: FAISS indexes do not pickle (see __getstate__)
+        self.n_neighbors_ = max(1, min(int(self.n_neighbors), len(X)))
+        self.rows_ = None  # every row of its own index
+        self._cache = {"index": _neighbour_index(X, int(self.exact_max_rows))}  # FAISS indexes do not pickle
         return self
 
-    def _faiss_index(self):
-        import faiss
+    def _fit_shared(self, shared: dict, rows: np.ndarray, y: np.ndarray, n_features: int):
+        """Fit on the rows ``rows`` (sorted, distinct) of an index shared with other members;
+        ``shared`` holds it ({"index": ...}), ``y`` their targets."""
+        self.n_features_in_ = n_features
+        self.y_ = np.asarray(y, dtype=np.float64)
+        self.rows_ = np.asarray(rows, dtype=np.int64)
+        self.n_neighbors_ = max(1, min(int(self.n_neighbors), len(rows)))
+        self._cache = shared
+        return self
 
-        index = self._cache["index"]
-        if isinstance(index, faiss.IndexIVF):
-            index.nprobe = int(self.nprobe)
-        return index
+    def _positions(self, n_index: int) -> np.ndarray:
+        """(n_index,) int: this member's position of each indexed row, -1 for rows not its own."""
+        if self.rows_ is None:
+            return np.arange(n_index)
+        pos = np.full(n_index, -1, dtype=np.int64)
+        pos[self.rows_] = np.arange(len(self.rows_))
+        return pos
 
     def __getstate__(self):
         import faiss
 
         state = dict(super().__getstate__())  # a copy: object.__getstate__ returns __dict__ itself
         cache = state.pop("_cache", None)
-        if cache is not None:
+        if cache is not None and self.rows_ is None:  # a shared index is stored by its ensemble
             state["_index_bytes"] = faiss.serialize_index(cache["index"])
         return state
 
@@ -167,6 +263,7 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
         import faiss
 
         blob = state.pop("_index_bytes", None)
+        state.setdefault("rows_", None)  # stored before indexes were shared
         super().__setstate__(state)
         if blob is not None:
             self._cache = {"index": faiss.deserialize_index(blob)}
@@ -175,20 +272,52 @@ class NeighboursRegressor(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         X = np.ascontiguousarray(validate_data(self, X, reset=False, dtype=[np.float32, np.float64]),
                                  dtype=np.float32)
-        out = np.empty(len(X))
-        index = self._faiss_index()
-        for s in range(0, len(X), 65536):
-            d2, nn = index.search(X[s : s + 65536], self.n_neighbors_)
-            found = nn >= 0  # an IVF search can come back short
-            d = np.sqrt(np.maximum(d2, 0.0))
-            w = np.where(found, 1.0 / np.maximum(d, 1e-6), 0.0)
-            exact = found & (d <= 1e-6)  # a query equal to fitted samples takes their mean
-            w = np.where(exact.any(axis=1, keepdims=True), exact.astype(float), w)
-            vals = self.y_[np.where(found, nn, 0)]
-            wsum = w.sum(axis=1)
-            out[s : s + 65536] = np.where(wsum > 0, (w * vals).sum(axis=1) / np.maximum(wsum, 1e-300),
-                                          self.y_.mean())
-        return out
+        return _knn_predictions([self], X)[0]
+
+    def _from_candidates(self, d2, nn, pos):
+        """(m,) predictions from the candidates (d2, nn) of an index; ``pos`` from :meth:`_positions`.
+        Also (m,) bool: rows with fewer than ``n_neighbors_`` own rows among the candidates."""
+        mine = pos[np.maximum(nn, 0)]
+        mine[nn < 0] = -1
+        own = mine >= 0
+        rank = np.cumsum(own, axis=1)
+        keep = own & (rank <= self.n_neighbors_)
+        d = np.sqrt(np.maximum(d2, 0.0))
+        w = np.where(keep, 1.0 / np.maximum(d, 1e-6), 0.0)
+        exact = keep & (d <= 1e-6)  # a query equal to fitted samples takes their mean
+        w = np.where(exact.any(axis=1, keepdims=True), exact.astype(float), w)
+        vals = self.y_[np.maximum(mine, 0)]
+        wsum = w.sum(axis=1)
+        out = np.where(wsum > 0, (w * vals).sum(axis=1) / np.maximum(wsum, 1e-300), self.y_.mean())
+        return out, rank[:, -1] < self.n_neighbors_
+
+
+def _knn_predictions(members: list, X: np.ndarray) -> np.ndarray:
+    """(len(members), m) predictions of kNN members that search one index (their ``_cache``) for
+    float32 rows ``X``: one search, each member taking its own nearest rows among the candidates.
+    Rows where a member found fewer than its ``n_neighbors_`` own rows among them are searched again
+    with 4x the candidates (until the index is exhausted or an IVF search comes back short), so each
+    member gets what a search of its own rows would give."""
+    index = members[0]._cache["index"]
+    n_index = int(index.ntotal)
+    pos = [m._positions(n_index) for m in members]
+    share = min(len(m.y_) for m in members) / max(n_index, 1)
+    k = min(n_index, int(np.ceil(2 * max(m.n_neighbors_ for m in members) / max(share, 1e-9))))
+    out = np.empty((len(members), len(X)))
+    todo = None  # every row, in slices (views, not copies: this runs on batches of 65,536 rows)
+    while todo is None or len(todo):
+        again = []
+        for s in range(0, len(X) if todo is None else len(todo), 65536):
+            rows = np.arange(s, min(len(X), s + 65536)) if todo is None else todo[s : s + 65536]
+            d2, nn = _search(index, X[s : s + 65536] if todo is None else X[rows], k, members[0].nprobe)
+            short = np.zeros(len(rows), dtype=bool)
+            for j, m in enumerate(members):
+                out[j, rows], short_j = m._from_candidates(d2, nn, pos[j])
+                short |= short_j
+            # another search helps only where every candidate came back and more rows exist
+            again.append(rows[short & (nn[:, -1] >= 0)] if k < n_index else rows[:0])
+        todo, k = np.concatenate(again), min(n_index, 4 * k)
+    return out
 
 
 class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
@@ -218,6 +347,9 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
     random_state : int, RandomState or None, default None
     verbose : bool, default False
         Show a progress bar on stderr while fitting.
+    n_jobs : int or None, default -1
+        Threads that fit members and score rows in parallel (-1: one per CPU; None or 1: one). Fits do
+        not depend on it; predictions only in float rounding (BLAS on differently sized row blocks).
 
     Attributes
     ----------
@@ -232,7 +364,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, n_members=4, n_folds=5, kinds=KINDS, bootstrap=True, target="log1p", n_rff=1024,
-                 pca_dim=64, rff_max_rows=20000, random_state=None, verbose=False):
+                 pca_dim=64, rff_max_rows=20000, random_state=None, verbose=False, n_jobs=-1):
         self.n_members = n_members
         self.n_folds = n_folds
         self.kinds = kinds
@@ -243,6 +375,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         self.rff_max_rows = rff_max_rows
         self.random_state = random_state
         self.verbose = verbose
+        self.n_jobs = n_jobs
 
     # ---- target transform ----------------------------------------------------------------------
     def _forward(self, y):
@@ -279,12 +412,11 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
 
         folds = KFold(self.n_folds_, shuffle=True, random_state=rng.randint(2**31 - 1))
         self.fold_ = np.empty(n, dtype=np.int8)
-        z_oof = np.empty((int(self.n_members), n))
-        self.estimators_ = []
-        bar = _progress(self.n_folds_ * int(self.n_members), self.verbose, "fitting ensemble")
+        # Every member's kind, seed and rows are drawn first, in one order, so members can then be
+        # fitted in any order (in parallel) with the same result.
+        plan = []  # (fold, member, kind, seed, rows)
         for k, (tr, te) in enumerate(folds.split(X)):
             self.fold_[te] = k
-            fold_members = []
             for i in range(int(self.n_members)):
                 seed = rng.randint(2**31 - 1)
                 kind = kinds[i % len(kinds)]
@@ -293,16 +425,41 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
                     idx = np.unique(idx)  # a repeated neighbour adds no evidence, only memory
                 elif kind == "rff" and self.rff_max_rows and len(idx) > int(self.rff_max_rows):
                     idx = rng.choice(idx, size=int(self.rff_max_rows), replace=False)
-                est = clone(_member(kind, len(idx), d, self.gamma_, int(self.n_rff),
-                                    int(self.pca_dim), seed))
-                with warnings.catch_warnings(), _one_openmp_thread():
-                    # small early-stopped MLPs routinely stop before "convergence"; that is intended.
-                    warnings.simplefilter("ignore", ConvergenceWarning)
+                plan.append((k, i, kind, seed, idx))
+        shared = None
+        knn = _member("knn", n, d, self.gamma_, int(self.n_rff), int(self.pca_dim), 0)
+        if isinstance(knn, NeighboursRegressor) and any(kind == "knn" for _, _, kind, _, _ in plan):
+            # one index over all fitted rows for all kNN members (see NeighboursRegressor)
+            with threadpool_limits(limits=self._threads(), user_api="openmp"):
+                shared = {"index": _neighbour_index(np.ascontiguousarray(X, dtype=np.float32),
+                                                    int(knn.exact_max_rows))}
+        self._knn = shared
+        z_oof = np.empty((int(self.n_members), n))
+        members = [[None] * int(self.n_members) for _ in range(self.n_folds_)]
+        bar = _progress(len(plan), self.verbose, "fitting ensemble")
+
+        # an rff member's ridge solve holds ~24 KB per row (480 MB at 20,000 rows): one at a time, so
+        # that fitting in parallel does not raise the peak memory of a large fit
+        one_rff = threading.Lock()
+
+        def fit_one(task):
+            k, i, kind, seed, idx = task
+            est = clone(_member(kind, len(idx), d, self.gamma_, int(self.n_rff), int(self.pca_dim), seed))
+            if shared is not None and isinstance(est, NeighboursRegressor):
+                est._fit_shared(shared, idx, z[idx], d)
+            else:
+                with one_rff if kind == "rff" else contextlib.nullcontext():
                     est.fit(X[idx], z[idx])
-                    z_oof[i, te] = np.clip(est.predict(X[te]), *self.z_range_)
-                fold_members.append(est)
-                bar.update(1)
-            self.estimators_.append(fold_members)
+            te = self.fold_ == k
+            z_oof[i, te] = np.clip(est.predict(X[te]), *self.z_range_)
+            members[k][i] = est
+            bar.update(1)
+
+        with warnings.catch_warnings(), self._member_threads():
+            # small early-stopped MLPs routinely stop before "convergence"; that is intended.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self._map(fit_one, plan)
+        self.estimators_ = members
         bar.close()
         if self.target == "log1p":
             # least-squares scale (no intercept, so zero stays zero) of expm1 predictions onto loss
@@ -314,17 +471,91 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         self.oof_std_ = member_loss.std(axis=0)
         return self
 
+    # ---- threads -------------------------------------------------------------------------------
+    def _threads(self) -> int:
+        if self.n_jobs is None:
+            return 1
+        jobs = int(self.n_jobs)
+        return max(1, os.cpu_count() or 1) if jobs < 0 else max(1, jobs)
+
+    def _member_threads(self):
+        """Each member computes with one BLAS thread (process-wide), whether members run in parallel
+        (``n_jobs`` > 1: the threads do not fight for the cores) or not: a multi-threaded BLAS rounds
+        differently, which an L-BFGS MLP amplifies into a visibly different fit, so one thread each
+        makes the result independent of ``n_jobs``."""
+        return threadpool_limits(limits=1, user_api="blas")
+
+    def _map(self, fn, items):
+        """``fn`` over ``items`` on ``n_jobs`` threads (the work is in BLAS, FAISS and Cython code,
+        which release the GIL), each with one OpenMP thread (see :func:`_one_openmp_thread`: an
+        OpenMP limit holds only in the thread that sets it); exceptions propagate."""
+        def one(item):
+            with _one_openmp_thread():
+                fn(item)
+
+        threads = min(self._threads(), len(items))
+        if threads <= 1:
+            for item in items:
+                one(item)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(one, items):
+                pass
+
+    def __getstate__(self):
+        import faiss
+
+        state = dict(super().__getstate__())
+        shared = state.pop("_knn", None)
+        if shared is not None:
+            state["_knn_index_bytes"] = faiss.serialize_index(shared["index"])
+        return state
+
+    def __setstate__(self, state):
+        import faiss
+
+        blob = state.pop("_knn_index_bytes", None)
+        super().__setstate__(state)
+        self._knn = None
+        if blob is not None:
+            self._knn = {"index": faiss.deserialize_index(blob)}
+            for est in self._shared_knn():
+                est._cache = self._knn
+
+    def _shared_knn(self):
+        return [est for members in getattr(self, "estimators_", []) for est in members
+                if isinstance(est, NeighboursRegressor) and getattr(est, "rows_", None) is not None]
+
     # ---- predict -------------------------------------------------------------------------------
     def member_predictions(self, X):
-        """(n_folds_, n_members, n) float64: every member's prediction in loss units."""
+        """(n_folds_, n_members, n) float64: every member's prediction in loss units.
+
+        The kNN members that share an index search it once per row for all of them; the rows are
+        split over ``n_jobs`` threads."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32], order="C")
         out = np.empty((len(self.estimators_), len(self.estimators_[0]), X.shape[0]))
-        with _one_openmp_thread():
+        shared = [(k, i) for k, members in enumerate(self.estimators_) for i, est in enumerate(members)
+                  if isinstance(est, NeighboursRegressor) and est.rows_ is not None]
+        X32 = np.ascontiguousarray(X, dtype=np.float32) if shared else None
+
+        def part(rows: slice):
+            if shared:
+                knn = _knn_predictions([self.estimators_[k][i] for k, i in shared], X32[rows])
+                for j, (k, i) in enumerate(shared):
+                    out[k, i, rows] = knn[j]
             for k, members in enumerate(self.estimators_):
                 for i, est in enumerate(members):
-                    out[k, i] = np.clip(est.predict(X), *self.z_range_)
-        return self._inverse(out)
+                    if (k, i) not in shared:
+                        out[k, i, rows] = est.predict(X[rows])
+
+        chunks = max(1, min(self._threads(), len(X) // 1024))
+        with self._member_threads():
+            bounds = np.linspace(0, len(X), chunks + 1).astype(int)
+            self._map(part, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return self._inverse(np.clip(out, *self.z_range_))
 
     def predict(self, X, return_std=False):
         """(n, d) embeddings -> (n,) predicted loss; with ``return_std`` also the member spread.
@@ -348,6 +579,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
 TRUSTED_TYPES = (
     "diagnosis.ensemble.DiagnosisEnsemble",
     "diagnosis.ensemble.NeighboursRegressor",
+    "diagnosis.ensemble.GramRidgeCV",
     "diagnosis.ensemble._GlobalScale",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",

@@ -87,9 +87,9 @@ def child(path: str, max_rows: int, members: int, folds: int) -> None:
     from indexer import schema as S
     from indexer.store import Database
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rep = diagnose(path, members=members, folds=folds, max_rows=max_rows, progress=False)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     db = Database(path)
     ids = db.read([S.ID, S.PREDICTED_LOSS]).to_pandas().set_index(S.ID)
@@ -98,7 +98,7 @@ def child(path: str, max_rows: int, members: int, folds: int) -> None:
     loss = db.read([S.ID, S.LOSS]).to_pandas().set_index(S.ID).loc[ids.index, S.LOSS].to_numpy()
     oracle = quality(loss, clean)
     print(json.dumps({"max_rows": max_rows, "fitted_rows": rep.fitted_rows, "seconds": round(wall, 1),
-                      "timings": rep.timings, "peak_rss_mib": round(peak), "spearman": rep.spearman,
+                      "timings": rep.timings, "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak), "spearman": rep.spearman,
                       "r2": rep.r2, "auroc_top10": rep.auroc_top10, "oracle": oracle}))
 
 
@@ -113,24 +113,55 @@ def in_memory(n: int, max_rows: int, members: int, folds: int) -> dict:
     loss, clean = np.empty(n), np.empty(n)
     for s, Xc, lc, cc in synth(n):
         X[s : s + len(Xc)], loss[s : s + len(Xc)], clean[s : s + len(Xc)] = Xc, lc, cc
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fit_rows = stratified_subsample(loss, max_rows, 0)
     ens = DiagnosisEnsemble(n_members=members, n_folds=folds, random_state=0).fit(X[fit_rows], loss[fit_rows])
-    t_fit = time.perf_counter() - t0
+    t_fit, c_fit = time.perf_counter() - t0, time.process_time() - c0
     pred = np.empty(n)
     pred[fit_rows] = ens.oof_prediction_
     rest = np.setdiff1d(np.arange(n), fit_rows, assume_unique=True)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for s in range(0, len(rest), SCORE_BATCH):
         rows = rest[s : s + SCORE_BATCH]
         pred[rows] = ens.predict(X[rows])
-    t_score = time.perf_counter() - t1
+    t_score, c_score = time.perf_counter() - t1, time.process_time() - c1
     q = quality(loss, pred)
     return {"max_rows": max_rows, "fitted_rows": len(fit_rows), "seconds": round(time.perf_counter() - t0, 1),
             "timings": {"read_s": 0.0, "fit_s": round(t_fit, 1), "score_s": round(t_score, 1), "write_s": 0.0},
+            "cpu": {"fit_s": round(c_fit, 1), "score_s": round(c_score, 1)},
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "spearman": q["spearman"], "r2": q["r2"], "auroc_top10": q["auroc_top10"],
             "oracle": quality(loss, clean)}
+
+
+def against(src: str, rows: int, max_rows: list[int], members: int, folds: int) -> int:
+    """``--in-memory`` with this checkout's code and with the code at ``src`` (e.g. an exported older
+    commit), one child process each, alternating, printed side by side."""
+    here = str(Path(__file__).resolve().parents[1])
+    print(f"{rows} rows, {members} members x {folds} folds; wall (CPU) seconds; before = {src}", flush=True)
+    print(f"{'max_rows':>9} {'code':>6} {'fit s':>13} {'score s':>13} {'peak MiB':>8} {'Spearman':>8} {'R^2':>6} "
+          f"{'AUROC10':>7}", flush=True)
+    for mr in max_rows:
+        res = {}
+        for name, root in (("before", src), ("after", here)):
+            env = {**os.environ, "PYTHONPATH": root}
+            out = subprocess.run([sys.executable, __file__, "--in-memory", "--rows", str(rows), "--max-rows", str(mr),
+                                  "--members", str(members), "--folds", str(folds)],
+                                 capture_output=True, text=True, env=env, cwd=root)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return out.returncode
+            r = res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            tm, cpu = r["timings"], r.get("cpu", {})
+            print(f"{mr:>9} {name:>6} {tm['fit_s']:>6.1f} ({cpu.get('fit_s', float('nan')):>4.0f}) "
+                  f"{tm['score_s']:>6.1f} ({cpu.get('score_s', float('nan')):>4.0f}) {r['peak_rss_mib']:>8} "
+                  f"{r['spearman']:>8.4f} {r['r2']:>6.3f} {r['auroc_top10']:>7.4f}", flush=True)
+        b, a = res["before"], res["after"]
+        print(f"{mr:>9} ratio  fit {b['timings']['fit_s'] / a['timings']['fit_s']:.2f}x, score "
+              f"{b['timings']['score_s'] / a['timings']['score_s']:.2f}x faster (wall); AUROC10 "
+              f"{a['auroc_top10'] - b['auroc_top10']:+.4f}, Spearman {a['spearman'] - b['spearman']:+.4f}, "
+              f"peak {a['peak_rss_mib'] - b['peak_rss_mib']:+d} MiB", flush=True)
+    return 0
 
 
 def io_only(path: str) -> dict:
@@ -164,11 +195,15 @@ def main(argv=None) -> int:
     ap.add_argument("--in-memory", action="store_true",
                     help="fit and score arrays only (no LanceDB): one JSON line per --max-rows value")
     ap.add_argument("--io-only", action="store_true", help="time only diagnose's LanceDB read and write")
+    ap.add_argument("--against", metavar="SRC", help="with --in-memory: also run the code at SRC (a checkout or "
+                    "`git archive` of another commit) and print both side by side")
     args = ap.parse_args(argv)
     if args.members is None:
         from diagnosis.run import DEFAULT_MEMBERS
 
         args.members = DEFAULT_MEMBERS
+    if args.in_memory and args.against:
+        return against(args.against, args.rows, [int(x) for x in args.max_rows.split(",")], args.members, args.folds)
     if args.in_memory:
         for mr in [int(x) for x in args.max_rows.split(",")]:
             print(json.dumps(in_memory(args.rows, mr, args.members, args.folds)), flush=True)
@@ -200,8 +235,8 @@ def main(argv=None) -> int:
         tm = r["timings"]
         print(f"{r['max_rows']:>9} {r['fitted_rows']:>8} {r['seconds']:>8.0f} "
               f"{tm['read_s']:>5.0f}/{tm['fit_s']:.0f}/{tm['score_s']:.0f}/{tm['write_s']:.0f}".rjust(24)
-              + f" {r['peak_rss_mib']:>6} MiB {r['spearman']:>8.3f} {r['r2']:>6.3f} {r['auroc_top10']:>7.3f}",
-              flush=True)
+              + f" {r['peak_rss_mib']:>6} MiB {r['spearman']:>8.3f} {r['r2']:>6.3f} {r['auroc_top10']:>7.3f}"
+              f"  (CPU {r['cpu_s']:.0f} s, all threads)", flush=True)
     o = results[0]["oracle"]
     print(f"oracle (the noiseless loss): Spearman {o['spearman']:.3f}, R^2 {o['r2']:.3f}, "
           f"AUROC10 {o['auroc_top10']:.3f}")

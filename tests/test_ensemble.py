@@ -5,12 +5,12 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from diagnosis.ensemble import DiagnosisEnsemble, NeighboursRegressor
+from diagnosis.ensemble import DiagnosisEnsemble, GramRidgeCV, NeighboursRegressor
 from diagnosis.metrics import auroc_top, quality
 
 
 @parametrize_with_checks([DiagnosisEnsemble(n_members=4, n_folds=2, n_rff=64, pca_dim=8, random_state=0),
-                          NeighboursRegressor(n_neighbors=3)])
+                          NeighboursRegressor(n_neighbors=3), GramRidgeCV()])
 def test_sklearn_contract(estimator, check):
     check(estimator)
 
@@ -175,3 +175,63 @@ def test_rff_members_fit_at_most_rff_max_rows_and_knn_members_unique_rows(monkey
     assert len(rff) == len(knn) == 3
     assert all(n == 100 for _, n, _ in rff)  # a random subset of the 400-row bootstrap sample
     assert all(n == u < 400 for _, n, u in knn)  # the bootstrap sample's distinct rows only
+
+
+def test_knn_members_share_one_index_and_score_as_if_each_had_its_own():
+    """The kNN members of an ensemble search one index over all fitted rows, each keeping its own
+    nearest rows among the candidates: every member predicts exactly what a NeighboursRegressor
+    fitted on its own (bootstrap, distinct) rows predicts, and the index is stored once."""
+    import pickle
+
+    X, y, _ = planted(n=900)
+    ens = DiagnosisEnsemble(n_members=2, n_folds=3, kinds=("knn", "rff"), n_rff=32, random_state=0).fit(X, y)
+    Xt, _, _ = planted(n=300, fresh=True)
+    P = ens.member_predictions(Xt)
+    for k, members in enumerate(ens.estimators_):
+        knn = members[0]
+        assert knn.rows_ is not None and np.array_equal(knn.rows_, np.unique(knn.rows_))
+        assert not np.isin(knn.rows_, np.flatnonzero(ens.fold_ == k)).any()  # never its held-out fold
+        alone = NeighboursRegressor(n_neighbors=10).fit(X[knn.rows_], knn.y_)
+        # the same neighbours and distances; float64 weights summed in another order: last bits
+        np.testing.assert_allclose(ens._inverse(np.clip(alone.predict(Xt), *ens.z_range_)), P[k, 0], rtol=1e-12)
+    state = pickle.dumps(ens)
+    assert len(state) < 900 * 64 * 4 * 1.5  # one copy of the fitted vectors, not one per fold
+    np.testing.assert_array_equal(pickle.loads(state).member_predictions(Xt), P)
+
+
+@pytest.mark.parametrize("exact_max_rows", [20000, 100])
+def test_knn_scores_do_not_depend_on_the_batch(exact_max_rows):
+    """FAISS computes 250+ queries through BLAS and fewer by another loop (last bits differ): a row's
+    kNN score must not depend on how many rows it is scored with (``diagnose --score-new``)."""
+    X, y, _ = planted(n=1200)
+    knn = NeighboursRegressor(n_neighbors=10, exact_max_rows=exact_max_rows, nprobe=64).fit(X, y)
+    Xt, _, _ = planted(n=600, fresh=True)
+    whole = knn.predict(Xt)
+    one_by_one = np.array([knn.predict(Xt[i : i + 1])[0] for i in range(0, 600, 37)])
+    np.testing.assert_array_equal(one_by_one, whole[::37])
+
+
+def test_ensemble_threads_do_not_change_the_result():
+    X, y, _ = planted(n=400)
+    one = DiagnosisEnsemble(n_members=4, n_folds=3, n_rff=64, random_state=0, n_jobs=1).fit(X, y)
+    two = DiagnosisEnsemble(n_members=4, n_folds=3, n_rff=64, random_state=0, n_jobs=2).fit(X, y)
+    np.testing.assert_array_equal(two.oof_prediction_, one.oof_prediction_)  # one BLAS thread per member
+    Xt, _, _ = planted(n=3000, fresh=True)
+    # two threads score two halves: BLAS on other block sizes rounds float32 sums differently
+    np.testing.assert_allclose(two.predict(Xt), one.predict(Xt), rtol=1e-5, atol=1e-6)
+
+
+def test_gram_ridge_chooses_and_fits_as_ridgecv():
+    """The rff members' ridge: same leave-one-out choice of alpha and the same fit as scikit-learn's
+    RidgeCV (an SVD of the design), through the Gram matrix instead."""
+    from sklearn.kernel_approximation import RBFSampler
+    from sklearn.linear_model import RidgeCV
+
+    X, y, _ = planted(n=1500)
+    Z = RBFSampler(gamma=0.5, n_components=256, random_state=0).fit_transform(X)
+    z = np.log1p(y)
+    ref = RidgeCV(alphas=np.logspace(-3, 3, 7)).fit(Z, z)
+    got = GramRidgeCV(alphas=tuple(np.logspace(-3, 3, 7))).fit(Z, z)
+    assert got.alpha_ == ref.alpha_
+    # float64 solves of the same system by two decompositions: agree to ~1e-10 relative of |y|
+    np.testing.assert_allclose(got.predict(Z), ref.predict(Z), atol=1e-7)
