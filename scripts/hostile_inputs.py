@@ -927,11 +927,7 @@ def _probe_serve(db: Path, requests_: list, before=None) -> dict:
                                                                       and "Traceback" not in msg)})
         return {"answers": answers}
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        _stop(serve)
 
 
 def integrity_summary(results: list[dict]) -> dict:
@@ -1103,11 +1099,7 @@ def http_probes(w: dict) -> dict:
         return {"url": url, "indexed_image_served": probes[f"/gradio_api/file={image}"] == 200, "probes": probes,
                 "files_served_not_indexed_images": len(served_bad), "served": served_bad, "upload": upload}
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        _stop(serve)
 
 
 def http_issue25(w: dict) -> dict:
@@ -1226,11 +1218,7 @@ def http_issue25(w: dict) -> dict:
             wrong.append(f"the page's gallery failed ({type(e).__name__}: {str(e)[:120]})")
         alive = serve.poll() is None
     finally:
-        serve.terminate()  # SIGTERM
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        _stop(serve, timeout=30)
     log = serve.stdout.read()
     after = sorted(Database(home / "db").read([S.ID]).column(0).to_pylist())
     left = [p.name for p in tmp.glob("llm2loss-ui-*")]
@@ -1238,6 +1226,15 @@ def http_issue25(w: dict) -> dict:
             "tracebacks": log.count("Traceback"), "silent_wrong_results": len(wrong), "wrong": wrong,
             "files_served_not_indexed_images": len(served_bad), "served": served_bad,
             "rows_lost": len(set(before) - set(after)), "temp_folders_left_after_sigterm": left}
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a `serve`, and kill it if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _upload_probe(url: str, path: Path) -> dict:
