@@ -508,17 +508,14 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
     grammar = words.grammar
     held_out = bool(t.judged.sum() < np.isfinite(t.loss).sum())
     excess = t.pred - EXCESS_RATIO * float(t.pred.mean())
-    row_of: dict[str, int] = {}
     masks: dict[int, np.ndarray] = {}
 
     def mask(m: FailureMode) -> np.ndarray:
         """(n,) bool: the mode's members; made once per mode, and only for modes a shared name is
-        tried on (one id lookup per member, not a pass over the table)."""
+        tried on (one lookup per member in the table's id map, :attr:`_Table.row`)."""
         if id(m) not in masks:
-            if not row_of:
-                row_of.update((str(x), i) for i, x in enumerate(t.ids))
             masks[id(m)] = np.zeros(len(t.ids), dtype=bool)
-            masks[id(m)][[row_of[x] for x in m.ids]] = True
+            masks[id(m)][[t.row[x] for x in m.ids]] = True
         return masks[id(m)]
 
     changed = True
