@@ -138,10 +138,12 @@ class FailureMode:
 
 
 class Modes(list):
-    """:func:`explain`'s answer: the modes, and ``note``, one sentence saying why it shows none
-    (None when it shows some)."""
+    """:func:`explain`'s answer: the modes, ``note``, one sentence saying why it shows none (None
+    when it shows some), and ``hidden``, how many modes failed their check (listed only with
+    ``show_all``)."""
 
     note: str | None = None
+    hidden: int = 0
 
 
 def why_none(modes: list[FailureMode], no_skill: str | None) -> str | None:
@@ -665,13 +667,15 @@ def explain_table(db, vocab=None, top: int = 10, show_all: bool = False, compose
     words = Faithfulness(Grammar(phrases), scorer.encode_text if compose else None, phrases, None)
     if skill:  # predicted losses that are noise name nothing: say so instead of naming noise
         log.info("explain: %s", skill)
-        modes = Modes()
+        modes, every = Modes(), []
     else:
         T = scorer.encode_text(phrases)
         words.remember(phrases, T)
-        modes = Modes(name_modes(t, phrases, T, words.encode, top, show_all, seed, words=words))
+        every = name_modes(t, phrases, T, words.encode, top, True, seed, words=words)
+        modes = Modes(every if show_all else [m for m in every if m.shown])
+        modes.hidden = sum(not m.shown for m in every)
         attach_pool(modes, t, words)
-    modes.note = why_none(modes, skill)
+    modes.note = why_none(every, skill)  # judged on every mode found, listed or not
     return modes, t, words
 
 

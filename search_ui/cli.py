@@ -108,8 +108,7 @@ def cmd_explain(args) -> int:
             print(modes.note, file=sys.stderr)
     else:
         if modes.note:
-            hidden = "failed their check" in modes.note and not args.all
-            print(modes.note[:-1] + "; --all lists them." if hidden else modes.note)
+            print(modes.note[:-1] + "; --all lists them." if modes.hidden and not args.all else modes.note)
         for i, m in enumerate(modes, 1):
             print(f"{i:2d}. {m.summary()}")
     return 0

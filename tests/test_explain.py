@@ -280,10 +280,24 @@ def test_losses_the_embeddings_do_not_explain_are_said_by_diagnose_explain_and_t
         server.close()
 
 
-def test_a_table_the_ensemble_explains_has_skill_and_its_modes(explained_db):
-    _, db = explained_db
+def test_a_table_the_ensemble_explains_has_skill_and_says_why_its_groups_are_hidden(explained_db, tmp_path, capsys):
+    """The ensemble has skill; the groups found fail their check (150 rows: too few, or not failing
+    as a whole). The note gives the first one's reason whether or not the hidden modes are listed."""
     from diagnosis.run import load_ensemble
+    from search_ui.cli import main
 
+    _, db = explained_db
     assert load_ensemble(db).info["quality"]["no_skill"] is None
-    modes = explain(db, vocab=["a blue circle", "a red square", "a green triangle"], show_all=True)
-    assert modes.note is None or not any(m.shown for m in modes)
+    vocab = ["a blue circle", "a red square", "a green triangle"]
+    listed, bare = explain(db, vocab=vocab, show_all=True), explain(db, vocab=vocab)
+    assert listed and not any(m.shown for m in listed) and bare == []
+    assert bare.hidden == listed.hidden == len(listed)
+    assert bare.note == listed.note and "failed their check against the data" in bare.note
+    assert listed[0].evidence["reason"] in bare.note
+    path = tmp_path / "v.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    assert main(["explain", "--db", str(db.path), "--vocab", str(path)]) == 0
+    assert capsys.readouterr().out.strip().endswith("; --all lists them.")
+    assert main(["explain", "--db", str(db.path), "--vocab", str(path), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "failed their check" in out and "--all lists them" not in out and "[hidden: " in out
