@@ -235,3 +235,9 @@ def test_gram_ridge_chooses_and_fits_as_ridgecv():
     assert got.alpha_ == ref.alpha_
     # float64 solves of the same system by two decompositions: agree to ~1e-10 relative of |y|
     np.testing.assert_allclose(got.predict(Z), ref.predict(Z), atol=1e-7)
+    # float32 features (what the rff members score) are widened block by block (3,000 rows: two
+    # blocks), not all at once: float64 products as of the whole widened array, to float64 rounding
+    # of a 256-term dot product (~1e-13 of its terms' magnitudes)
+    Z32 = np.vstack([Z, Z]).astype(np.float32)
+    whole = Z32.astype(np.float64) @ got.coef_ + got.intercept_
+    np.testing.assert_allclose(got.predict(Z32), whole, rtol=0, atol=1e-12 * np.abs(got.coef_).sum())
