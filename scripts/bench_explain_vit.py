@@ -8,7 +8,10 @@ random weights (no download; a forward pass costs the same with any weights) and
 times ``explain`` on it, with its vocabulary built as for real data (the label names, open_clip's
 ImageNet classes and the generic concepts: :func:`diagnosis.vocab.real_vocabulary`), and says where
 the time went: phrases encoded by CLIP (calls, phrases, seconds), the rest (ranking, compositions,
-retrieval, checks). ``--against SRC`` runs the same in a child process with the code at ``SRC``
+retrieval, checks). ``--planted`` builds another table (in ``--work``/planted) where one image in
+ten is tinted red and has about five times the mean loss, so that the ensemble has skill and
+``explain`` encodes and judges the whole vocabulary (with random losses it finds no skill and names
+nothing, which skips the encoding). ``--against SRC`` runs the same in a child process with the code at ``SRC``
 (a checkout or `git archive` of another commit) and then with this checkout's, one after the other,
 and prints both side by side with the modes each found (random losses: none expected).
 """
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 
-def build(work: Path, rows: int) -> Path:
+def build(work: Path, rows: int, planted: bool = False) -> Path:
     import numpy as np
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     from PIL import Image
@@ -43,9 +46,15 @@ def build(work: Path, rows: int) -> Path:
     lines = ["image,label,loss"]
     for i in range(rows):
         path = work / "images" / f"{i:05d}.png"
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        loss = rng.gamma(1.0, 0.3)
+        if planted and i % 10 == 0:  # a failing group the embeddings can see: red-tinted images
+            img[..., 0] = 200 + img[..., 0] // 5
+            img[..., 1:] //= 3
+            loss = 1.5 + rng.gamma(1.0, 0.3)
+        Image.fromarray(img).save(path)
         name = IMAGENET_CLASSNAMES[i].replace('"', "")
-        lines.append(f'{path},"{name}",{rng.gamma(1.0, 0.3):.6f}')
+        lines.append(f'{path},"{name}",{loss:.6f}')
     (work / "manifest.csv").write_text("\n".join(lines) + "\n")
     index_dataset(work / "manifest.csv", db, ClipSpec("ViT-B-32"), device="cpu", progress=False)
     diagnose(db, progress=False)
@@ -82,7 +91,7 @@ def child(db: str, profile: bool = False) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": round(wall, 1), "cpu_s": round(cpu, 1), "encode": {k: round(v, 1) if isinstance(v, float) else v
                                                                         for k, v in calls.items()},
-            "modes": [m.name for m in modes]}
+            "modes": [getattr(m, "description", None) or m.name for m in modes]}
 
 
 def main(argv=None) -> int:
@@ -90,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--work", default="/tmp/bench_explain_vit")
     ap.add_argument("--against", metavar="SRC")
+    ap.add_argument("--planted", action="store_true", help="a table with a failing group (red-tinted images)")
     ap.add_argument("--profile", action="store_true", help="only this checkout's explain, under cProfile "
                     "(the 40 costliest calls by cumulative time on stderr)")
     ap.add_argument("--child", metavar="DB", help=argparse.SUPPRESS)
@@ -99,8 +109,8 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.profile)))
         return 0
     t = time.perf_counter()
-    db = build(Path(args.work), args.rows)
-    print(f"table: {args.rows} rows, ViT-B-32 (random weights), at {db} (built/checked in "
+    db = build(Path(args.work) / ("planted" if args.planted else ""), args.rows, args.planted)
+    print(f"table: {args.rows} rows{' (red-tinted failures planted)' if args.planted else ''}, ViT-B-32 (random weights), at {db} (built/checked in "
           f"{time.perf_counter() - t:.0f}s); machine: {os.cpu_count()} cores", flush=True)
     here = str(Path(__file__).resolve().parents[1])
     runs = ([("before", args.against)] if args.against and not args.profile else []) + [("after", here)]
