@@ -286,6 +286,8 @@ class AnnIndex:
     info: dict = field(default_factory=dict)
     #: faiss.StandardGpuResources kept alive as long as a GPU index uses it
     gpu_resources: object = None
+    #: (ntotal,) int32: the IVF cell of each position, built on the first deepening search
+    _cells: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def ntotal(self) -> int:
@@ -306,6 +308,59 @@ class AnnIndex:
         else:
             p = p100 * k / 100
         return int(min(self.info["nlist"], math.ceil(p)))
+
+    @property
+    def can_deepen(self) -> bool:
+        """Whether :meth:`search_deepening` applies: an IVF index searched on the CPU."""
+        return self.info.get("kind") == "ivf" and self.gpu_resources is None and hasattr(self.index, "quantizer")
+
+    def cells(self) -> np.ndarray:
+        """(ntotal,) int32: the IVF cell (inverted list) holding each position."""
+        if self._cells is None:
+            faiss = faiss_module()
+            lists, cells = self.index.invlists, np.full(self.ntotal, -1, np.int32)
+            for c in range(self.index.nlist):
+                size = lists.list_size(c)
+                if size:
+                    cells[faiss.rev_swig_ptr(lists.get_ids(c), size)] = c
+            self._cells = cells  # idempotent: two threads building it at once build the same array
+        return self._cells
+
+    def search_deepening(self, query: np.ndarray, k: int, near: int, far: int, look: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """One query's ``k`` most similar rows as ``search_positions`` gives them, probing its ``near``
+        nearest cells, then also its cells ``near`` to ``far`` when any of the ``look`` most similar
+        rows found lies in the farther half of the near cells (the neighbourhood may go on past
+        them). A deepened search returns what a search probing ``far`` cells returns: the same
+        cells, searched in two parts whose results are merged (equal similarities aside)."""
+        faiss = faiss_module()
+        q = np.ascontiguousarray(np.atleast_2d(query)[:1], dtype=np.float32)
+        k = max(1, min(int(k), self.ntotal))
+        near, far = int(min(near, far)), int(min(far, self.info["nlist"]))
+        dq, iq = self.index.quantizer.search(q, far)
+
+        def probe(a: int, b: int):
+            # FAISS reads nprobe cells per query from the lists given, so nprobe goes with them as a
+            # per-call parameter (the python wrapper would take the index's own, shared by threads)
+            cells, dist = np.ascontiguousarray(iq[:, a:b]), np.ascontiguousarray(dq[:, a:b])
+            sims, pos = np.empty((1, k), np.float32), np.empty((1, k), np.int64)
+            self.index.search_preassigned_c(1, faiss.swig_ptr(q), k, faiss.swig_ptr(cells), faiss.swig_ptr(dist),
+                                            faiss.swig_ptr(sims), faiss.swig_ptr(pos), False,
+                                            faiss.SearchParametersIVF(nprobe=b - a))
+            return sims, pos
+
+        sims, pos = probe(0, near)
+        found = pos[0, :look]
+        found = found[found >= 0]
+        if near < far and np.isin(self.cells()[found], iq[0, near // 2 : near]).any():
+            s2, p2 = probe(near, far)
+            s_all, p_all = np.concatenate([sims[0], s2[0]]), np.concatenate([pos[0], p2[0]])
+            s_all = np.where(p_all >= 0, s_all, -np.inf)
+            order = np.argsort(-s_all, kind="stable")[:k]
+            sims, pos = s_all[order][None, :], p_all[order][None, :]
+        sims = sims.astype(np.float32, copy=False)
+        sims[pos < 0] = -np.inf
+        return sims, pos
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         sims, pos = self.search_positions(queries, k, nprobe)

@@ -295,13 +295,15 @@ def step_recall(db_path: Path, n: int, work: Path, queries: int) -> dict:
     """Recall@10 of the served index (as the engine loads it) against exact inner-product search."""
     import faiss
 
-    from indexer import ann
     from indexer.clip import clip_for_database
+    from search_ui.engine import QueryEngine
+    from search_ui.ranking import neighbourhood_size
 
     db = _open(db_path)
     clip = clip_for_database(db.read_meta(), "cpu")
     world = World(clip)
-    served = ann.load_index(db, rebuild_if_stale=False)
+    engine = QueryEngine(db, device="cpu", rebuild_if_stale=False)
+    served = engine.ann  # the index as the engine loads it
     ids, x = db.embeddings()
     exact = faiss.IndexFlatIP(DIM)
     exact.add(x)
@@ -316,11 +318,13 @@ def step_recall(db_path: Path, n: int, work: Path, queries: int) -> dict:
         tid = ids[truth]
         out[f"recall10_{name}"] = round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in
                                                        zip(tid.tolist(), got.tolist(), strict=True)])), 4)
-        # the engine's candidate pool: 100 neighbours at the widened nprobe
+        # the engine's least pool: the 100 most similar rows of the neighbourhood the engine
+        # searches for a default query (k = 10: 1,000 rows, its probing rule included)
         _, truth100 = exact.search(q, 100)
-        _, got100 = served.search(q, 100)
+        got100 = [engine._pool(u, neighbourhood_size(100), 100, None, set()).ids(np.arange(100)).tolist()
+                  for u in q]
         out[f"recall100_pool_{name}"] = round(float(np.mean([len(set(a) & set(b)) / 100 for a, b in
-                                                             zip(ids[truth100].tolist(), got100.tolist(),
+                                                             zip(ids[truth100].tolist(), got100,
                                                                  strict=True)])), 4)
     out["queries"] = {"text": len(text_q), "image": len(img_q)}
     return out

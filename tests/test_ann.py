@@ -259,3 +259,32 @@ def test_gpu_build_matches_cpu(tmp_path):
     db, x, ids = synthetic_db(tmp_path / "db")
     info = ann.build_index(db, exact_max_rows=1000)
     assert info["gpu"] and info["recall_at_10"] >= 0.95
+
+
+def test_deepening_search_probes_the_far_cells_only_when_the_near_ones_run_out(tmp_path):
+    """``search_deepening``: a query whose most similar rows all lie in the nearer half of its near
+    cells gets what probing those cells gives; one whose rows reach into the farther half (a query
+    off the data) gets what probing the far cells gives: the same rows and similarities, from the
+    same cells searched in two parts."""
+    db, x, _ = synthetic_db(tmp_path / "db", n=3000)
+    ann.build_index(db, exact_max_rows=1000)
+    index = ann.load_index(db)
+    assert index.info["kind"] == "ivf" and index.can_deepen
+    nlist = index.info["nlist"]
+    near, far, k = 4, min(16, nlist), 200
+    cells = index.cells()
+    assert cells.shape == (index.ntotal,) and cells.min() >= 0 and cells.max() < nlist
+
+    def same(a, b):
+        (sa, pa), (sb, pb) = a, b
+        assert set(pa[0].tolist()) == set(pb[0].tolist())
+        # the same float32 inner products, computed by the same FAISS kernel over the same cells
+        np.testing.assert_array_equal(np.sort(sa[0]), np.sort(sb[0]))
+
+    on_data = x[[1]]  # a stored row: its 5 nearest rows share its cell
+    same(index.search_deepening(on_data, k, near, far, look=5), index.search_positions(on_data, k, nprobe=near))
+    off = np.random.default_rng(1).normal(size=(1, x.shape[1])).astype(np.float32)
+    off /= np.linalg.norm(off)
+    deep = index.search_deepening(off, k, near, far, look=100)
+    same(deep, index.search_positions(off, k, nprobe=far))
+    assert set(deep[1][0].tolist()) != set(index.search_positions(off, k, nprobe=near)[1][0].tolist())
