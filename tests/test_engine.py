@@ -315,3 +315,47 @@ def test_ivf_neighbourhood_probes_the_pools_cells_not_the_neighbourhoods(tmp_pat
         monkeypatch.setattr(E, "neighbourhood_nprobe", lambda *a, **kw: 1)
         assert len(engine.similar(x[1], k=10, candidates=n)) == 10
         assert calls == [(nb, 1), (nb, None)]
+
+
+def test_two_step_probe_returns_what_probing_twice_the_pool_returns(tmp_path, monkeypatch):
+    """Unfiltered queries probe N's cells first and 2 N's only when the neighbourhood reaches the far
+    half of them (module doc, "Probing the neighbourhood"): on- and off-data queries get the same
+    results, in the same order, as probing 2 N's cells every time."""
+    from indexer import ann
+    from search_ui import engine as E
+    from tests.test_ann import synthetic_db
+
+    db, x, _ = synthetic_db(tmp_path / "db", n=6000)
+    ann.build_index(db, exact_max_rows=1000)
+    engine = QueryEngine(db)
+    index = engine.ann
+    # on 6,000 rows the tuned probes for depths 20 and 40 coincide; wider tuned values (as a large
+    # table has) make N's and 2 N's cells differ
+    index.info["nprobe"], index.info["nprobe_at_100"] = 16, 64
+    n = 20  # the least pool; its neighbourhood is neighbourhood_size(20) rows
+    assert E.neighbourhood_nprobe(index, n, E.neighbourhood_size(n), depth=1) < \
+        E.neighbourhood_nprobe(index, n, E.neighbourhood_size(n))  # two steps are possible here
+    rng = np.random.default_rng(4)
+    off = rng.normal(size=(6, x.shape[1])).astype(np.float32)
+    queries = [x[i] for i in (1, 50, 700)] + list(off / np.linalg.norm(off, axis=1, keepdims=True))
+    deepened = []
+    real = ann.AnnIndex.search_deepening
+
+    def spy(self, *a, **kw):
+        deepened.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ann.AnnIndex, "search_deepening", spy)
+    two_step = [[r.id for r in engine.similar(q, k=5, candidates=n)] for q in queries]
+    assert len(deepened) == len(queries)  # every one went through the two-step probe
+    monkeypatch.setattr(ann.AnnIndex, "can_deepen", property(lambda self: False))
+    assert [[r.id for r in engine.similar(q, k=5, candidates=n)] for q in queries] == two_step
+    # ... and for the off-data queries N's cells alone find other neighbourhoods: the equality above
+    # holds because they went on to the far cells
+    near = E.neighbourhood_nprobe(index, n, E.neighbourhood_size(n), depth=1)
+    far = E.neighbourhood_nprobe(index, n, E.neighbourhood_size(n))
+
+    def hood(q, nprobe):
+        return set(index.search_positions(q[None, :], E.neighbourhood_size(n), nprobe=nprobe)[1][0].tolist())
+
+    assert any(hood(q, near) != hood(q, far) for q in queries[3:])
