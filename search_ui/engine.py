@@ -54,13 +54,16 @@ cells enough to hold :data:`PROBE_FILL` times the neighbourhood on average; when
 fewer rows than the neighbourhood asks for (unbalanced cells), the search is repeated as deep as
 the neighbourhood (filtered: exactly). A filter divides both depths by the share of matching rows.
 
-Unfiltered queries on a CPU index probe in two steps (``AnnIndex.search_deepening``): first the
+Unfiltered queries on a large CPU index (its far cells holding :data:`TWO_STEP_MIN_SCAN` row
+dimensions or more) probe in two steps (``AnnIndex.search_deepening``): first the
 cells of a search N deep; only when any of the 2 N most similar rows found lies in the farther half
 of those cells (the neighbourhood may go on past them: queries off the data) are the cells up to
 2 N's probed as well, and the two parts merged, which gives what probing 2 N's cells at once gives.
 Measured at 1M rows (BENCHMARKS.md, issue 27): for 300 caption queries and 300 random directions,
 the same ids in the same order as probing 2 N's cells every time; about one caption query in six,
-and every random direction, went on to the far cells; the ANN part of a caption query 4.3 -> 3.0 ms.
+and every random direction, went on to the far cells; the ANN part of a caption query 4.3 -> 3.0 ms,
+of a random direction 4.6 -> 4.9 ms. On a small index the second FAISS call costs more than the
+cells it spares (100k x 128, random directions: 0.29 -> 0.55 ms), hence the size bound.
 
 Repeated phrases
 ----------------
@@ -118,6 +121,9 @@ POOL_PROBE_DEPTH = 2
 #: ... and cells enough to hold this many times the neighbourhood's rows on average.
 PROBE_FILL = 2
 SIGMA_SAMPLE_ROWS = 2048
+#: Row dimensions the far cells of a neighbourhood probe must hold before it is done in two steps:
+#: 1M x 512 (128 cells of 250 rows: 16M) pays, 100k x 128 and 100k x 512 (0.6M and 2.6M) do not.
+TWO_STEP_MIN_SCAN = 8_000_000
 #: Phrases whose text embeddings are remembered (512-d: 2 KiB each, 8 MiB in all).
 TEXT_CACHE_SIZE = 4096
 
@@ -218,6 +224,14 @@ def neighbourhood_nprobe(ann, least: int, rows: int, share: float = 1.0, depth: 
     nlist, share = int(ann.info["nlist"]), max(float(share), 1e-12)
     hold = math.ceil(PROBE_FILL * rows * nlist / max(share * ann.ntotal, 1.0))
     return min(nlist, max(ann.nprobe_for(int(math.ceil(depth * least / share))), hold))
+
+
+def _two_steps_pay(ann, far: int) -> bool:
+    """Whether probing in two steps (module doc, "Probing the neighbourhood") can pay: only when the
+    far cells hold enough to scan (:data:`TWO_STEP_MIN_SCAN` row dimensions) that sparing half of them
+    outweighs a second FAISS call when a query goes on to them."""
+    dim = int(getattr(ann.index, "d", 0) or 0)
+    return far * ann.ntotal / max(int(ann.info["nlist"]), 1) * dim >= TWO_STEP_MIN_SCAN
 
 
 def _row_columns(schema: pa.Schema) -> list[str]:
@@ -500,7 +514,7 @@ class QueryEngine:
         else:
             nprobe = neighbourhood_nprobe(ann, least + len(drop), n + len(drop))
             near = neighbourhood_nprobe(ann, least + len(drop), n + len(drop), depth=1)
-            if nprobe and near < nprobe and ann.can_deepen:  # module doc, "Probing the neighbourhood"
+            if nprobe and near < nprobe and ann.can_deepen and _two_steps_pay(ann, nprobe):  # module doc
                 s, pos = ann.search_deepening(u, n + len(drop), near, nprobe, POOL_PROBE_DEPTH * (least + len(drop)))
             else:
                 s, pos = ann.search_positions(u[None, :], n + len(drop), nprobe=nprobe or None)

@@ -346,8 +346,12 @@ def test_two_step_probe_returns_what_probing_twice_the_pool_returns(tmp_path, mo
         return real(self, *a, **kw)
 
     monkeypatch.setattr(ann.AnnIndex, "search_deepening", spy)
+    one_step = [[r.id for r in engine.similar(q, k=5, candidates=n)] for q in queries]
+    assert not deepened  # an index this small is probed in one step (TWO_STEP_MIN_SCAN)
+    monkeypatch.setattr(E, "TWO_STEP_MIN_SCAN", 0)
     two_step = [[r.id for r in engine.similar(q, k=5, candidates=n)] for q in queries]
     assert len(deepened) == len(queries)  # every one went through the two-step probe
+    assert two_step == one_step
     monkeypatch.setattr(ann.AnnIndex, "can_deepen", property(lambda self: False))
     assert [[r.id for r in engine.similar(q, k=5, candidates=n)] for q in queries] == two_step
     # ... and for the off-data queries N's cells alone find other neighbourhoods: the equality above
