@@ -636,7 +636,7 @@ def score_vocabulary(scorer: Scorer, phrases: list[str], generic: bool, correct_
 
 
 def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True,
-            seed: int = 0) -> Modes:
+            seed: int = 0, clip=None) -> Modes:
     """The ``top`` worst failure modes of ``db`` whose evidence holds, costliest (:func:`cost`: the
     share of the held-out loss the group carries above the mean) first; with ``show_all``, then every mode whose evidence
     does not hold (``shown`` False). Its ``note`` says why it shows none (:func:`why_none`); when
@@ -645,11 +645,14 @@ def explain(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool
     ``vocab``: a file of phrases, a list of phrases, or None (the dataset's ``vocab.txt``, else
     :func:`diagnosis.vocab.real_vocabulary`). ``compose``: also name groups by compositions of their
     best phrases ("a small" + "blue circle"). See the module doc for how names are chosen and checked.
+    ``clip``: the database's CLIP model when the caller has it loaded (a server: its compiled text
+    encoding is then used too); loaded here otherwise.
     """
-    return explain_table(db, vocab, top, show_all, compose, seed)[0]
+    return explain_table(db, vocab, top, show_all, compose, seed, clip)[0]
 
 
-def explain_table(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True, seed: int = 0):
+def explain_table(db, vocab=None, top: int = 10, show_all: bool = False, compose: bool = True, seed: int = 0,
+                  clip=None):
     """:func:`explain`, also returning the table it read (labelled rows; the pool in ``pool``) and
     the :class:`Faithfulness` that judged the names, for callers that go on with them (curate)."""
     from diagnosis.run import open_db
@@ -657,7 +660,7 @@ def explain_table(db, vocab=None, top: int = 10, show_all: bool = False, compose
     if top < 1:
         raise UserError(f"--top {top} must be at least 1.")
     db = open_db(db)
-    scorer = Scorer(db)
+    scorer = Scorer(db, clip=clip)
     phrases, _ = resolve_vocabulary(db, vocab)
     t = _read_table(db)
     if not len(t.ids):

@@ -83,10 +83,14 @@ class Scorer:
     and the UI.
     """
 
-    def __init__(self, db, allow_stale: bool = False, device: str | None = "cpu"):
+    def __init__(self, db, allow_stale: bool = False, device: str | None = "cpu", clip=None):
         self.db = open_db(db)
         self.loaded: LoadedEnsemble = load_ensemble(self.db, allow_stale=allow_stale)
         self.device = device
+        if clip is not None:  # the caller's loaded model of this database (a server's, maybe compiled)
+            if clip.spec.identity() != self.db.clip_identity:
+                raise ValueError("the CLIP model given is not the one this database was indexed with")
+            self.clip = clip
 
     @property
     def ensemble(self):

@@ -7,10 +7,12 @@ pretrained tag, a local checkpoint, or none at all (random weights, for plumbing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.clip_text import encode_tokens, truncated_tower
+from indexer.clip_text import compile_tower, encode_tokens, truncated_tower
 from indexer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,9 @@ class ClipModel:
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.name)
         self.text_tower = truncated_tower(model, spec.name)
+        self._label = spec.name
+        self._compiled = None  # compile_text(): the compiled text encoder, called under _compiled_lock
+        self._compiled_lock = threading.Lock()
 
     @staticmethod
     def _check_pretrained_available(spec: ClipSpec) -> None:
@@ -189,9 +194,34 @@ class ClipModel:
         if not len(texts):
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         tokens = self.tokenizer(list(texts))
-        with self._autocast():
-            z = encode_tokens(self.model, self.text_tower, tokens, batch_size, self.device)
+        compiled = self._compiled
+        with self._autocast(), self._compiled_lock if compiled is not None else contextlib.nullcontext():
+            z = encode_tokens(self.model, self.text_tower, tokens, batch_size, self.device, compiled)
         return _normalise(z)
+
+    def compile_text(self) -> bool:
+        """Compile the text encoding (:func:`indexer.clip_text.compile_tower`) for a long-lived
+        process: on a CPU, for a truncatable tower; tens of seconds the first time on a machine, so
+        servers call it in a background thread and encode uncompiled meanwhile. Returns whether
+        encoding is compiled now; compiled and uncompiled embeddings agree to float rounding."""
+        if self._compiled is not None:
+            return True
+        if self.text_tower is None or self.device != "cpu":
+            return False  # the GPU path is not measured compiled; a tower it cannot truncate stays eager
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_inductor_cache()))
+        with self._autocast():  # compiled in the context it is called in (else it compiles again)
+            compiled = compile_tower(self.text_tower, self._label)
+        if compiled is not None:
+            self._compiled = compiled
+        return compiled is not None
+
+
+def _inductor_cache() -> Path:
+    """Where torch.compile keeps the compiled text encoders: llm2loss's own cache folder (the user's,
+    like the worlds), not a folder shared under /tmp."""
+    from indexer.world.build import cache_root
+
+    return cache_root() / "inductor"
 
 
 def _pretrained_cached(cfg: dict) -> bool:

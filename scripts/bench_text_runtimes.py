@@ -28,24 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-class Truncated(torch.nn.Module):
-    """Token ids (1, L) ending at the end-of-text token -> (1, d): ``TextTower.encode`` as one module
-    of fixed structure, which the exporters and the compiler can trace."""
-
-    def __init__(self, tower):
-        super().__init__()
-        self.tok, self.transformer, self.ln_final = tower.token_embedding, tower.transformer, tower.ln_final
-        self.register_buffer("pos", tower.positional_embedding.detach().clone())
-        self.register_buffer("mask", tower.attn_mask.detach().clone())
-        self.proj = tower.text_projection
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        n = tokens.shape[1]
-        x = self.tok(tokens) + self.pos[:n]
-        x = self.ln_final(self.transformer(x, attn_mask=self.mask[:n, :n]))[:, -1]
-        return self.proj(x) if isinstance(self.proj, torch.nn.Linear) else x @ self.proj
-
-
 def _unit(z) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
     return z / np.linalg.norm(z, axis=-1, keepdims=True)
@@ -83,14 +65,14 @@ def _onnx_runtime(module: torch.nn.Module, lengths: set[int]):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runtimes", default="compile,ort")
+    ap.add_argument("--runtimes", default="compile,ort", help="comma-separated: compile, freeze, ort")
     ap.add_argument("--queries", type=int, default=150)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)  # open_clip warns that the weights are random
     import open_clip
 
     from diagnosis.vocab import generic_singles, imagenet_classnames, with_article
-    from indexer.clip_text import text_tower
+    from indexer.clip_text import GroupEncoder, text_tower
 
     torch.set_num_threads(2)
     model = open_clip.create_model("ViT-B-32").eval()
@@ -102,13 +84,23 @@ def main(argv=None) -> int:
     for p in phrases:
         t = tokenizer([p])
         tokens.append(t[:, : int(tower.pooled_positions(t)[0]) + 1].contiguous())
-    module = Truncated(tower).eval()
+    module = GroupEncoder(tower).eval()  # the product's compiled module (indexer.clip_text)
     with torch.inference_mode():
         ref = [_unit(tower.encode(tokenizer([p]))[0].numpy()) for p in phrases]
         _time("eager (truncated)", lambda t: module(t).numpy(), tokens, ref)
         runtimes = args.runtimes.split(",")
         if "ort" in runtimes:
             _time("onnxruntime, 2 threads", _onnx_runtime(module, {t.shape[1] for t in tokens}), tokens, ref)
+        if "freeze" in runtimes:  # inductor with frozen weights (prepacked for oneDNN)
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            start = time.perf_counter()
+            frozen = torch.compile(module, dynamic=True)
+            frozen(tokens[0])
+            print(f"torch.compile, freezing: first call {time.perf_counter() - start:.1f} s", flush=True)
+            _time("torch.compile (frozen)", lambda t: frozen(t).numpy(), tokens, ref)
+            inductor_config.freezing = False
         if "compile" in runtimes:
             start = time.perf_counter()
             compiled = torch.compile(module, dynamic=True)

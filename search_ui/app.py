@@ -365,12 +365,14 @@ def launch_kwargs(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = 78
 
 
 def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int | None = 7860,
-          auth: str | None = None, block: bool = True, cors_origins=()):
+          auth: str | None = None, block: bool = True, cors_origins=(), compile_text: bool | None = None):
     """Build and launch the app with its JSON API (``/api/v1``, :mod:`search_ui.api`) on the same
     port; with ``block`` (the CLI) it runs until interrupted. ``cors_origins``: web origins allowed
     to call it from their pages (``--cors-origin``; none by default, :mod:`search_ui.serving`).
     Returns the running :class:`search_ui.api.Server` (``local_url``, ``close()``, and the Blocks'
-    attributes)."""
+    attributes). ``compile_text``: compile the CLIP text encoding in the background once serving
+    (:meth:`AppContext.compile_text_in_background`); by default yes, unless ``--no-compile`` or the
+    environment's ``LLM2LOSS_COMPILE_TEXT=0`` (the tests' default: quick servers)."""
     parse_auth(auth)  # refuse a malformed --auth before the slow part
     parse_cors_origins(cors_origins)
     if block:
@@ -385,6 +387,10 @@ def serve(db: str | os.PathLike | Database, host: str = "127.0.0.1", port: int |
     server = start_server(app, kwargs)  # the page at /, the JSON API at /api/v1, one port
     print(f"llm2loss UI for {Path(app.llm2loss_context.db.path)} at {server.local_url} "
           f"(JSON API: {server.local_url}api/v1/docs)", flush=True)
+    if compile_text is None:
+        compile_text = os.environ.get("LLM2LOSS_COMPILE_TEXT", "1").strip() != "0"
+    if compile_text:
+        app.llm2loss_context.compile_text_in_background()
     if block:
         server.block()
     return server

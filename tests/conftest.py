@@ -5,6 +5,9 @@ import os
 # Without this open_clip/huggingface_hub retry a download for ~46 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Servers started by the tests (in process and as subprocesses) answer uncompiled: compiling the
+# text encoding takes tens of seconds; tests/test_clip_text.py tests the compiled path itself.
+os.environ.setdefault("LLM2LOSS_COMPILE_TEXT", "0")
 
 import pytest  # noqa: E402
 

@@ -10,6 +10,7 @@ mask or pooled token changes embeddings by 1e-2 and more.
 """
 
 import logging
+import os
 
 import numpy as np
 import open_clip
@@ -96,6 +97,36 @@ def test_tiny_clip_model_encodes_truncated(tiny_clip_spec):
     alone = np.concatenate([clip.encode_text([t]) for t in texts])
     np.testing.assert_allclose(alone, got, rtol=0, atol=ATOL)
     assert clip.encode_text([]).shape == (0, clip.embed_dim)
+
+
+def test_compiled_text_encoding_equals_the_eager_one(tiny_clip_spec, tmp_path, monkeypatch):
+    """``ClipModel.compile_text`` (torch.compile, frozen weights): the same embeddings as the eager
+    truncated encoding, one phrase at a time and in mixed batches, to float rounding (ATOL on unit
+    vectors, as above); its compiled code goes to llm2loss's cache folder."""
+    monkeypatch.setenv("LLM2LOSS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    clip = load_clip(tiny_clip_spec, "cpu")
+    texts = phrases(lengths=(0, 1, 2, 4, 9, 22, 30))
+    eager = clip.encode_text(texts, batch_size=3)
+    alone = np.concatenate([clip.encode_text([t]) for t in texts])
+    assert clip.compile_text() is True and clip.compile_text() is True  # once
+    np.testing.assert_allclose(clip.encode_text(texts, batch_size=3), eager, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(np.concatenate([clip.encode_text([t]) for t in texts]), alone, rtol=0, atol=ATOL)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+
+
+def test_a_tower_that_does_not_compile_stays_eager_and_says_so(tiny_clip_spec, caplog):
+    from indexer.clip_text import compile_tower
+
+    clip = load_clip(tiny_clip_spec, "cpu")
+
+    def no_compiler(module, **kw):
+        raise RuntimeError("no C++ compiler found")
+
+    with caplog.at_level(logging.WARNING, logger="indexer.clip_text"):
+        assert compile_tower(clip.text_tower, "tiny", compiler=no_compiler) is None
+    assert "stays uncompiled" in caplog.text and "no C++ compiler" in caplog.text
+    assert clip.encode_text(["a red circle"]).shape == (1, clip.embed_dim)  # eager, as before
 
 
 def small_text_cfg(**kw) -> dict:

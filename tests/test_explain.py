@@ -109,6 +109,22 @@ def test_score_text_matches_the_scorer_and_the_gap_changes_scores(explained_db):
     assert list(db.diagnosis_dir.glob("text_mean_*.npy"))
 
 
+def test_the_scorer_uses_a_loaded_clip_only_when_it_is_the_databases(explained_db):
+    """explain(..., clip=) (a server passes its engine's model, compiled): used when it is the model
+    the database was indexed with, refused otherwise."""
+    from indexer.clip import ClipSpec, clip_for_database, load_clip
+
+    _, db = explained_db
+    mine = clip_for_database(db.read_meta(), "cpu")
+    sc = Scorer(db, clip=mine)
+    assert sc.clip is mine
+    np.testing.assert_array_equal(sc.encode_text(["a blue circle"]), Scorer(db).encode_text(["a blue circle"]))
+    other = load_clip(ClipSpec(model="ViT-B-32"), "cpu")  # random weights: another model than the table's
+    assert other.spec.identity() != db.clip_identity
+    with pytest.raises(ValueError, match="not the one this database was indexed with"):
+        Scorer(db, clip=other)
+
+
 def test_a_phrase_is_scored_by_the_stored_predictions_of_its_nearest_images(explained_db):
     from diagnosis.explain import _read_table, _top_neighbours, score_vocabulary
 

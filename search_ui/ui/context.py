@@ -313,6 +313,22 @@ class AppContext:
                 self._engine = QueryEngine(self.db)
             return self._engine
 
+    def compile_text_in_background(self) -> threading.Thread:
+        """Load the engine and compile its CLIP text encoding (``ClipModel.compile_text``) in a
+        daemon thread, for a long-lived server: queries are answered meanwhile, uncompiled."""
+        def work():
+            try:
+                clip = self.engine.clip
+                log.info("compiling the CLIP text encoding in the background (tens of seconds the first "
+                         "time); queries are answered uncompiled meanwhile")
+                clip.compile_text()
+            except Exception as e:  # a query will say what is wrong with the database
+                log.info("text encoding not compiled: %s", e)
+
+        thread = threading.Thread(target=work, name="llm2loss-compile-text", daemon=True)
+        thread.start()
+        return thread
+
     @property
     def metadata_columns(self) -> list[str]:
         return [f.name for f in self.db.table.schema if f.name not in S.CORE_COLUMNS]
@@ -373,7 +389,8 @@ class AppContext:
 
                 if progress is not None:
                     progress(0.1, desc="naming the failures and checking each name against the data")
-                modes = explain(self.db, vocab=vocab, top=top, show_all=True)
+                # the engine's CLIP: loaded once per server, and its text encoding compiled there
+                modes = explain(self.db, vocab=vocab, top=top, show_all=True, clip=self.engine.clip)
                 for old in [k for k in self._modes if k[0] != key[0]]:  # an older table's: never asked again
                     del self._modes[old]
                     self._notes.pop(old, None)
