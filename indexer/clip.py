@@ -201,7 +201,7 @@ class ClipModel:
 
     def compile_text(self) -> bool:
         """Compile the text encoding (:func:`indexer.clip_text.compile_tower`) for a long-lived
-        process: on a CPU, for a truncatable tower; tens of seconds the first time on a machine, so
+        process: on a CPU, for a truncatable tower; tens of seconds in every process, so
         servers call it in a background thread and encode uncompiled meanwhile. Returns whether
         encoding is compiled now; compiled and uncompiled embeddings agree to float rounding."""
         if self._compiled is not None:

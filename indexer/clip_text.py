@@ -161,11 +161,11 @@ class GroupEncoder(nn.Module):
 def compile_tower(tower: TextTower, label: str, compiler: Callable | None = None
                   ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The tower's encoder compiled by ``torch.compile`` (inductor, dynamic shapes, weights frozen so
-    that the linear layers run prepacked: ViT-B-32's text encoding 3x faster on a 2-core CPU,
+    that the linear layers run prepacked: ViT-B-32's text encoding 2.3x faster on a 2-core CPU,
     BENCHMARKS.md issue 27), after compiling it for one phrase and for a batch; None, logged, when
-    compiling fails (no C++ compiler, an unsupported platform). Takes tens of seconds on the first
-    call of a machine (later processes reuse inductor's cache), so it is for long-lived processes
-    (``serve``), not one-shot commands. Callers serialise calls (:class:`indexer.clip.ClipModel`).
+    compiling fails (no C++ compiler, an unsupported platform). Takes tens of seconds in every
+    process (40-50 s for ViT-B-32 on 2 cores; a warm inductor cache did not shorten it), so it is for
+    long-lived processes (``serve``), not one-shot commands. Callers serialise calls (:class:`indexer.clip.ClipModel`).
     ``compiler``: ``torch.compile`` unless given (tests)."""
     try:
         from torch._inductor import config as inductor_config

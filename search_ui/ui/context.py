@@ -319,8 +319,8 @@ class AppContext:
         def work():
             try:
                 clip = self.engine.clip
-                log.info("compiling the CLIP text encoding in the background (tens of seconds the first "
-                         "time); queries are answered uncompiled meanwhile")
+                log.info("compiling the CLIP text encoding in the background (tens of seconds); "
+                         "queries are answered uncompiled meanwhile")
                 clip.compile_text()
             except Exception as e:  # a query will say what is wrong with the database
                 log.info("text encoding not compiled: %s", e)
