@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "by default no other origin is approved, and cross-site requests change nothing")
     s.add_argument("--no-compile", action="store_true",
                    help="do not compile the CLIP text encoding (by default it is compiled with torch.compile in the "
-                        "background after start, tens of seconds, and then encodes a query ~3x faster "
+                        "background after start, tens of seconds, and then encodes a query ~2x faster "
                         "on a CPU; queries are answered meanwhile; LLM2LOSS_COMPILE_TEXT=0 in the environment does the same)")
     s.set_defaults(func=cmd_serve)
 
