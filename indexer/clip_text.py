@@ -215,23 +215,22 @@ def encode_tokens(model: nn.Module, tower: TextTower | None, tokens: torch.Tenso
     else:
         lengths = tower.pooled_positions(tokens)
         order = torch.argsort(lengths, stable=True)
-        _, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+        pooled, counts = torch.unique_consecutive(lengths[order], return_counts=True)
         chunks, start = [], 0
-        for count in counts.tolist():
+        for position, count in zip(pooled.tolist(), counts.tolist(), strict=True):
             for i in range(start, start + count, batch_size):
                 rows = order[i : min(i + batch_size, start + count)]
-                chunks.append((rows, tokens[rows]))
+                # the group's own positions, as a fresh (rows, L) array (indexing copies): the
+                # compiled encoder is guarded on a row stride of L, which a slice would not have
+                chunks.append((rows, tokens[rows, : position + 1]))
             start += count
     out = None
     for rows, batch in chunks:
         batch = batch.to(device)
         if tower is None:
             z = model.encode_text(batch)
-        elif compiled is not None:  # every row of a group ends at the group's length
-            group = batch[:, : int(tower.pooled_positions(batch[:1])[0]) + 1]
-            # a fresh (n, L) array: a one-row slice of the (1, context) tokens counts as contiguous
-            # with its row stride still 77, and the compiled code is guarded on row stride == L
-            z = compiled(torch.empty(group.shape, dtype=group.dtype, device=group.device).copy_(group))
+        elif compiled is not None:  # every row of a group ends at its last position
+            z = compiled(batch)
         else:
             z = tower.encode(batch)
         if out is None:
