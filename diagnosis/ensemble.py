@@ -531,11 +531,12 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         self._knn = None
         if blob is not None:
             self._knn = {"index": faiss.deserialize_index(blob)}
-            for est in self._shared_knn():
-                est._cache = self._knn
+            for k, i in self._shared_knn():
+                self.estimators_[k][i]._cache = self._knn
 
-    def _shared_knn(self):
-        return [est for members in getattr(self, "estimators_", []) for est in members
+    def _shared_knn(self) -> list[tuple[int, int]]:
+        """(fold, member) of the kNN members that search the ensemble's shared index."""
+        return [(k, i) for k, members in enumerate(getattr(self, "estimators_", [])) for i, est in enumerate(members)
                 if isinstance(est, NeighboursRegressor) and getattr(est, "rows_", None) is not None]
 
     # ---- predict -------------------------------------------------------------------------------
@@ -547,8 +548,7 @@ class DiagnosisEnsemble(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32], order="C")
         out = np.empty((len(self.estimators_), len(self.estimators_[0]), X.shape[0]))
-        shared = [(k, i) for k, members in enumerate(self.estimators_) for i, est in enumerate(members)
-                  if isinstance(est, NeighboursRegressor) and est.rows_ is not None]
+        shared = self._shared_knn()
         X32 = np.ascontiguousarray(X, dtype=np.float32) if shared else None
 
         def part(rows: slice):
