@@ -36,7 +36,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, Faithfulness, content_words, find_modes
+from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, TAIL_SHARE, Faithfulness, content_words, find_modes
 from diagnosis.text import Scorer
 from diagnosis.vocab import (
     Grammar,
@@ -127,6 +127,9 @@ class FailureMode:
                 lo, hi = ev["described_loss_ratio_ci"]
                 out += (f"; the {ev['described_rows']} judged images that show the name: true loss "
                         f"{ev['described_loss_ratio']:.1f}x the mean [{lo:.1f}, {hi:.1f}]")
+            if ev.get("beyond_loss_ratio") is not None:
+                out += (f"; it overlaps other modes, and its {ev['beyond_rows']} judged images that show none of "
+                        f"their names have {ev['beyond_loss_ratio']:.1f}x the mean true loss")
         also = [p for p in self.phrases if p != self.description][:2]
         if also:
             out += f"\n      also: {', '.join(repr(p) for p in also)}"
@@ -407,6 +410,29 @@ def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: 
         ev["holds"], ev["failed_on"] = False, "described true loss"
         ev["reason"] = (f"the {len(rows)} judged images it describes have {ratio:.1f}x the mean true loss, below "
                         f"{FAIL_RATIO:g}x (only its nearest images fail)")
+
+
+def _check_beyond_modes(ev: dict, name: str, t: _Table, judged: np.ndarray, words: Faithfulness,
+                        earlier: list[str]) -> None:
+    """For a name found across earlier modes (:func:`diagnosis.modes._across`): its judged rows
+    that show none of the ``earlier`` modes' names must fail too (``FAIL_RATIO`` x the mean true
+    loss, over ``MIN_EVIDENCE_ROWS`` rows at least), or it is only a view across those failures
+    ("a small object on a striped background" across "a small star" and "a small triangle": its
+    circles and squares do not fail). Adds ``beyond_rows`` and ``beyond_loss_ratio``."""
+    if not ev["holds"] or not len(judged):
+        return
+    rows = judged[words.shows(name, t.X[judged])]
+    for other in earlier:
+        rows = rows[~words.shows(other, t.X[rows])]
+    mean_true = float(t.loss[judged].mean())
+    ratio = float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
+    ev["beyond_rows"], ev["beyond_loss_ratio"] = int(len(rows)), ratio
+    log.debug("%r beyond %s: %d judged rows, %s x the mean true loss", name, earlier, len(rows), ratio)
+    if len(rows) < MIN_EVIDENCE_ROWS or ratio is None or ratio < FAIL_RATIO:
+        ev["holds"], ev["failed_on"] = False, "beyond earlier modes"
+        ev["reason"] = (f"its {len(rows)} judged images outside the modes it overlaps have "
+                        + (f"{ratio:.1f}x" if ratio is not None else "no") + " the mean true loss: "
+                        "it fails only where those modes do")
 
 
 def _fails_on_truth(ev: dict) -> bool:
@@ -756,7 +782,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             _check_beyond_noise(ev, t)
         return ev
 
-    out, used = [], set()
+    out, used, member_rows = [], set(), []
     for g in groups:
         checked, doubted = [], False  # doubted: a better name for the group failed on true loss
         for c in g["candidates"]:
@@ -764,7 +790,16 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
                 continue
             got = retrieve(t, T[c["phrase"]], round(c["r"] * scale))
             members = got[fail[got] & ~taken[got]]
+            if g.get("across"):
+                # a failure across earlier modes keeps the failing rows they hold too, unless it
+                # would then share more than half of one's members (its own rows only, then)
+                every = got[fail[got]]
+                if all(np.isin(every, rows).sum() <= TAIL_SHARE * min(len(every), len(rows))
+                       for m, rows in zip(out, member_rows, strict=True) if m.shown):
+                    members = every
             ev = judge(c, got, members, doubted)
+            if g.get("across"):
+                _check_beyond_modes(ev, phrases[c["phrase"]], t, described, words, [m.description for m in out if m.shown])
             checked.append((c, got, members, ev, doubted))
             if ev["holds"] or (len(members) < MIN_SAMPLES and not _untrue(ev)):
                 break
@@ -772,6 +807,8 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
         if not checked:
             continue
         c, got, members, ev, doubted = next((x for x in checked if x[3]["holds"]), checked[0])
+        if g.get("across") and not ev["holds"]:
+            continue  # a view across other modes, not a failure of its own: nothing to show or fold
         for tail in g["tails"]:  # the failure's leftovers past its name's prefix
             extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
             extra = extra[fail[extra] & ~taken[extra]]
@@ -779,6 +816,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
         if g["tails"]:  # the same name judged again on its whole membership (its size, true_of)
             ev = judge(c, got, members, doubted)
         taken[members] = True
+        member_rows.append(members)
         used.add(phrases[c["phrase"]])
         others = [phrases[x["phrase"]] for x in g["candidates"] if x is not c]
         out.append(FailureMode(
