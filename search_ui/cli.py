@@ -318,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("explain", help="name the model's failure modes in words, costliest first", description=(
         "Name the model's failure modes in words, costliest first. A mode is named by the phrase (or a "
-        "composition of phrases) whose images gather the most predicted loss, among the names true of "
-        "the failing images they gather; fragments differing in one kind of word ('a blue triangle', "
+        "composition of phrases, or of the values its failing images show) whose images gather the most "
+        "predicted loss, among the names true of the failing images they gather; a failure whose images "
+        "other modes took is named too when its other images fail as well; fragments differing in one "
+        "kind of word ('a blue triangle', "
         "'a blue circle') fold into what they share ('a blue object') when its images fail. Every name "
         "is checked against the data before it is shown: its images fail (predicted, and true loss on "
         "held-out rows, at least 2x the mean) and it has at least 20 samples; each comes with that "
