@@ -36,7 +36,16 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from diagnosis.modes import EXCESS_RATIO, N_EXAMPLES, TAIL_SHARE, Faithfulness, content_words, find_modes
+from diagnosis.modes import (
+    BASE_ROWS,
+    EXCESS_RATIO,
+    N_EXAMPLES,
+    TAIL_SHARE,
+    Faithfulness,
+    content_words,
+    describing_names,
+    find_modes,
+)
 from diagnosis.text import Scorer
 from diagnosis.vocab import (
     Grammar,
@@ -127,6 +136,8 @@ class FailureMode:
                 lo, hi = ev["described_loss_ratio_ci"]
                 out += (f"; the {ev['described_rows']} judged images that show the name: true loss "
                         f"{ev['described_loss_ratio']:.1f}x the mean [{lo:.1f}, {hi:.1f}]")
+            if ev.get("renamed_from"):
+                out += f"; named by what its failing images show, instead of {ev['renamed_from']!r} (whose evidence did not hold)"
             if ev.get("beyond_loss_ratio") is not None:
                 out += (f"; it overlaps other modes, and its {ev['beyond_rows']} judged images that show none of "
                         f"their names have {ev['beyond_loss_ratio']:.1f}x the mean true loss")
@@ -366,6 +377,7 @@ def _check_true_of(ev: dict, name: str, Xm: np.ndarray, words: Faithfulness) -> 
                         "value of one of its words in the rest)")
 
 
+REREAD_NAMES = 8  # names read off a hidden mode's failing images, judged before it is hidden
 DESCRIBED_ROWS = 50_000  # judged rows the described-rows check reads at most (a fixed sample beyond)
 
 
@@ -765,6 +777,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
     groups, phrases, T, sample = find_modes(t.X, t.pred, fail_threshold(t.pred), phrases, T, encode=encode,
                                             grammar=grammar if encode is not None else None, seed=seed,
                                             words=words if encode is not None else None)
+    phrases = list(phrases)  # names read off a hidden mode's images are added to it (reread)
     if encode is None:
         words.remember(phrases, T)
     scale = len(t.ids) / len(sample)
@@ -781,6 +794,53 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
         if doubted:
             _check_beyond_noise(ev, t)
         return ev
+
+    base: list[np.ndarray] = []  # a sample of the table, for the values a hidden mode's images show
+
+    def reread(checked: list) -> tuple | None:
+        """Before a mode is hidden: the names read off its own failing images (the values most of
+        them show, :func:`diagnosis.modes.describing_names`), so that a part few of them show is
+        swapped for one most of them do ("a blue triangle on a striped background" for small
+        triangles of every colour on stripes: "a small triangle on a striped background"). Each is
+        judged like any name, retrieving as many rows as the hidden name did; of those that hold,
+        the one whose images fail the most (true loss). None when none holds."""
+        nonlocal T
+        c0, _, members0, ev0, doubted0 = checked[0]
+        if len(members0) < MIN_SAMPLES:
+            return None
+        if not base:
+            rng = np.random.default_rng(seed)
+            base.append(t.X[np.sort(rng.choice(len(t.X), BASE_ROWS, replace=False))] if len(t.X) > BASE_ROWS else t.X)
+        tried = {phrases[x[0]["phrase"]].lower() for x in checked} | {p.lower() for p in used}
+        names = [p for p in describing_names(t.X[members0], base[0], words) if p.lower() not in tried]
+        names = sorted(names, key=lambda p: -words.grammar.n_parts(p))[:REREAD_NAMES]  # the most specific first
+        if not names:
+            return None
+        first = len(phrases)
+        phrases.extend(names)
+        T = np.vstack([T, encode(names)])
+        words.remember(names, T[first:])
+        excess = t.pred - EXCESS_RATIO * float(t.pred.mean())
+        r = max(1, round(c0["r"] * scale))
+        held = []
+        for j in range(first, len(phrases)):
+            wide = retrieve(t, T[j], 2 * r)
+            got, hit = wide[:r], fail[wide]
+            c = {"phrase": j, "r": c0["r"], "gain": float(excess[got].sum()) / scale,
+                 "precision": float(hit[:r].mean()), "coverage": float(hit[:r].sum() / max(hit.sum(), 1))}
+            members = got[fail[got] & ~taken[got]]
+            ev = judge(c, got, members, doubted0)
+            log.debug("reread %r for %r: %s", phrases[j], phrases[c0["phrase"]], ev.get("reason"))
+            if ev["holds"]:
+                ev["renamed_from"] = phrases[c0["phrase"]]
+                ratio = ev.get("described_loss_ratio") if ev.get("judged_by") == "described rows" else ev["true_loss_ratio"]
+                held.append((ratio or 0.0, len(content_words(phrases[j])), (c, got, members, ev, doubted0)))
+        if not held:
+            return None
+        best = max(held, key=lambda h: (h[0], h[1]))[2]
+        log.info("explain: %r (hidden: %s) renamed %r, read off its failing images", phrases[c0["phrase"]],
+                 ev0.get("reason"), phrases[best[0]["phrase"]])
+        return best
 
     out, used, member_rows = [], set(), []
     for g in groups:
@@ -809,6 +869,8 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
         c, got, members, ev, doubted = next((x for x in checked if x[3]["holds"]), checked[0])
         if g.get("across") and not ev["holds"]:
             continue  # a view across other modes, not a failure of its own: nothing to show or fold
+        if not ev["holds"] and encode is not None:
+            c, got, members, ev, doubted = reread(checked) or (c, got, members, ev, doubted)
         for tail in g["tails"]:  # the failure's leftovers past its name's prefix
             extra = retrieve(t, T[tail["phrase"]], round(tail["r"] * scale))
             extra = extra[fail[extra] & ~taken[extra]]
