@@ -377,6 +377,10 @@ def _check_true_of(ev: dict, name: str, Xm: np.ndarray, words: Faithfulness) -> 
                         "value of one of its words in the rest)")
 
 
+#: A mode's name loses a part when the name without it describes images failing at least this share
+#: as much ("a large blue object on a noisy background" 15x, blue objects on noise of every size
+#: 13x: "large" is not what fails).
+KEEP_SHARE = 0.8
 REREAD_NAMES = 8  # names read off a hidden mode's failing images, judged before it is hidden
 DESCRIBED_ROWS = 50_000  # judged rows the described-rows check reads at most (a fixed sample beyond)
 
@@ -558,15 +562,23 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             masks[id(m)][[t.row[x] for x in m.ids]] = True
         return masks[id(m)]
 
+    def own_ratio(m: FailureMode) -> float:
+        ev = m.evidence
+        return float((ev.get("described_loss_ratio") if ev.get("judged_by") == "described rows" else None)
+                     or ev.get("true_loss_ratio") or 0.0)
+
     changed = True
-    while changed and len(modes) > 1:
+    while changed and modes:
         changed = False
         found = []
         for j, p in enumerate(phrases):
             extras = {i: grammar.extra_parts(m.description, p) for i, m in enumerate(modes) if m.ids}
             group = [i for i, e in extras.items() if e is not None and len(e) <= 1]
             single = [extras[i][0] for i in group if extras[i]]
-            if len(group) < 2 or any(not grammar.rivals(a, b) for a in single for b in single):
+            # one mode alone folds into its name less one part when that part does not set its
+            # failure apart (the shorter name's images fail nearly as much: KEEP_SHARE), judged below
+            alone = len(group) == 1 and len(single) == 1 and modes[group[0]].shown
+            if (len(group) < 2 and not alone) or any(not grammar.rivals(a, b) for a in single for b in single):
                 continue
             show = words.shows(p, t.X)
             if min(float(show[mask(modes[i])].mean()) for i in group) < 0.5:
@@ -580,6 +592,8 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             ev = evidence(t, rows, len(members), float(show[members].mean()), float(fail[rows].mean()) if len(rows) else 0.0,
                           float(excess[rows].sum()))
             ev["rows"] = "held-out rows that show the name" if held_out else "rows that show the name"
+            if alone and ev["holds"] and (ev["true_loss_ratio"] or 0.0) < KEEP_SHARE * own_ratio(modes[group[0]]):
+                ev["holds"], ev["reason"] = False, "the part it drops sets the failure apart"
             log.debug("shared name %r for %s: %d rows show it; %s", p, [modes[i].description for i in group],
                       int(show.sum()), ev.get("reason"))
             if ev["holds"]:
