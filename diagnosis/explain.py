@@ -393,6 +393,19 @@ def _described_sample(t: _Table) -> np.ndarray:
     return judged
 
 
+def _loss_ratio(t: _Table, rows: np.ndarray, judged: np.ndarray) -> float | None:
+    """The mean true loss of ``rows`` over that of the ``judged`` rows; None without rows or loss."""
+    mean_true = float(t.loss[judged].mean()) if len(judged) else 0.0
+    return float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
+
+
+def _judged_ratio(ev: dict) -> float:
+    """A mode's own true-loss ratio as its evidence judged it: of the judged rows that show its name
+    when those decided (``judged_by``), else of the rows it retrieves; 0 when neither is known."""
+    ratio = ev.get("described_loss_ratio") if ev.get("judged_by") == "described rows" else None
+    return float(ratio or ev.get("true_loss_ratio") or 0.0)
+
+
 def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: Faithfulness) -> None:
     """Judge a name by *every* judged row it describes, not only the ones it retrieves: the
     held-out rows (all rows with a loss when there is no split) that show the name
@@ -413,7 +426,7 @@ def _check_described(ev: dict, name: str, t: _Table, judged: np.ndarray, words: 
         return
     rows = judged[words.shows(name, t.X[judged])]
     mean_true = float(t.loss[judged].mean())
-    ratio = float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
+    ratio = _loss_ratio(t, rows, judged)
     ev["described_rows"], ev["described_loss_ratio"] = int(len(rows)), ratio
     ev["described_loss_ratio_ci"] = [x / mean_true for x in bootstrap_ci(t.loss[rows])] \
         if ratio is not None else None
@@ -440,8 +453,7 @@ def _check_beyond_modes(ev: dict, name: str, t: _Table, judged: np.ndarray, word
     rows = judged[words.shows(name, t.X[judged])]
     for other in earlier:
         rows = rows[~words.shows(other, t.X[rows])]
-    mean_true = float(t.loss[judged].mean())
-    ratio = float(t.loss[rows].mean() / mean_true) if len(rows) and mean_true > 0 else None
+    ratio = _loss_ratio(t, rows, judged)
     ev["beyond_rows"], ev["beyond_loss_ratio"] = int(len(rows)), ratio
     log.debug("%r beyond %s: %d judged rows, %s x the mean true loss", name, earlier, len(rows), ratio)
     if len(rows) < MIN_EVIDENCE_ROWS or ratio is None or ratio < FAIL_RATIO:
@@ -532,7 +544,7 @@ def _cost_key(m: FailureMode) -> tuple:
 
 
 def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.ndarray, fail: np.ndarray,
-               words: Faithfulness) -> list[FailureMode]:
+               words: Faithfulness, described: np.ndarray) -> list[FailureMode]:
     """Fold fragments of one failure into one mode named by what they share, when the group that
     shared name describes is itself a failure.
 
@@ -562,22 +574,12 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             masks[id(m)][[t.row[x] for x in m.ids]] = True
         return masks[id(m)]
 
-    def own_ratio(m: FailureMode) -> float:
-        ev = m.evidence
-        return float((ev.get("described_loss_ratio") if ev.get("judged_by") == "described rows" else None)
-                     or ev.get("true_loss_ratio") or 0.0)
-
-    sample = _described_sample(t)
-    mean_true = float(t.loss[sample].mean()) if len(sample) else 0.0
-
     def fails_as_much(p: str, m: FailureMode) -> bool:
-        """Whether the judged rows (:func:`_described_sample`) that show ``p`` fail at least
+        """Whether the ``described`` rows (:func:`_described_sample`) that show ``p`` fail at least
         ``KEEP_SHARE`` x as much as mode ``m``'s own images, and at least ``FAIL_RATIO`` x the mean."""
-        rows = sample[words.shows(p, t.X[sample])]
-        if len(rows) < MIN_EVIDENCE_ROWS or mean_true <= 0:
-            return False
-        ratio = float(t.loss[rows].mean()) / mean_true
-        return ratio >= FAIL_RATIO and ratio >= KEEP_SHARE * own_ratio(m)
+        rows = described[words.shows(p, t.X[described])]
+        ratio = _loss_ratio(t, rows, described) if len(rows) >= MIN_EVIDENCE_ROWS else None
+        return ratio is not None and ratio >= FAIL_RATIO and ratio >= KEEP_SHARE * _judged_ratio(m.evidence)
 
     changed = True
     while changed and modes:
@@ -606,7 +608,7 @@ def generalise(modes: list[FailureMode], t: _Table, phrases: list[str], T: np.nd
             ev = evidence(t, rows, len(members), float(show[members].mean()), float(fail[rows].mean()) if len(rows) else 0.0,
                           float(excess[rows].sum()))
             ev["rows"] = "held-out rows that show the name" if held_out else "rows that show the name"
-            if alone and ev["holds"] and (ev["true_loss_ratio"] or 0.0) < KEEP_SHARE * own_ratio(modes[group[0]]):
+            if alone and ev["holds"] and (ev["true_loss_ratio"] or 0.0) < KEEP_SHARE * _judged_ratio(modes[group[0]].evidence):
                 ev["holds"], ev["reason"] = False, "the part it drops sets the failure apart"
             log.debug("shared name %r for %s: %d rows show it; %s", p, [modes[i].description for i in group],
                       int(show.sum()), ev.get("reason"))
@@ -861,8 +863,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             log.debug("reread %r for %r: %s", phrases[j], phrases[c0["phrase"]], ev.get("reason"))
             if ev["holds"]:
                 ev["renamed_from"] = phrases[c0["phrase"]]
-                ratio = ev.get("described_loss_ratio") if ev.get("judged_by") == "described rows" else ev["true_loss_ratio"]
-                held.append((ratio or 0.0, len(content_words(phrases[j])), (c, got, members, ev, doubted0)))
+                held.append((_judged_ratio(ev), len(content_words(phrases[j])), (c, got, members, ev, doubted0)))
         if not held:
             return None
         best = max(held, key=lambda h: (h[0], h[1]))[2]
@@ -913,7 +914,7 @@ def name_modes(t: _Table, phrases: list[str], T: np.ndarray, encode=None, top: i
             description=phrases[c["phrase"]], predicted_loss=ev["predicted_loss"],
             predicted_loss_std=float(t.std[got].mean()), phrases=[phrases[c["phrase"]], *others], source="both",
             evidence=ev, shown=ev["holds"], **_members(members, got, t)))
-    out = generalise(out, t, phrases, T, fail, words)
+    out = generalise(out, t, phrases, T, fail, words, described)
     for m in out:
         cost(m, t, words, described)
     out.sort(key=_cost_key)

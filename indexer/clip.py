@@ -138,7 +138,6 @@ class ClipModel:
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(spec.name)
         self.text_tower = truncated_tower(model, spec.name)
-        self._label = spec.name
         self._compiled = None  # compile_text(): the compiled text encoder, called under _compiled_lock
         self._compiled_lock = threading.Lock()
 
@@ -210,7 +209,7 @@ class ClipModel:
             return False  # the GPU path is not measured compiled; a tower it cannot truncate stays eager
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_inductor_cache()))
         with self._autocast():  # compiled in the context it is called in (else it compiles again)
-            compiled = compile_tower(self.text_tower, self._label)
+            compiled = compile_tower(self.text_tower, self.spec.name)
         if compiled is not None:
             self._compiled = compiled
         return compiled is not None
